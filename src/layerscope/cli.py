@@ -1,0 +1,60 @@
+"""Command line: ``layerscope layers MODEL`` (more commands arrive with the experiments)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LayerscopeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="layerscope: find where a generative image model keeps its representations.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def _main() -> None:
+    """Inspect layers and candidate spaces of diffusers pipelines, torch generators and tiny test models."""
+
+
+@app.command()
+def layers(
+    model: str = typer.Argument(..., help="model spec: tiny:sd, hf:/path/to/pipeline, torch:pkg.module:factory"),
+    pattern: Optional[list[str]] = typer.Option(None, "--select", "-s", help="glob(s), e.g. 'up_blocks.*.resnets.*'"),
+    spaces: bool = typer.Option(True, "--spaces/--no-spaces", help="also list the candidate spaces"),
+    height: Optional[int] = typer.Option(None, help="image height for the shapes (default: the model's)"),
+    width: Optional[int] = typer.Option(None, help="image width for the shapes (default: the model's)"),
+) -> None:
+    """Print the canonical layer map: name, kind, stage and per-step output shape."""
+    from .specs import load
+
+    try:
+        gen = load(model)
+        lmap = gen.layer_map(height, width)
+        entries = lmap.select(pattern) if pattern else list(lmap.layers) + (list(lmap.spaces) if spaces else [])
+    except LayerscopeError as exc:
+        _fail(exc)
+        return
+    cfg = gen.config(height=height, width=width)
+    size = f"{cfg.height}x{cfg.width}" if cfg.height else "n/a"
+    table = Table(title=f"{model} ({gen.family}, {size}) - {len(lmap.layers)} layers, {len(lmap.spaces)} spaces")
+    for col in ("name", "kind", "stage", "shape per step", "per step", "note"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        dims = "x".join(f"{d}={s}" for d, s in zip(e.dims, e.shape)) if e.shape else "()"
+        table.add_row(e.name, e.kind, e.stage, dims, "yes" if e.per_step else "once", e.note)
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

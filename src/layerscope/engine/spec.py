@@ -1,0 +1,118 @@
+"""What to capture and how to intervene: plain data, validated by the engine before any generation starts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .steps import StepSel
+
+OPS = ("replace", "add", "blend", "zero")
+
+
+@dataclass(frozen=True)
+class Row:
+    """Source = sample ``index`` of the same batch, same branch, same forward pass."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Source = a previous capture (in memory or a zarr store) of sample ``sample``.
+
+    ``layer`` defaults to the intervened layer; ``what`` is ``"output"`` or ``"update"``. A capture with a single
+    branch serves every branch; otherwise branches are matched by label.
+    """
+
+    capture: Any
+    sample: int = 0
+    layer: str | None = None
+    what: str = "output"
+
+
+Source = Row | Stored | torch.Tensor | None
+
+
+@dataclass
+class Capture:
+    """Which activations to record.
+
+    ``layers``: names or globs from the layer map; ``steps``: step selection (None = all); ``branches``: CFG branch
+    labels to keep (None = all); ``pooled``: mean over spatial positions / tokens; ``update``: also record
+    output - input of the module; ``store``: zarr folder to stream to (None = memory); ``budget_bytes``: refuse
+    (memory) or refuse per batch (store) above this size; ``dtype``: storage dtype.
+    """
+
+    layers: str | Sequence[str] = "*"
+    steps: StepSel = None
+    branches: Sequence[str] | None = None
+    pooled: bool = False
+    update: bool = False
+    store: str | Path | None = None
+    budget_bytes: int = 4 * 2**30
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class Intervention:
+    """Change an activation at ``layer`` for the ``targets`` samples during ``steps`` on ``branches``.
+
+    ``op``: replace (x = s), add (x = x + alpha*s), blend (x = (1-alpha)*x + alpha*s), zero (x = 0). ``source``: a
+    :class:`Row` of the same batch, a :class:`Stored` capture, or a tensor (per-sample shape, or a channel vector
+    broadcast over positions for add/blend). ``targets`` are sample indices (None = every sample but the source row).
+    """
+
+    layer: str
+    op: Literal["replace", "add", "blend", "zero"] = "replace"
+    source: Source = None
+    targets: Sequence[int] | None = None
+    steps: StepSel = None
+    branches: Sequence[str] | None = None
+    alpha: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        src = self.source
+        if isinstance(src, Row):
+            s = f"row:{src.index}"
+        elif isinstance(src, Stored):
+            s = f"stored:{src.layer or self.layer}:{src.what}:{src.sample}"
+        elif isinstance(src, torch.Tensor):
+            s = f"tensor{tuple(src.shape)}:{float(src.double().sum()):.6g}"
+        else:
+            s = None
+        steps = self.steps if isinstance(self.steps, (int, str, type(None))) else str(self.steps)
+        return {
+            "layer": self.layer,
+            "op": self.op,
+            "source": s,
+            "targets": None if self.targets is None else list(self.targets),
+            "steps": steps,
+            "branches": None if self.branches is None else list(self.branches),
+            "alpha": self.alpha,
+        }
+
+
+def replace(layer: str, source: Source, **kw: Any) -> Intervention:
+    """Replace the activation at ``layer`` with ``source``."""
+    return Intervention(layer, "replace", source, **kw)
+
+
+def add(layer: str, source: Source, alpha: float = 1.0, **kw: Any) -> Intervention:
+    """Add ``alpha * source`` (e.g. a concept direction) to the activation at ``layer``."""
+    return Intervention(layer, "add", source, alpha=alpha, **kw)
+
+
+def blend(layer: str, source: Source, alpha: float = 0.5, **kw: Any) -> Intervention:
+    """Move the activation at ``layer`` a fraction ``alpha`` of the way to ``source``."""
+    return Intervention(layer, "blend", source, alpha=alpha, **kw)
+
+
+def zero(layer: str, **kw: Any) -> Intervention:
+    """Set the activation at ``layer`` to zero (ablation)."""
+    return Intervention(layer, "zero", None, **kw)

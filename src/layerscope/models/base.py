@@ -1,0 +1,189 @@
+"""The one interface every model family implements: :class:`Generator`.
+
+An adapter subclass knows its family (which modules are layers, how CFG lays out the batch, how a batch is
+generated); everything else — capture, intervention, sweeps, stores — is generic and lives in the engine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..config import GenerationConfig
+from ..engine import run as _engine
+from ..engine.spec import Capture, Intervention
+from ..errors import ConfigError
+from ..layers import LayerInfo, LayerMap
+
+
+class Tap(nn.Identity):
+    """An identity module an adapter passes a tensor through so the engine can hook it like any layer output."""
+
+
+@dataclass
+class CaptureHandle:
+    """Filled by :meth:`Generator.generate` inside a ``with model.capture(...)`` block."""
+
+    spec: Capture
+    result: Any = None
+
+    def __getitem__(self, layer: str) -> Any:
+        if self.result is None:
+            raise ConfigError("nothing captured yet: call model.generate(...) inside the `with model.capture(...)` block")
+        return self.result[layer]
+
+
+class Generator(ABC):
+    """A generative image model seen through layerscope: layers, candidate spaces, generation with hooks.
+
+    Subclasses set ``family`` and ``step_module`` (the module called once per denoising step, or None for
+    single-pass generators) and implement :meth:`_build_map`, :meth:`module`, :meth:`_run`.
+    """
+
+    family: str = ""
+    step_module: str | None = None
+    default_max_batch: int = 16
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.taps = nn.ModuleDict()
+        self._maps: dict[tuple[int | None, int | None], LayerMap] = {}
+        self._pending_capture: CaptureHandle | None = None
+        self._pending_ivs: list[Intervention] = []
+        self.default_config = GenerationConfig()
+        self.size_override: tuple[int, int] | None = None
+
+    # -- family-specific -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def _build_map(self) -> LayerMap:
+        """Layers and spaces in forward order, without shapes."""
+
+    @abstractmethod
+    def module(self, path: str) -> nn.Module:
+        """The module a :class:`~layerscope.layers.Site` names."""
+
+    @abstractmethod
+    def _run(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
+        """Generate one batch: images (n, 3, H, W) in [0, 1] and meta (``timesteps``)."""
+
+    def trace_inputs(self) -> list[Any]:
+        """One input used to trace shapes."""
+        return ["a photo"]
+
+    def branch_labels(self, cfg: GenerationConfig) -> tuple[str, ...]:
+        """CFG branch labels in batch order for this configuration."""
+        return ("uncond", "cond") if cfg.guidance_scale > 1.0 else ("cond",)
+
+    def num_steps(self, cfg: GenerationConfig) -> int:
+        return cfg.num_inference_steps if self.step_module is not None else 0
+
+    def default_size(self) -> tuple[int, int] | None:
+        return None
+
+    # -- generic --------------------------------------------------------------------------------------------------
+    def config(self, **overrides: Any) -> GenerationConfig:
+        """The default generation config with ``overrides`` applied (unknown keys go to ``extra``)."""
+        base = replace(self.default_config, extra=dict(self.default_config.extra))
+        known = set(GenerationConfig.__dataclass_fields__)
+        for k, v in overrides.items():
+            if v is None and k in ("height", "width"):
+                continue
+            if k in known:
+                setattr(base, k, v)
+            else:
+                base.extra[k] = v
+        if base.height is None or base.width is None:
+            size = self.size_override or self.default_size()
+            if size is not None:
+                base.height = base.height or size[0]
+                base.width = base.width or size[1]
+        if base.num_inference_steps < 1:
+            raise ConfigError(f"num_inference_steps must be >= 1, got {base.num_inference_steps}")
+        return base
+
+    def layer_map(self, height: int | None = None, width: int | None = None) -> LayerMap:
+        """The layer map with per-sample shapes at this resolution (traced once by a 1-step generation, cached)."""
+        cfg = self.config(height=height, width=width)
+        key = (cfg.height, cfg.width)
+        if key not in self._maps:
+            self._maps[key] = _engine.trace_shapes(self, self._build_map(), cfg)
+        return self._maps[key]
+
+    def layers(self, pattern: str | Iterable[str] | None = None, **size: Any) -> list[LayerInfo]:
+        """Layers (no pattern) or every entry matching the glob(s), spaces included."""
+        return self.layer_map(size.get("height"), size.get("width")).select(pattern)
+
+    def spaces(self, **size: Any) -> list[LayerInfo]:
+        """Candidate spaces that are not layers: noise, text embeddings, VAE latent, h-space, skips."""
+        return self.layer_map(size.get("height"), size.get("width")).spaces
+
+    @contextmanager
+    def capture(self, layers: str | Sequence[str] = "*", **kw: Any) -> Iterator[CaptureHandle]:
+        """Capture ``layers`` in every :meth:`generate` call inside the block (keywords as in :class:`Capture`)."""
+        if self._pending_capture is not None:
+            raise ConfigError("a capture block is already open on this model; close it first")
+        handle = CaptureHandle(Capture(layers=layers, **kw))
+        self._pending_capture = handle
+        try:
+            yield handle
+        finally:
+            self._pending_capture = None
+
+    @contextmanager
+    def intervene(self, *interventions: Intervention) -> Iterator[None]:
+        """Apply ``interventions`` to every :meth:`generate` call inside the block."""
+        self._pending_ivs.extend(interventions)
+        try:
+            yield
+        finally:
+            for iv in interventions:
+                self._pending_ivs.remove(iv)
+
+    def generate(
+        self,
+        prompts: str | Sequence[Any],
+        seeds: int | Sequence[int] | None = None,
+        *,
+        capture: Capture | None = None,
+        interventions: Sequence[Intervention] = (),
+        max_batch: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        **gen_kwargs: Any,
+    ) -> _engine.GenerationResult:
+        """Generate one image per prompt (seed i for prompt i; default seeds 0..n-1) with captures/interventions.
+
+        ``gen_kwargs``: ``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ``negative_prompt`` or
+        pipeline-specific keywords.
+        """
+        if isinstance(prompts, (str, torch.Tensor)) and not (isinstance(prompts, torch.Tensor) and prompts.ndim > 1):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if seeds is None:
+            seeds = list(range(len(prompts)))
+        elif isinstance(seeds, int):
+            seeds = [seeds + i for i in range(len(prompts))]
+        cfg = self.config(**gen_kwargs)
+        handle = self._pending_capture
+        if capture is not None and handle is not None:
+            raise ConfigError("pass capture= or use a `with model.capture(...)` block, not both")
+        cap = capture if capture is not None else (handle.spec if handle is not None else None)
+        ivs = list(self._pending_ivs) + list(interventions)
+        result = _engine.execute(self, prompts, list(seeds), cfg, cap, ivs, max_batch, progress)
+        if handle is not None:
+            handle.result = result.capture
+        return result
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec!r} family={self.family}>"
+
+
+def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Initial noise, one independent CPU generator per row, so a row's noise does not depend on its batch."""
+    rows = [torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    return torch.stack(rows).to(device=device, dtype=dtype)

@@ -1,0 +1,101 @@
+"""Adapter for single-latent generators: any torch module mapping a latent vector to images (GAN generator, VAE
+decoder). The latent ``z`` is the one candidate space; layers are the module's children (containers such as
+``nn.Sequential`` are opened one level: ``main.0``, ``main.1``...). There are no steps and no CFG branches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import GenerationConfig
+from ..errors import ConfigError
+from ..layers import LayerInfo, LayerMap, Site
+from .base import Generator, seeded_noise
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _latent_shape(module: nn.Module, given: int | Sequence[int] | None) -> tuple[int, ...]:
+    if given is None:
+        for attr in ("latent_shape", "latent_dim", "z_dim", "nz", "latent_size"):
+            if getattr(module, attr, None) is not None:
+                given = getattr(module, attr)
+                break
+    if given is None:
+        raise ConfigError(
+            f"cannot tell the latent size of {type(module).__name__}: give latent_dim=..., or set an attribute "
+            "latent_dim (or latent_shape, z_dim, nz) on the module"
+        )
+    return (int(given),) if isinstance(given, int) else tuple(int(s) for s in given)
+
+
+class LatentGenerator(Generator):
+    """A torch generator ``images = module(z)``; ``output_range`` is the range of its raw output (mapped to [0, 1])."""
+
+    family = "latent"
+    step_module = None
+
+    def __init__(self, module: nn.Module, spec: str, latent_dim: int | Sequence[int] | None = None,
+                 output_range: tuple[float, float] | None = None) -> None:
+        super().__init__(spec)
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"a latent generator must be a torch.nn.Module, got {type(module).__name__}")
+        self.net = module.eval()
+        self.latent_shape = _latent_shape(module, latent_dim)
+        self.output_range = tuple(output_range or getattr(module, "output_range", (-1.0, 1.0)))
+        self.default_config.guidance_scale = 1.0
+
+    def branch_labels(self, cfg: GenerationConfig) -> tuple[str, ...]:
+        return ("none",)
+
+    def module(self, path: str) -> nn.Module:
+        return self.net.get_submodule(path) if path else self.net
+
+    def _layer_names(self) -> list[tuple[str, nn.Module]]:
+        out: list[tuple[str, nn.Module]] = []
+
+        def walk(prefix: str, mod: nn.Module) -> None:
+            for name, child in mod.named_children():
+                full = f"{prefix}{name}"
+                if isinstance(child, _CONTAINERS):
+                    walk(full + ".", child)
+                else:
+                    out.append((full, child))
+
+        walk("", self.net)
+        return out
+
+    def _build_map(self) -> LayerMap:
+        named = self._layer_names()
+        entries = [
+            LayerInfo(name, type(mod).__name__.lower(), f"depth {d}/{len(named)}",
+                      Site(name, "output", (), (0,)), depth=d, per_step=False, branched=False)
+            for d, (name, mod) in enumerate(named)
+        ]
+        entries.append(LayerInfo("z", "latent", "input", Site("", "input", (0,)), per_step=False, branched=False,
+                                 is_space=True, note="the generator's latent vector"))
+        return LayerMap(entries, model=self.spec)
+
+    def trace_inputs(self) -> list[Any]:
+        return [None]
+
+    def _run(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
+        param = next(self.net.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None else torch.float32
+        z = seeded_noise(seeds, self.latent_shape, device, dtype)
+        given = [p for p in prompts if isinstance(p, torch.Tensor)]
+        if given:  # explicit latents passed as "prompts"
+            if len(given) != len(prompts):
+                raise ConfigError("pass either latent tensors for every sample or none")
+            z = torch.stack([p.reshape(self.latent_shape) for p in given]).to(device=device, dtype=dtype)
+        out = self.net(z)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        lo, hi = self.output_range
+        images = ((out.float() - lo) / (hi - lo)).clamp(0, 1)
+        return images, {"timesteps": []}

@@ -1,0 +1,121 @@
+"""What every diffusers-pipeline adapter shares: module lookup, seeded noise, VAE decoding, spaces as taps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import GenerationConfig
+from ..errors import ConfigError
+from ..layers import LayerInfo, Site
+from .base import Generator, Tap, seeded_noise
+
+
+class PipelineGenerator(Generator):
+    """Base of the diffusers adapters: ``self.pipe`` is a loaded pipeline; the denoiser is ``self.denoiser_name``."""
+
+    denoiser_name = "unet"
+
+    def __init__(self, pipe: Any, spec: str) -> None:
+        super().__init__(spec)
+        self.pipe = pipe
+        self.taps["noise"] = Tap()
+        self.taps["vae_latent"] = Tap()
+        self.step_module = self.denoiser_name
+        self.default_config.guidance_scale = 5.0
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    def module(self, path: str) -> nn.Module:
+        head, _, rest = path.partition(".")
+        if head == "taps":
+            return self.taps[rest]
+        root = getattr(self.pipe, head, None)
+        if not isinstance(root, nn.Module):
+            raise ConfigError(f"pipeline has no module component {head!r}")
+        return root.get_submodule(rest) if rest else root
+
+    # -- spaces shared by all families ----------------------------------------------------------------------------
+    def _noise_space(self) -> LayerInfo:
+        return LayerInfo("noise", "noise", "input", Site("taps.noise"), per_step=False, branched=False,
+                         is_space=True, note="initial latent noise x_T, one seeded generator per sample")
+
+    def _vae_space(self) -> LayerInfo:
+        return LayerInfo("vae_latent", "vae_latent", "output", Site("taps.vae_latent"), per_step=False, branched=False,
+                         is_space=True, note="final latent handed to the VAE decoder")
+
+    def _denoiser_input(self, name: str, kind: str, path: tuple, note: str, kw_fallback: int | None = None,
+                        dims: tuple[str, ...] = ()) -> LayerInfo:
+        return LayerInfo(name, kind, "input", Site(self.denoiser_name, "input", path, kw_fallback=kw_fallback),
+                         is_space=True, note=note, dims=dims)
+
+    # -- helpers for _run -----------------------------------------------------------------------------------------
+    def _noise(self, seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+        noise = seeded_noise(seeds, shape, self.device, self.dtype)
+        return self.taps["noise"](noise)
+
+    def _generator(self, seeds: Sequence[int]) -> torch.Generator:
+        # only stochastic schedulers draw from it; deterministic ones (DDIM eta=0, Euler, flow matching) ignore it
+        return torch.Generator("cpu").manual_seed(int(seeds[0]))
+
+    def _decode_kl(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = self.taps["vae_latent"](latents)
+        cfg = vae.config
+        mean = getattr(cfg, "latents_mean", None)
+        std = getattr(cfg, "latents_std", None)
+        z = latents.to(vae.dtype)
+        if mean is not None and std is not None:
+            m = torch.tensor(mean).view(1, -1, 1, 1).to(z)
+            s = torch.tensor(std).view(1, -1, 1, 1).to(z)
+            z = z * s / cfg.scaling_factor + m
+        else:
+            z = z / cfg.scaling_factor
+            if getattr(cfg, "shift_factor", None) is not None:
+                z = z + cfg.shift_factor
+        image = vae.decode(z, return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def _timesteps(self) -> list[float]:
+        ts = getattr(self.pipe.scheduler, "timesteps", None)
+        return [float(t) for t in ts] if ts is not None else []
+
+    def _common_kwargs(self, cfg: GenerationConfig, seeds: Sequence[int]) -> dict:
+        kw = dict(
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            height=cfg.height,
+            width=cfg.width,
+            output_type="latent",
+            return_dict=False,
+            generator=self._generator(seeds),
+        )
+        kw.update(cfg.extra)
+        return kw
+
+    def _negatives(self, prompts: Sequence[Any], cfg: GenerationConfig) -> list[str] | None:
+        if cfg.guidance_scale <= 1.0:
+            return None
+        return [cfg.negative_prompt] * len(prompts)
+
+    @staticmethod
+    def _check_prompts(prompts: Sequence[Any]) -> list[str]:
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise ConfigError(f"this pipeline takes text prompts; got a {type(bad[0]).__name__}")
+        return list(prompts)
