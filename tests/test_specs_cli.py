@@ -26,8 +26,10 @@ def test_bad_specs():
         ls.load("torch:toy_generators:nope")
     with pytest.raises(ls.ConfigError, match="latent_dim"):
         ls.load("torch:toy_generators:make_unsized")
-    with pytest.raises(ls.SpecError, match="could not load"):
+    with pytest.raises(ls.SpecError, match="no local folder"):
         ls.load("hf:/nonexistent/folder/for/sure")
+    with pytest.raises(ls.SpecError, match="could not load"):  # offline, not in the cache
+        ls.load("hf:nobody-xyz/not-a-model")
 
 
 def test_unsupported_pipeline_class_names_supported_ones():

@@ -15,6 +15,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="layerscope: find where a generative image model keeps its representations.")
 console = Console()
 err = Console(stderr=True)
+_ABBREV = {"channel": "c", "token": "tok"}
 
 
 def _fail(exc: Exception) -> None:
@@ -48,12 +49,16 @@ def layers(
     cfg = gen.config(height=height, width=width)
     size = f"{cfg.height}x{cfg.width}" if cfg.height else "n/a"
     table = Table(title=f"{model} ({gen.family}, {size}) - {len(lmap.layers)} layers, {len(lmap.spaces)} spaces")
-    for col in ("name", "kind", "stage", "shape per step", "per step", "note"):
+    table.add_column("name", overflow="fold", min_width=max(len(e.name) for e in entries))
+    for col in ("kind", "stage", "shape per step", "dims", "steps"):
         table.add_column(col, overflow="fold")
+    table.add_column("note", overflow="fold")
     for e in entries:
-        dims = "x".join(f"{d}={s}" for d, s in zip(e.dims, e.shape)) if e.shape else "()"
-        table.add_row(e.name, e.kind, e.stage, dims, "yes" if e.per_step else "once", e.note)
-    console.print(table)
+        shape = "x".join(str(s) for s in e.shape) if e.shape else "()"
+        dims = ",".join(_ABBREV.get(d, d) for d in e.dims)
+        table.add_row(e.name, e.kind, e.stage, shape, dims, "each" if e.per_step else "once", e.note)
+    out = console if console.is_terminal else Console(width=max(console.width, 160))
+    out.print(table)
 
 
 def main() -> None:  # pragma: no cover

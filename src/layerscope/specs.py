@@ -32,10 +32,10 @@ def _load_hf(target: str, spec: str, **kw: Any) -> Generator:
 
     path = Path(target).expanduser()
     local = path.exists()
-    if not local and (target.startswith((".", "/", "~")) or os.sep in target.strip("/").replace("/", "", 1)):
+    if not local and (target.startswith((".", "/", "~")) or target.count("/") != 1):
         raise SpecError(f"no local folder {target!r}; give an existing diffusers pipeline folder or a hub repo id")
     offline = local or os.environ.get("HF_HUB_OFFLINE") == "1"
-    kw.setdefault("torch_dtype", torch.float32)
+    kw.setdefault("dtype", torch.float32)
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if local else target, local_files_only=offline, **kw)
     except (OSError, ValueError, EnvironmentError) as exc:

@@ -442,6 +442,11 @@ class _ShapeRecorder:
         self.in_shape: tuple[int, ...] | None = None
 
     def process(self, x, get_in):
+        if isinstance(x, torch.Tensor) and x.shape[0] != 1:
+            raise ConfigError(
+                f"{self.info.name}: the trace batch has 1 row but the tensor at this site has {x.shape[0]}; the "
+                "adapter's site does not point at the activation"
+            )
         if self.shape is None and isinstance(x, torch.Tensor):
             self.shape = tuple(x.shape[1:])
             if get_in is not None:

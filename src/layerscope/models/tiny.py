@@ -61,6 +61,17 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
+def _apply_bpe(syms: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Merge adjacent symbols by rank (lowest first) until no known pair is left, as a BPE tokenizer does."""
+    while len(syms) > 1:
+        pairs = [(ranks[p], i) for i, p in enumerate(zip(syms, syms[1:])) if p in ranks]
+        if not pairs:
+            break
+        _, i = min(pairs)
+        syms = [*syms[:i], syms[i] + syms[i + 1], *syms[i + 2 :]]
+    return syms
+
+
 def _write_clip_vocab(directory: Path) -> None:
     """Write a tiny byte-level CLIP BPE (vocab.json, merges.txt, tokenizer_config.json) into ``directory``.
 
@@ -74,18 +85,17 @@ def _write_clip_vocab(directory: Path) -> None:
         vocab[sym] = len(vocab)
     for sym in base:
         vocab[sym + "</w>"] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in _WORDS:
-        syms = list(word[:-1]) + [word[-1] + "</w>"]
+        # split the word with the merges so far, then append merges (lowest priority, so earlier words keep
+        # their single tokens) that join what is left from left to right
+        syms = _apply_bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         while len(syms) > 1:
-            pair = (syms[0], syms[1])
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
+            ranks.setdefault((syms[0], syms[1]), len(ranks))
             merged = syms[0] + syms[1]
             vocab.setdefault(merged, len(vocab))
             syms = [merged, *syms[2:]]
+    merges = sorted(ranks, key=ranks.__getitem__)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -444,7 +454,7 @@ def _build_flux(seed: int, cache_dir: Path):
 
 
 def _build_pixart(seed: int, cache_dir: Path):
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
@@ -468,15 +478,16 @@ def _build_pixart(seed: int, cache_dir: Path):
     vae = _vae(seed)
     tokenizer = _t5_tokenizer(cache_dir)
     text_encoder = _t5_encoder(tokenizer, seed, d_model=32)
-    scheduler = DPMSolverMultistepScheduler(
+    # PixArt ships DPMSolverMultistep, but its pipeline reads ``scheduler.step(...)[1]`` (the x0 prediction) when
+    # num_inference_steps == 1, which only DDIM-like schedulers return: DDIM keeps 1-step calls working.
+    scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.0001,
         beta_end=0.02,
         beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
         prediction_type="epsilon",
-        solver_order=2,
-        algorithm_type="dpmsolver++",
-        lower_order_final=True,
     )
     return PixArtAlphaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler

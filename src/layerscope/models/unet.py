@@ -33,6 +33,12 @@ def _has(mod: Any, attr: str) -> bool:
     return getattr(mod, attr, None) is not None and len(getattr(mod, attr)) > 0
 
 
+def _attn_path(attn: Any) -> tuple:
+    # Transformer2DModel (SD, SDXL) is called with return_dict=False and returns a tuple; a bare Attention module
+    # (Kandinsky's SimpleCrossAttn blocks) returns the tensor itself
+    return (0,) if hasattr(attn, "transformer_blocks") else ()
+
+
 def unet_layer_entries(unet: Any, prefix: str = "unet") -> tuple[list[LayerInfo], list[LayerInfo]]:
     """Layers of a ``UNet2DConditionModel`` in forward order, and its skip-tensor spaces.
 
@@ -53,7 +59,7 @@ def unet_layer_entries(unet: Any, prefix: str = "unet") -> tuple[list[LayerInfo]
             add(f"down_blocks.{i}.resnets.{j}", "resnet", "encoder")
             last = f"down_blocks.{i}.resnets.{j}"
             if _has(block, "attentions"):
-                add(f"down_blocks.{i}.attentions.{j}", "attention", "encoder", (0,))
+                add(f"down_blocks.{i}.attentions.{j}", "attention", "encoder", _attn_path(block.attentions[j]))
                 last = f"down_blocks.{i}.attentions.{j}"
             producers.append(last)
         if _has(block, "downsamplers"):
@@ -66,7 +72,7 @@ def unet_layer_entries(unet: Any, prefix: str = "unet") -> tuple[list[LayerInfo]
         attns = list(mid.attentions) if _has(mid, "attentions") else []
         for j in range(1, len(mid.resnets)):
             if j - 1 < len(attns):
-                add(f"mid_block.attentions.{j - 1}", "attention", "bottleneck", (0,))
+                add(f"mid_block.attentions.{j - 1}", "attention", "bottleneck", _attn_path(attns[j - 1]))
             add(f"mid_block.resnets.{j}", "resnet", "bottleneck")
         add("mid_block", "block", "bottleneck")
     skips: list[LayerInfo] = []
@@ -77,7 +83,7 @@ def unet_layer_entries(unet: Any, prefix: str = "unet") -> tuple[list[LayerInfo]
         for j in range(n_res):
             add(f"up_blocks.{i}.resnets.{j}", "resnet", "decoder")
             if _has(block, "attentions"):
-                add(f"up_blocks.{i}.attentions.{j}", "attention", "decoder", (0,))
+                add(f"up_blocks.{i}.attentions.{j}", "attention", "decoder", _attn_path(block.attentions[j]))
             # resnet j pops the last remaining tensor of the tuple it was handed
             idx = n_res - 1 - j
             skips.append(LayerInfo(
