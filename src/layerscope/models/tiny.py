@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import string
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 FAMILIES: tuple[str, ...] = ("sd", "sd2", "sdxl", "kandinsky22", "sd3", "flux", "pixart")
 
@@ -50,7 +54,7 @@ _DEFAULT_PROMPT = "a photo of a red cat"
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP byte -> printable unicode table (position i holds the character of byte bs[i])."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -78,7 +82,6 @@ def _write_clip_vocab(directory: Path) -> None:
     All 256 byte symbols and their ``</w>`` variants are in the vocab, so any text tokenizes without unknowns; the
     words of ``_WORDS`` get whole-word tokens through left-to-right merges. Special tokens come last, as in CLIP.
     """
-    directory.mkdir(parents=True, exist_ok=True)
     base = _bytes_to_unicode()
     vocab: dict[str, int] = {}
     for sym in base:
@@ -113,13 +116,24 @@ def _write_clip_vocab(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
+def _ensure_written(directory: Path, write: Callable[[Path], None]) -> Path:
+    """Create ``directory`` with ``write`` unless it exists; atomic (temp folder + rename) for concurrent builders."""
+    if directory.is_dir():
+        return directory
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    write(tmp)
+    try:
+        os.rename(tmp, directory)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
 def _clip_tokenizer(cache_dir: Path) -> Any:
     """Load (writing first if needed) the tiny CLIP tokenizer from ``cache_dir / 'clip_tokenizer'``."""
     from transformers import CLIPTokenizer
 
-    directory = cache_dir / "clip_tokenizer"
-    if not (directory / "merges.txt").is_file():
-        _write_clip_vocab(directory)
+    directory = _ensure_written(cache_dir / "clip_tokenizer", _write_clip_vocab)
     return CLIPTokenizer.from_pretrained(str(directory), model_max_length=77, local_files_only=True)
 
 
@@ -139,10 +153,10 @@ def _t5_tokenizer(cache_dir: Path) -> Any:
     """
     from transformers import T5Tokenizer
 
-    directory = cache_dir / "t5_tokenizer"
-    if not (directory / "tokenizer.json").is_file():
-        directory.mkdir(parents=True, exist_ok=True)
+    def write(directory: Path) -> None:
         T5Tokenizer(vocab=_t5_vocab(), extra_ids=0, model_max_length=512).save_pretrained(str(directory))
+
+    directory = _ensure_written(cache_dir / "t5_tokenizer", write)
     return T5Tokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
@@ -510,7 +524,9 @@ def _check_family(family: str) -> None:
         raise ConfigError(f"unknown tiny pipeline family {family!r}; valid families: {', '.join(FAMILIES)}")
 
 
-def build_tiny_pipeline(family: str, seed: int = 0, cache_dir: str | os.PathLike | None = None):
+def build_tiny_pipeline(
+    family: str, seed: int = 0, cache_dir: str | os.PathLike | None = None
+) -> DiffusionPipeline:
     """Build a tiny random-weight diffusers pipeline of ``family`` (one of :data:`FAMILIES`), float32, eval mode.
 
     The same ``seed`` gives bitwise identical weights (``torch.manual_seed`` runs before each component).
