@@ -81,3 +81,26 @@ def test_latent_generator_capture():
     assert res.capture["main.0"].shape == (2, 1, 1, 8, 8, 8)
     assert res.capture["z"].shape == (2, 1, 1, 8)
     assert float(res.images.min()) >= 0 and float(res.images.max()) <= 1
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux", "pixart"])
+def test_text_eos_is_the_end_of_sentence_token(family):
+    from conftest import tiny
+
+    model = tiny(family)
+    texts = ["a cat", "a red cube on a floor"]
+    res = model.generate(texts, seeds=[0, 1], capture=ls.Capture(["text_embeds", "text_eos"], steps=[0]), **GEN)
+    c = res.capture
+    full, eos = c["text_embeds"], c["text_eos"]
+    assert eos.shape == full.shape[:3] + (full.shape[-1],)
+    branches = c.branches_of("text_eos")
+    for b, label in enumerate(branches):
+        pos = model.site_index("eos", texts, model.config(**GEN), [label])
+        assert pos[0] != pos[1] or label == "uncond"
+        for i in range(2):
+            assert torch.equal(eos[i, 0, b], full[i, 0, b, int(pos[i])])
+    # patching only the end-of-sentence token moves the image
+    plain = model.generate(texts, seeds=[0, 1], **GEN).images[0]
+    only_eos = model.generate(texts, seeds=[0, 1], interventions=[ls.replace("text_eos", ls.Row(1), targets=[0])],
+                              **GEN).images[0]
+    assert not torch.equal(only_eos, plain)

@@ -31,6 +31,7 @@ class Site:
     path: tuple[PathElem, ...] = ()
     in_path: tuple[PathElem, ...] | None = None
     kw_fallback: int | None = None  # positional index to try when an input keyword is passed positionally
+    index: str | None = None  # per-row token index the adapter supplies (e.g. "eos"): the site is x[row, index[row]]
 
 
 @dataclass(frozen=True)

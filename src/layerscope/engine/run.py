@@ -393,6 +393,29 @@ class _Handler:
         return out
 
 
+def _process(handler: Any, x: Any, get_in: Callable[[], torch.Tensor] | None) -> Any:
+    """Run a handler on the site's tensor; for indexed sites on the per-row selected token only."""
+    idx = getattr(handler, "index", None)
+    if idx is None or not isinstance(x, torch.Tensor):
+        return handler.process(x, get_in)
+    rows = torch.arange(x.shape[0], device=x.device)
+    idx = idx.to(x.device)
+    sub = x[rows, idx]
+    new = handler.process(sub, None)
+    if new is sub:
+        return x
+    out = x.clone()
+    out[rows, idx] = new
+    return out
+
+
+def _set_indices(gen: "Generator", handlers: dict, prompts: Sequence[Any], cfg: GenerationConfig,
+                 branches: Sequence[str]) -> None:
+    for h in handlers.values():
+        key = h.info.site.index
+        h.index = gen.site_index(key, prompts, cfg, branches if h.info.branched else ["none"]) if key else None
+
+
 @contextmanager
 def _hooks(gen: "Generator", run: _RunState, handlers: dict[str, _Handler], count_steps: bool = True):
     handles = []
@@ -411,7 +434,7 @@ def _hooks(gen: "Generator", run: _RunState, handlers: dict[str, _Handler], coun
                 def fwd(_mod, args, kwargs, out, _h=handler, _s=site):
                     x = get_path(out, _s.path)
                     get_in = (lambda: get_input(_s, args, kwargs, _s.in_path)) if _s.in_path is not None else None
-                    new = _h.process(x, get_in)
+                    new = _process(_h, x, get_in)
                     if new is not x:
                         return set_path(out, _s.path, new)
                     return None
@@ -421,7 +444,7 @@ def _hooks(gen: "Generator", run: _RunState, handlers: dict[str, _Handler], coun
 
                 def pre(_mod, args, kwargs, _h=handler, _s=site):
                     x = get_input(_s, args, kwargs, _s.path)
-                    new = _h.process(x, None)
+                    new = _process(_h, x, None)
                     if new is not x:
                         return set_input(_s, args, kwargs, _s.path, new)
                     return None
@@ -464,8 +487,10 @@ def trace_shapes(gen: "Generator", lmap: LayerMap, cfg: GenerationConfig) -> Lay
         num_inference_steps=2, guidance_scale=1.0, height=cfg.height, width=cfg.width,
         negative_prompt=cfg.negative_prompt, extra=dict(cfg.extra),
     )
+    inputs = gen.trace_inputs()
+    _set_indices(gen, recorders, inputs, trace_cfg, ["cond"])
     with torch.no_grad(), _hooks(gen, run, recorders, count_steps=False):  # type: ignore[arg-type]
-        gen._run(gen.trace_inputs(), [0], trace_cfg)
+        gen._run(inputs, [0], trace_cfg)
     missing = [n for n, r in recorders.items() if r.shape is None]
     if missing:
         raise ConfigError(
@@ -560,8 +585,10 @@ def execute(
                 info, run, ids, by_layer.get(name, []),
                 capture if name in cap_names else None, cap_plan if name in cap_names else None,
             )
+        chunk_prompts = [prompts[i] for i in ids]
+        _set_indices(gen, handlers, chunk_prompts, cfg, branches)
         with torch.no_grad(), _hooks(gen, run, handlers):
-            imgs, meta = gen._run([prompts[i] for i in ids], [seeds[i] for i in ids], cfg)
+            imgs, meta = gen._run(chunk_prompts, [seeds[i] for i in ids], cfg)
         if gen.step_module is not None and run.step + 1 != num_steps:
             raise ConfigError(
                 f"the denoiser ran {run.step + 1} times for {num_steps} expected steps; this scheduler calls the model "

@@ -86,6 +86,11 @@ class Generator(ABC):
     def default_size(self) -> tuple[int, int] | None:
         return None
 
+    def site_index(self, key: str, prompts: Sequence[Any], cfg: GenerationConfig,
+                   branches: Sequence[str]) -> torch.Tensor:
+        """Per-row token index for sites with ``Site.index`` (rows in batch layout order)."""
+        raise ConfigError(f"{type(self).__name__} has no per-row index {key!r}")
+
     # -- generic --------------------------------------------------------------------------------------------------
     def config(self, **overrides: Any) -> GenerationConfig:
         """The default generation config with ``overrides`` applied (unknown keys go to ``extra``)."""

@@ -64,6 +64,33 @@ class PipelineGenerator(Generator):
         return LayerInfo(name, kind, "input", Site(self.denoiser_name, "input", path, kw_fallback=kw_fallback),
                          is_space=True, note=note, dims=dims)
 
+    # -- end-of-sentence token -------------------------------------------------------------------------------------
+    eos_tokenizer: str | None = None  # pipeline attribute of the tokenizer whose tokens open encoder_hidden_states
+    eos_max_length: int = 77
+
+    def _eos_space(self) -> list[LayerInfo]:
+        if self.eos_tokenizer is None or getattr(self.pipe, self.eos_tokenizer, None) is None:
+            return []
+        return [LayerInfo("text_eos", "text_eos", "input",
+                          Site(self.denoiser_name, "input", ("encoder_hidden_states",), index="eos"),
+                          is_space=True, note="text encoder state at each prompt's end-of-sentence token")]
+
+    def _eos_positions(self, texts: Sequence[str]) -> list[int]:
+        tok = getattr(self.pipe, self.eos_tokenizer)
+        ids = tok(list(texts), truncation=True, max_length=self.eos_max_length)["input_ids"]
+        return [len(row) - 1 for row in ids]
+
+    def site_index(self, key: str, prompts: Sequence[Any], cfg: GenerationConfig,
+                   branches: Sequence[str]) -> torch.Tensor:
+        if key != "eos":
+            return super().site_index(key, prompts, cfg, branches)
+        pos = self._eos_positions(self._check_prompts(prompts))
+        neg = self._eos_positions([cfg.negative_prompt])[0]
+        rows: list[int] = []
+        for b in branches:
+            rows += [neg] * len(pos) if b == "uncond" else pos
+        return torch.tensor(rows, dtype=torch.long)
+
     # -- helpers for _run -----------------------------------------------------------------------------------------
     def _noise(self, seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
         noise = seeded_noise(seeds, shape, self.device, self.dtype)

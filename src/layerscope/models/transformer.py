@@ -37,6 +37,9 @@ class TransformerPipelineGenerator(PipelineGenerator):
             raise ConfigError(f"{cls} is not a supported transformer pipeline; supported: {', '.join(SUPPORTED)}")
         self.variant = SUPPORTED[cls]
         self.family = f"transformer/{self.variant}"
+        # encoder_hidden_states opens with CLIP tokens in SD3, with T5 tokens in Flux and PixArt
+        self.eos_tokenizer = {"sd3": "tokenizer", "flux": "tokenizer_2", "pixart": "tokenizer"}[self.variant]
+        self.eos_max_length = {"sd3": 77, "flux": 512, "pixart": 120}[self.variant]
         super().__init__(pipe, spec)
         self.default_config.num_inference_steps = 20
         self.default_config.guidance_scale = {"sd3": 7.0, "flux": 3.5, "pixart": 4.5}[self.variant]
@@ -72,6 +75,7 @@ class TransformerPipelineGenerator(PipelineGenerator):
             self._denoiser_input("text_embeds", "text_embeds", ("encoder_hidden_states",),
                                  "per-token text encoder states", dims=("token", "channel")),
         ]
+        spaces += self._eos_space()
         if self.variant in ("sd3", "flux"):
             spaces.append(self._denoiser_input("text_pooled", "text_pooled", ("pooled_projections",),
                                                "pooled CLIP (end-of-sentence) embedding"))

@@ -103,6 +103,7 @@ class UNetPipelineGenerator(PipelineGenerator):
     """Stable Diffusion 1.x/2.x, SDXL and Kandinsky 2.2 decoder pipelines (UNet2DConditionModel backbones)."""
 
     denoiser_name = "unet"
+    eos_tokenizer = "tokenizer"
 
     def __init__(self, pipe: Any, spec: str) -> None:
         cls = type(pipe).__name__
@@ -126,6 +127,7 @@ class UNetPipelineGenerator(PipelineGenerator):
             spaces.append(self._denoiser_input("text_embeds", "text_embeds", ("encoder_hidden_states",),
                                                "per-token text encoder states (incl. the end-of-sentence token)",
                                                dims=("token", "channel")))
+            spaces += self._eos_space()
             if self.variant == "sdxl":
                 spaces.append(self._denoiser_input("text_pooled", "text_pooled", ("added_cond_kwargs", "text_embeds"),
                                                    "pooled (end-of-sentence) embedding of the second text encoder"))
