@@ -61,3 +61,10 @@ def test_sweep_bad_inputs(sd):
         ls.injection_sweep(sd, "a", "b", ["mid_block"], max_batch=2, **GEN)
     with pytest.raises(ls.ConfigError, match="outside"):
         ls.injection_sweep(sd, "a", "b", ["mid_block"], steps=[7], **GEN)
+
+
+def test_sweep_progress_callback(sd):
+    seen = []
+    ls.injection_sweep(sd, "a", "b", "up_blocks.1.*", max_batch=4, progress=lambda d, t: seen.append((d, t)), **GEN)
+    n = len(sd.layers("up_blocks.1.*"))
+    assert seen[-1] == (n, n) and len(seen) == -(-n // 2)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
+
+# transformers announces missing optional image backends on import; the CLI keeps its output to what was asked
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import typer
 from rich.console import Console

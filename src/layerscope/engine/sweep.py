@@ -16,6 +16,7 @@ import torch
 from ..errors import ConfigError
 from .run import execute
 from .spec import Intervention, Row
+from .progress import ProgressArg, progress_callback
 from .steps import StepSel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,14 +50,14 @@ def injection_sweep(
     steps: StepSel = None,
     branches: Sequence[str] | None = None,
     max_batch: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressArg = None,
     **gen_kwargs: Any,
 ) -> SweepResult:
     """Inject E's representation into O's generation at each layer set, batched.
 
     ``layers``: a glob or list of names/globs (each matching layer is one row), or explicit combinations as tuples
     of names (one row patches all of them); None = every layer of the map. ``seeds``: one seed for both or (O, E).
-    ``steps``/``branches``: the window and CFG branches where E is injected.
+    ``steps``/``branches``: the window and CFG branches where E is injected. ``progress=True`` shows a bar.
     """
     cfg = model.config(**gen_kwargs)
     lmap = model.layer_map(cfg.height, cfg.width)
@@ -81,6 +82,13 @@ def injection_sweep(
     if max_batch < 3:
         raise ConfigError(f"a sweep needs max_batch >= 3 (O, E and one injected row), got {max_batch}")
     per_chunk = max_batch - 2
+    total = len(sets)
+    with progress_callback(progress, f"injection sweep over {total} layer sets") as report:
+        return _sweep_chunks(model, original, edit, sets, (s_o, s_e), per_chunk, cfg, steps, branches, report)
+
+
+def _sweep_chunks(model, original, edit, sets, seeds, per_chunk, cfg, steps, branches, report) -> SweepResult:
+    s_o, s_e = seeds
     result: SweepResult | None = None
     total = len(sets)
     for start in range(0, total, per_chunk):
@@ -99,7 +107,7 @@ def injection_sweep(
             key = "+".join(group)
             result.injected[key] = out.images[2 + k]
             result.layer_sets[key] = group
-        if progress is not None:
-            progress(min(start + per_chunk, total), total)
+        if report is not None:
+            report(min(start + per_chunk, total), total)
     assert result is not None
     return result

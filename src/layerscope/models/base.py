@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import GenerationConfig
 from ..engine import run as _engine
+from ..engine.progress import progress_callback
 from ..engine.spec import Capture, Intervention
 from ..errors import ConfigError
 from ..layers import LayerInfo, LayerMap
@@ -158,13 +159,14 @@ class Generator(ABC):
         capture: Capture | None = None,
         interventions: Sequence[Intervention] = (),
         max_batch: int | None = None,
-        progress: Callable[[int, int], None] | None = None,
+        progress: bool | Callable[[int, int], None] | None = None,
         **gen_kwargs: Any,
     ) -> _engine.GenerationResult:
         """Generate one image per prompt (seed i for prompt i; default seeds 0..n-1) with captures/interventions.
 
         ``gen_kwargs``: ``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ``negative_prompt`` or
-        pipeline-specific keywords.
+        pipeline-specific keywords. ``progress=True`` shows a progress bar over samples (or pass a callback
+        ``f(done, total)``).
         """
         if isinstance(prompts, (str, torch.Tensor)) and not (isinstance(prompts, torch.Tensor) and prompts.ndim > 1):
             prompts = [prompts]
@@ -179,7 +181,8 @@ class Generator(ABC):
             raise ConfigError("pass capture= or use a `with model.capture(...)` block, not both")
         cap = capture if capture is not None else (handle.spec if handle is not None else None)
         ivs = list(self._pending_ivs) + list(interventions)
-        result = _engine.execute(self, prompts, list(seeds), cfg, cap, ivs, max_batch, progress)
+        with progress_callback(progress, f"generating {len(prompts)} samples") as report:
+            result = _engine.execute(self, prompts, list(seeds), cfg, cap, ivs, max_batch, report)
         if handle is not None:
             handle.result = result.capture
         return result

@@ -156,7 +156,7 @@ class UNetPipelineGenerator(PipelineGenerator):
         return ["a photo"]
 
     def _embed_dim(self) -> int:
-        return int(self.pipe.unet.config.encoder_hid_dim or self.pipe.unet.config.addition_embed_type_num_heads)
+        return int(self.pipe.unet.config.encoder_hid_dim)
 
     def _latent_shape(self, cfg: GenerationConfig) -> tuple[int, int, int]:
         c = self.pipe.unet.config.in_channels
