@@ -94,6 +94,9 @@ def test_budget(sd, tmp_path):
     res = sd.generate(PROMPTS[:2], capture=ls.Capture(est_layers), **GEN)
     expected = 2 * GEN["num_inference_steps"] * 2 * torch.Size(lmap["mid_block"].shape).numel() * 4
     assert res.capture.nbytes() == expected
+    assert sd.capture_bytes(ls.Capture(est_layers), n_samples=2, **GEN) == expected
+    half = ls.Capture(est_layers, dtype=torch.float16, branches=["cond"], steps=[0])
+    assert sd.capture_bytes(half, n_samples=2, **GEN) == expected // 2 // 2 // GEN["num_inference_steps"]
 
 
 def test_stored_capture_from_store_as_source(sd, tmp_path):

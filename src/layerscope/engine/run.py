@@ -93,7 +93,7 @@ def _resolve_branches(
     return [labels.index(b) for b in wanted]
 
 
-def _plan_capture(cap: Capture, lmap: LayerMap, n: int, num_steps: int, branches: Sequence[str]) -> _CapPlan:
+def plan_capture(cap: Capture, lmap: LayerMap, n: int, num_steps: int, branches: Sequence[str]) -> _CapPlan:
     infos = lmap.select(cap.layers)
     steps = resolve_steps(cap.steps, num_steps) if num_steps else ()
     if cap.update:
@@ -536,7 +536,7 @@ def execute(
     branches = gen.branch_labels(cfg)
     num_steps = gen.num_steps(cfg)
 
-    cap_plan = _plan_capture(capture, lmap, n, num_steps, branches) if capture is not None else None
+    cap_plan = plan_capture(capture, lmap, n, num_steps, branches) if capture is not None else None
     planned = _plan_interventions(interventions, lmap, n, num_steps, branches)
     if any(p.kind == "row" for p in planned) and n > max_batch:
         raise ConfigError(

@@ -129,6 +129,13 @@ class Generator(ABC):
         """Candidate spaces that are not layers: noise, text embeddings, VAE latent, h-space, skips."""
         return self.layer_map(size.get("height"), size.get("width")).spaces
 
+    def capture_bytes(self, capture: Capture, n_samples: int = 1, **gen_kwargs: Any) -> int:
+        """Bytes a capture of ``n_samples`` samples will occupy with these generation settings (no generation)."""
+        cfg = self.config(**gen_kwargs)
+        lmap = self.layer_map(cfg.height, cfg.width)
+        plan = _engine.plan_capture(capture, lmap, n_samples, self.num_steps(cfg), self.branch_labels(cfg))
+        return _engine.estimate_bytes(plan, capture.dtype)
+
     @contextmanager
     def capture(self, layers: str | Sequence[str] = "*", **kw: Any) -> Iterator[CaptureHandle]:
         """Capture ``layers`` in every :meth:`generate` call inside the block (keywords as in :class:`Capture`)."""

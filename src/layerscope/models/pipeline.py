@@ -18,8 +18,17 @@ class PipelineGenerator(Generator):
     """Base of the diffusers adapters: ``self.pipe`` is a loaded pipeline; the denoiser is ``self.denoiser_name``."""
 
     denoiser_name = "unet"
+    supported: dict[str, str] = {}  # pipeline class name -> variant
+    family_prefix = ""
 
     def __init__(self, pipe: Any, spec: str) -> None:
+        cls = type(pipe).__name__
+        if cls not in self.supported:
+            raise ConfigError(
+                f"{cls} is not a supported {self.family_prefix} pipeline; supported: {', '.join(self.supported)}"
+            )
+        self.variant = self.supported[cls]
+        self.family = f"{self.family_prefix}/{self.variant}"
         super().__init__(spec)
         self.pipe = pipe
         self.taps["noise"] = Tap()

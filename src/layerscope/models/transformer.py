@@ -30,17 +30,14 @@ class TransformerPipelineGenerator(PipelineGenerator):
     """SD3/3.5, Flux and PixArt-alpha pipelines."""
 
     denoiser_name = "transformer"
+    supported = SUPPORTED
+    family_prefix = "transformer"
 
     def __init__(self, pipe: Any, spec: str) -> None:
-        cls = type(pipe).__name__
-        if cls not in SUPPORTED:
-            raise ConfigError(f"{cls} is not a supported transformer pipeline; supported: {', '.join(SUPPORTED)}")
-        self.variant = SUPPORTED[cls]
-        self.family = f"transformer/{self.variant}"
+        super().__init__(pipe, spec)
         # encoder_hidden_states opens with CLIP tokens in SD3, with T5 tokens in Flux and PixArt
         self.eos_tokenizer = {"sd3": "tokenizer", "flux": "tokenizer_2", "pixart": "tokenizer"}[self.variant]
         self.eos_max_length = {"sd3": 77, "flux": 512, "pixart": 120}[self.variant]
-        super().__init__(pipe, spec)
         self.default_config.num_inference_steps = 20
         self.default_config.guidance_scale = {"sd3": 7.0, "flux": 3.5, "pixart": 4.5}[self.variant]
 

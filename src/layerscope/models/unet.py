@@ -104,13 +104,10 @@ class UNetPipelineGenerator(PipelineGenerator):
 
     denoiser_name = "unet"
     eos_tokenizer = "tokenizer"
+    supported = SUPPORTED
+    family_prefix = "unet"
 
     def __init__(self, pipe: Any, spec: str) -> None:
-        cls = type(pipe).__name__
-        if cls not in SUPPORTED:
-            raise ConfigError(f"{cls} is not a supported U-Net pipeline; supported: {', '.join(SUPPORTED)}")
-        self.variant = SUPPORTED[cls]
-        self.family = f"unet/{self.variant}"
         super().__init__(pipe, spec)
         self.default_config.guidance_scale = 4.0 if self.variant == "kandinsky22" else 7.5
         self.default_config.num_inference_steps = 20
