@@ -58,7 +58,6 @@ class _PlannedIV:
 class _CapPlan:
     infos: list[LayerInfo]
     steps: tuple[int, ...]
-    branch_idx: list[int]
     specs: dict[tuple[str, str], ArraySpec]
 
 
@@ -104,7 +103,6 @@ def plan_capture(cap: Capture, lmap: LayerMap, n: int, num_steps: int, branches:
                 f"{' ...' if len(bad) > 6 else ''}; select other layers or capture with update=False"
             )
     specs: dict[tuple[str, str], ArraySpec] = {}
-    branch_idx: list[int] = []
     for info in infos:
         bidx = _resolve_branches(info, cap.branches, branches, f"capture of {info.name}")
         labels = _branch_labels(info, branches)
@@ -120,8 +118,7 @@ def plan_capture(cap: Capture, lmap: LayerMap, n: int, num_steps: int, branches:
                 branches=[labels[b] for b in bidx],
                 attrs={"kind": info.kind, "stage": info.stage, "pooled": cap.pooled},
             )
-        branch_idx = bidx
-    return _CapPlan(infos, steps, branch_idx, specs)
+    return _CapPlan(infos, steps, specs)
 
 
 def estimate_bytes(plan: _CapPlan, dtype: torch.dtype, n_samples: int | None = None) -> int:

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import zarr
 
-from .._version import __version__
 from ..errors import ConfigError, LayerNameError, StoreMismatchError, close_matches
 
 SCHEMA = 1

@@ -7,7 +7,7 @@ batched generation rather than k+1 generations. Rows are chunked by ``max_batch`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
