@@ -9,6 +9,7 @@ out as ``branch * n_samples + sample`` (diffusers concatenates the unconditional
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -291,7 +292,8 @@ class _Handler:
         self.cap_branch_idx = (
             _resolve_branches(info, cap.branches, run.branches, "capture") if cap is not None else []
         )
-        self.collected: dict[str, list[torch.Tensor]] = {s.what: [] for s in self.cap_specs}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.filled: dict[str, int] = {}
         self.calls_at: int | None = None
         self.sample_ids = sample_ids
         self._tensor_cache: dict[tuple, torch.Tensor] = {}
@@ -358,35 +360,44 @@ class _Handler:
         return self._tensor_cache[k]
 
     def _take(self, x: torch.Tensor) -> torch.Tensor:
+        """The captured rows as a view (sample, branch, *feature), pooled if asked; no copy yet."""
         info, run = self.info, self.run
         if info.branched:
-            x = x.reshape((len(run.branches), run.n) + tuple(x.shape[1:]))[self.cap_branch_idx].transpose(0, 1)
+            x = x.reshape((len(run.branches), run.n) + tuple(x.shape[1:]))
+            if len(self.cap_branch_idx) != len(run.branches):
+                x = x[self.cap_branch_idx]
+            x = x.transpose(0, 1)
         else:
             x = x.unsqueeze(1)
         if self.cap.pooled:
             dims = [k + 2 for k, d in enumerate(info.dims) if d in ("h", "w", "token")]
             if dims:
                 x = x.float().mean(dim=dims)
-        return x.detach().to(device="cpu", dtype=self.cap.dtype).clone()
+        return x.detach()
 
     def _capture(self, x: torch.Tensor, get_in) -> None:
         for spec in self.cap_specs:
-            if spec.what == "output":
-                self.collected["output"].append(self._take(x))
-            else:
-                inp = get_in()
-                self.collected["update"].append(self._take(x - inp))
+            data = self._take(x if spec.what == "output" else x - get_in())
+            buf = self.buffers.get(spec.what)
+            if buf is None:  # one preallocated (sample, step, branch, *feature) buffer: a single copy per capture
+                buf = torch.empty((data.shape[0], len(spec.steps)) + tuple(data.shape[1:]), dtype=self.cap.dtype)
+                self.buffers[spec.what] = buf
+            k = self.filled.get(spec.what, 0)
+            if k >= len(spec.steps):
+                raise ConfigError(f"{self.info.name}: captured more steps than the {len(spec.steps)} planned")
+            buf[:, k].copy_(data)
+            self.filled[spec.what] = k + 1
 
     def finish(self) -> dict[str, torch.Tensor]:
         out = {}
         for spec in self.cap_specs:
-            got = self.collected[spec.what]
-            if len(got) != len(spec.steps):
+            got = self.filled.get(spec.what, 0)
+            if got != len(spec.steps):
                 raise ConfigError(
-                    f"{self.info.name}: captured {len(got)} of {len(spec.steps)} expected steps; the layer did not run "
+                    f"{self.info.name}: captured {got} of {len(spec.steps)} expected steps; the layer did not run "
                     "once per denoising step (is it skipped or cached by the pipeline?)"
                 )
-            out[spec.what] = torch.stack(got, dim=1)
+            out[spec.what] = self.buffers[spec.what]
         return out
 
 
@@ -567,53 +578,66 @@ def execute(
     images: list[tuple[list[int], torch.Tensor]] = []
     timesteps: list[float] = []
     done = n - len(todo)
-    for ids in _chunks(todo, max_batch):
-        run = _RunState(len(ids), branches)
-        by_layer: dict[str, list[_PlannedIV]] = {}
-        for p in planned:
-            by_layer.setdefault(p.info.name, []).append(p)
-        handlers: dict[str, _Handler] = {}
-        cap_names = {i.name for i in cap_plan.infos} if cap_plan else set()
-        for info in lmap:
-            name = info.name
-            if name not in by_layer and name not in cap_names:
-                continue
-            handlers[name] = _Handler(
-                info, run, ids, by_layer.get(name, []),
-                capture if name in cap_names else None, cap_plan if name in cap_names else None,
-            )
-        chunk_prompts = [prompts[i] for i in ids]
-        _set_indices(gen, handlers, chunk_prompts, cfg, branches)
-        with torch.no_grad(), _hooks(gen, run, handlers):
-            imgs, meta = gen._run(chunk_prompts, [seeds[i] for i in ids], cfg)
-        if gen.step_module is not None and run.step + 1 != num_steps:
-            raise ConfigError(
-                f"the denoiser ran {run.step + 1} times for {num_steps} expected steps; this scheduler calls the model "
-                "more than once per step, which layerscope does not support yet"
-            )
-        timesteps = [float(t) for t in meta.get("timesteps", [])]
-        images.append((ids, imgs.detach().float().cpu()))
-        if cap_plan is not None:
-            for name, h in handlers.items():
-                if name not in cap_names:
+    # a store batch is written on a background thread while the next batch generates
+    writer = ThreadPoolExecutor(max_workers=1) if store is not None else None
+    pending: Future | None = None
+    try:
+        for ids in _chunks(todo, max_batch):
+            run = _RunState(len(ids), branches)
+            by_layer: dict[str, list[_PlannedIV]] = {}
+            for p in planned:
+                by_layer.setdefault(p.info.name, []).append(p)
+            handlers: dict[str, _Handler] = {}
+            cap_names = {i.name for i in cap_plan.infos} if cap_plan else set()
+            for info in lmap:
+                name = info.name
+                if name not in by_layer and name not in cap_names:
                     continue
-                for what, data in h.finish().items():
-                    spec = cap_plan.specs[(what, name)]
-                    if store is not None:
-                        store.write(spec, ids, data)
-                    else:
+                handlers[name] = _Handler(
+                    info, run, ids, by_layer.get(name, []),
+                    capture if name in cap_names else None, cap_plan if name in cap_names else None,
+                )
+            chunk_prompts = [prompts[i] for i in ids]
+            _set_indices(gen, handlers, chunk_prompts, cfg, branches)
+            with torch.no_grad(), _hooks(gen, run, handlers):
+                imgs, meta = gen._run(chunk_prompts, [seeds[i] for i in ids], cfg)
+            if gen.step_module is not None and run.step + 1 != num_steps:
+                raise ConfigError(
+                    f"the denoiser ran {run.step + 1} times for {num_steps} expected steps; this scheduler calls the "
+                    "model more than once per step, which layerscope does not support yet"
+                )
+            timesteps = [float(t) for t in meta.get("timesteps", [])]
+            images.append((ids, imgs.detach().float().cpu()))
+            if cap_plan is not None:
+                items = [(cap_plan.specs[(what, name)], data)
+                         for name, h in handlers.items() if name in cap_names for what, data in h.finish().items()]
+                if store is not None:
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(_write_and_mark, store, items, ids, timesteps)
+                else:
+                    for spec, data in items:
                         result_cap._append(spec, data)
-            if store is not None:
-                store.mark_done(ids, timesteps)
-        done += len(ids)
-        if progress is not None:
-            progress(done, n)
+            done += len(ids)
+            if progress is not None:
+                progress(done, n)
+    finally:
+        if writer is not None:
+            writer.shutdown(wait=True)  # a finished batch is kept even when a later one fails
+    if pending is not None:
+        pending.result()
 
     out_images = _assemble(images, n) if images else torch.empty(0)
     if result_cap is not None:
+        result_cap._finalize()
         result_cap.timesteps = timesteps
         result_cap.attrs = _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment)
     return GenerationResult(out_images, store if store is not None else result_cap, timesteps)
+
+
+def _write_and_mark(store: ActivationStore, items: list, ids: list[int], timesteps: list[float]) -> None:
+    store.write_batch(items, ids)
+    store.mark_done(ids, timesteps)
 
 
 def _assemble(parts: list[tuple[list[int], torch.Tensor]], n: int) -> torch.Tensor:

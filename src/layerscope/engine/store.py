@@ -14,12 +14,13 @@ Store schema (zarr v3, one folder per experiment)::
                                   generates samples that are not done, so nothing finished is recomputed and no
                                   sample is written twice
 
-Arrays are chunked one sample-batch x one step, so reading one step of one layer for all samples touches only
-that step's chunks (``ActivationStore.open(path)["up_blocks.1"]`` is a lazy zarr array).
+Arrays are chunked one sample batch x all steps (split along steps above 32 MiB), so a batch is one file per
+layer (``ActivationStore.open(path)["up_blocks.1"]`` is a lazy zarr array).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync as zarr_sync
 
 from ..errors import ConfigError, LayerNameError, StoreMismatchError, close_matches
 
@@ -107,6 +109,7 @@ class CaptureResult(_Lookup):
         self.meta: dict[tuple[str, str], dict] = {}
         self.timesteps: list[float] = []
         self.attrs: dict = {}
+        self._parts: dict[tuple[str, str], list[torch.Tensor]] = {}
 
     def _arr(self, layer: str, what: str) -> torch.Tensor:
         self.check_layer(layer, what)
@@ -136,13 +139,17 @@ class CaptureResult(_Lookup):
 
     # building ---------------------------------------------------------------------------------------------------
     def _append(self, spec: ArraySpec, data: torch.Tensor) -> None:
-        target = self.output if spec.what == "output" else self.update
         key = (spec.what, spec.layer)
         if key not in self.meta:
             self.meta[key] = {"dims": spec.dims, "steps": spec.steps, "branches": spec.branches, **spec.attrs}
-            target[spec.layer] = data
-        else:
-            target[spec.layer] = torch.cat([target[spec.layer], data], dim=0)
+        self._parts.setdefault(key, []).append(data)
+
+    def _finalize(self) -> None:
+        """Join the per-batch parts once (batches arrive in sample order)."""
+        for (what, layer), parts in self._parts.items():
+            target = self.output if what == "output" else self.update
+            target[layer] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        self._parts = {}
 
 
 class ActivationStore(_Lookup):
@@ -191,12 +198,14 @@ class ActivationStore(_Lookup):
         group = zarr.open_group(str(path), mode="w")
         np_dtype = np.dtype(torch_dtype_name(dtype))
         n = specs[0].shape[0] if specs else 0
+        subs = {what: group.require_group(what) for what in {s.what for s in specs}}
         for s in specs:
-            sub = group.require_group(s.what)
-            chunks = (min(chunk_samples, s.shape[0]), 1) + tuple(s.shape[2:])
-            arr = sub.create_array(s.layer, shape=s.shape, chunks=chunks, dtype=np_dtype, compressors=None, fill_value=0)
-            arr.attrs.update(_jsonable({"layer": s.layer, "what": s.what, "dims": list(s.dims), "steps": s.steps,
-                                        "branches": s.branches, **s.attrs}))
+            subs[s.what].create_array(
+                s.layer, shape=s.shape, chunks=_chunks(s.shape, chunk_samples, np_dtype.itemsize), dtype=np_dtype,
+                compressors=None, fill_value=0,
+                attributes=_jsonable({"layer": s.layer, "what": s.what, "dims": list(s.dims), "steps": s.steps,
+                                      "branches": s.branches, **s.attrs}),
+            )
         group.create_array("done", shape=(n,), chunks=(max(n, 1),), dtype=bool, fill_value=False)
         # attrs last: a folder without them is an unfinished creation and is re-created
         group.attrs.update(_jsonable(attrs))
@@ -207,14 +216,24 @@ class ActivationStore(_Lookup):
         done = np.asarray(self.group["done"][:])
         return [int(i) for i in np.flatnonzero(~done)]
 
-    def write(self, spec: ArraySpec, samples: list[int], data: torch.Tensor) -> None:
-        arr = self.group[spec.what][spec.layer]
-        values = data.numpy()
-        if samples == list(range(samples[0], samples[-1] + 1)):
-            arr[samples[0] : samples[-1] + 1] = values
-        else:
-            for k, i in enumerate(samples):
-                arr[i] = values[k]
+    def write_batch(self, items: list[tuple[ArraySpec, torch.Tensor]], samples: list[int]) -> None:
+        """Write one batch of samples for every layer, all arrays concurrently (zarr's async API)."""
+        contiguous = samples == list(range(samples[0], samples[-1] + 1))
+
+        arrays = [self.group[spec.what][spec.layer].async_array for spec, _ in items]
+
+        async def put(arr: Any, data: torch.Tensor) -> None:
+            values = data.numpy()
+            if contiguous:
+                await arr.setitem(slice(samples[0], samples[-1] + 1), values)
+            else:
+                for k, i in enumerate(samples):
+                    await arr.setitem(i, values[k])
+
+        async def put_all() -> None:
+            await asyncio.gather(*(put(arr, data) for arr, (_, data) in zip(arrays, items)))
+
+        zarr_sync(put_all())
 
     def mark_done(self, samples: list[int], timesteps: list[float]) -> None:
         done = self.group["done"]
@@ -256,6 +275,17 @@ class ActivationStore(_Lookup):
 
     def delete(self) -> None:
         shutil.rmtree(self.path)
+
+
+CHUNK_BYTES = 32 * 2**20
+
+
+def _chunks(shape: tuple[int, ...], chunk_samples: int, itemsize: int) -> tuple[int, ...]:
+    """One chunk per sample batch and layer holding all steps, split along steps above CHUNK_BYTES."""
+    samples = min(chunk_samples, shape[0])
+    per_step = samples * int(np.prod(shape[2:])) * itemsize
+    steps = max(1, min(shape[1], CHUNK_BYTES // max(per_step, 1)))
+    return (samples, steps) + tuple(shape[2:])
 
 
 def _jsonable(obj: Any) -> Any:
