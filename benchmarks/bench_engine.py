@@ -138,12 +138,24 @@ def bench_capture(model, gen: dict, layers: list[str], repeats: int, tmp: Path) 
     log(f"  capture of {len(layers)} layers x {gen['num_inference_steps']} steps x 2 branches: "
         f"full {full_mb:.1f} MiB, pooled {pooled_kb:.1f} KiB per sample")
 
+    prompts4 = [O_PROMPT, E_PROMPT, O_PROMPT, E_PROMPT]
+
+    def plain4():  # four samples one after the other (max_batch=1), as a streamed experiment runs them
+        return model.generate(prompts4, seeds=[0, 1, 2, 3], max_batch=1, **gen)
+
+    def zarr4():
+        path = tmp / f"x{next(counter)}.zarr"
+        return model.generate(prompts4, seeds=[0, 1, 2, 3], max_batch=1,
+                              capture=ls.Capture(layers=layers, store=path), **gen)
+
     variants = {
         "plain": plain,
         "mem": mem(False),
         "zarr": zarr_store(False),
         "mem_pooled": mem(True),
         "zarr_pooled": zarr_store(True),
+        "plain4": plain4,
+        "zarr4": zarr4,
     }
     times = run_interleaved(variants, repeats, "capture")
     for p in tmp.glob("x*.zarr"):
@@ -350,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         ]:
             r = t[name] / base
             rows.append((label, f"{t[name]:.3f}", f"{r:.2f}", f"{verdict(r, target)} (<= {target:.2f})"))
+        rows.append(("plain generate, 4 prompts x batch 1", f"{t['plain4']:.3f}", "1.00", ""))
+        r = t["zarr4"] / t["plain4"]
+        rows.append((f"capture all {k} layers, zarr, 4 x batch 1", f"{t['zarr4']:.3f}", f"{r:.2f}",
+                     f"{verdict(r, TARGETS['zarr'])} (<= {TARGETS['zarr']:.2f})"))
 
     if not args.skip_sweep:
         log(f"\n(b) single-layer injection sweep over {k} layers")
