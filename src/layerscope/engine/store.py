@@ -158,6 +158,13 @@ class ActivationStore(_Lookup):
     def __init__(self, path: str | Path, group: zarr.Group) -> None:
         self.path = Path(path)
         self.group = group
+        self._handles: dict[tuple[str, str], zarr.Array] = {}
+
+    def _array(self, what: str, layer: str) -> zarr.Array:
+        key = (what, layer)
+        if key not in self._handles:  # each lookup would reread metadata from disk
+            self._handles[key] = self.group[what][layer]
+        return self._handles[key]
 
     # opening ----------------------------------------------------------------------------------------------------
     @classmethod
@@ -220,7 +227,7 @@ class ActivationStore(_Lookup):
         """Write one batch of samples for every layer, all arrays concurrently (zarr's async API)."""
         contiguous = samples == list(range(samples[0], samples[-1] + 1))
 
-        arrays = [self.group[spec.what][spec.layer].async_array for spec, _ in items]
+        arrays = [self._array(spec.what, spec.layer).async_array for spec, _ in items]
 
         async def put(arr: Any, data: torch.Tensor) -> None:
             values = data.numpy()
@@ -258,8 +265,9 @@ class ActivationStore(_Lookup):
         return sorted(name for name, _ in self.group[what].arrays())
 
     def _arr(self, layer: str, what: str) -> zarr.Array:
-        self.check_layer(layer, what)
-        return self.group[what][layer]
+        if (what, layer) not in self._handles:
+            self.check_layer(layer, what)
+        return self._array(what, layer)
 
     def _meta(self, layer: str, what: str) -> dict:
         return dict(self._arr(layer, what).attrs)
