@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,7 +74,6 @@ class Intervention:
     steps: StepSel = None
     branches: Sequence[str] | None = None
     alpha: float = 1.0
-    extra: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         src = self.source
