@@ -295,7 +295,6 @@ class _Handler:
         self.buffers: dict[str, torch.Tensor] = {}
         self.filled: dict[str, int] = {}
         self.calls_at: int | None = None
-        self.sample_ids = sample_ids
         self._tensor_cache: dict[tuple, torch.Tensor] = {}
 
     # -- called from the hooks --------------------------------------------------------------------------------------
@@ -582,13 +581,13 @@ def execute(
     writer = ThreadPoolExecutor(max_workers=1) if store is not None else None
     pending: Future | None = None
     try:
+        by_layer: dict[str, list[_PlannedIV]] = {}
+        for p in planned:
+            by_layer.setdefault(p.info.name, []).append(p)
+        cap_names = {i.name for i in cap_plan.infos} if cap_plan else set()
         for ids in _chunks(todo, max_batch):
             run = _RunState(len(ids), branches)
-            by_layer: dict[str, list[_PlannedIV]] = {}
-            for p in planned:
-                by_layer.setdefault(p.info.name, []).append(p)
             handlers: dict[str, _Handler] = {}
-            cap_names = {i.name for i in cap_plan.infos} if cap_plan else set()
             for info in lmap:
                 name = info.name
                 if name not in by_layer and name not in cap_names:
