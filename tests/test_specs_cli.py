@@ -18,8 +18,8 @@ def test_bad_specs():
         ls.load("foo:bar")
     with pytest.raises(ls.SpecError, match="valid: tiny:sd"):
         ls.load("tiny:sd5")
-    with pytest.raises(ls.SpecError, match="zoo"):
-        ls.load("zoo:unet")
+    with pytest.raises(ls.SpecError, match="valid: zoo:unet, zoo:dit"):
+        ls.load("zoo:unet3")
     with pytest.raises(ls.SpecError, match="cannot import"):
         ls.load("torch:no_such_module_xyz:make")
     with pytest.raises(ls.SpecError, match="no callable"):

@@ -1,4 +1,4 @@
-"""Command line: ``layerscope layers MODEL`` (more commands arrive with the experiments)."""
+"""Command line: ``layerscope layers MODEL``, ``layerscope zoo list|train|eval`` (experiments add more)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,93 @@ def layers(
         table.add_row(e.name, e.kind, e.stage, shape, dims, "each" if e.per_step else "once", e.note)
     out = console if console.is_terminal else Console(width=max(console.width, 160))
     out.print(table)
+
+
+zoo_app = typer.Typer(no_args_is_help=True, help="The zoo of small models trained on the Shapes world.")
+app.add_typer(zoo_app, name="zoo")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """Print every zoo model with parameters, resolution, training steps and measured quality (and the oracle)."""
+    from .world import zoo
+    from .world.quality import verdicts
+
+    table = Table(title="layerscope zoo (Shapes world, 32x32)")
+    for col in ("model", "params", "MB", "train steps", "train time", "prompt agreement (oracle)",
+                "in-dist.", "FD (floor)", "bars"):
+        table.add_column(col, overflow="fold")
+    for name in zoo.MODELS:
+        c = zoo.card(name)
+        q = c.get("quality")
+        agree = fd = ind = bars = "-"
+        if q:
+            ag = q.get("prompt_agreement")
+            if ag:
+                agree = " ".join(f"{k.replace('_hue', '')}:{_pct(v)}" for k, v in ag.items())
+            ind = _pct(q["in_distribution"])
+            fd = f"{q['frechet_distance']:.2f} ({q['frechet_floor']:.2f})"
+            v = verdicts(q)
+            bars = "all met" if all(v.values()) else "missed: " + ", ".join(k for k, ok in v.items() if not ok)
+        minutes = f"{c['train_seconds'] / 60:.0f} min on {c.get('device', '?')}" if c.get("train_seconds") else "-"
+        params = f"{c['parameters'] / 1e6:.2f}M" if c.get("parameters") else "-"
+        table.add_row(c["name"], params, f"{c['weights_bytes'] / 1e6:.1f}", str(c.get("steps") or "-"), minutes,
+                      agree, ind, fd, bars)
+    out = console if console.is_terminal else Console(width=max(console.width, 200))
+    out.print(table)
+    try:
+        from .world.oracle import oracle_card
+
+        o = oracle_card()
+        accs = " ".join(f"{k.replace('_hue', '')}:{100 * v['accuracy']:.1f}%" for k, v in o["heldout"].items())
+        worst = max(v["ece"] for v in o["heldout"].values())
+        out.print(f"oracle: held-out accuracy {accs}; max ECE {worst:.4f} ({o['training']['steps']} steps)")
+    except FileNotFoundError:
+        out.print("oracle: no weights (train with `layerscope zoo train oracle`)")
+
+
+@zoo_app.command("train")
+def zoo_train(
+    name: str = typer.Argument(..., help="unet, dit, vae, gan or oracle"),
+    out: Optional[str] = typer.Option(None, help="output folder (default: the package's weights folder)"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
+    steps: Optional[int] = typer.Option(None, help="override the config's number of training steps"),
+) -> None:
+    """Train one zoo model with its seeded config; the loss log is kept next to the weights."""
+    from .world import zoo
+
+    if name not in zoo.TRAINABLE:
+        _fail(LayerscopeError(f"no zoo model {name!r}; valid: {', '.join(zoo.TRAINABLE)}"))
+    summary = zoo.train(name, out, device=device, steps=steps)
+    console.print({k: v for k, v in summary.items() if k != "config"})
+
+
+@zoo_app.command("eval")
+def zoo_eval(
+    name: str = typer.Argument(..., help="unet, dit, vae or gan"),
+    n: int = typer.Option(1000, help="number of samples"),
+    folder: Optional[str] = typer.Option(None, help="weights folder (default: the shipped one)"),
+    steps: Optional[int] = typer.Option(None, help="denoising steps (diffusion models)"),
+    guidance: Optional[float] = typer.Option(None, help="guidance scale (diffusion models)"),
+) -> None:
+    """Measure a zoo model's quality with the oracle and save it as quality.json next to its weights."""
+    from .world import zoo
+
+    kw = {}
+    if steps:
+        kw["num_inference_steps"] = steps
+    if guidance is not None:
+        kw["guidance_scale"] = guidance
+    try:
+        q = zoo.evaluate(name, n=n, folder=folder, **kw)
+    except LayerscopeError as exc:
+        _fail(exc)
+        return
+    console.print(q)
 
 
 def main() -> None:  # pragma: no cover

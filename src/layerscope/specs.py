@@ -82,10 +82,9 @@ def _load_tiny(target: str, spec: str, **kw: Any) -> Generator:
 
 
 def _load_zoo(target: str, spec: str, **kw: Any) -> Generator:
-    raise SpecError(
-        f"no zoo model {target!r}: the zoo of the embedded Shapes world ships no models yet; "
-        "use tiny:<family>, hf:<folder> or torch:<module>:<factory>"
-    )
+    from .world import zoo
+
+    return zoo.load(target, spec, **kw)
 
 
 def load(spec: str, **kwargs: Any) -> Generator:
@@ -96,7 +95,7 @@ def load(spec: str, **kwargs: Any) -> Generator:
       (or ``(module, latent_dim)``, or a ready Generator);
     - ``tiny:<family>``: a tiny random-weight pipeline built from configs in code (sd, sd2, sdxl, kandinsky22, sd3,
       flux, pixart) for tests and demos;
-    - ``zoo:<name>``: the shipped Shapes-world models.
+    - ``zoo:<name>``: the shipped Shapes-world models (unet, dit, vae, gan; ``layerscope zoo list``).
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise SpecError(f"model spec {spec!r} has no scheme; valid schemes: {', '.join(s + ':' for s in SCHEMES)}")

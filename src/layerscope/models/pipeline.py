@@ -20,6 +20,7 @@ class PipelineGenerator(Generator):
     denoiser_name = "unet"
     supported: dict[str, str] = {}  # pipeline class name -> variant
     family_prefix = ""
+    pixel_variants: tuple[str, ...] = ("shapes",)  # denoise images directly: no VAE, scale factor 1
 
     def __init__(self, pipe: Any, spec: str) -> None:
         cls = type(pipe).__name__
@@ -64,9 +65,19 @@ class PipelineGenerator(Generator):
         return LayerInfo("noise", "noise", "input", Site("taps.noise"), per_step=False, branched=False,
                          is_space=True, note="initial latent noise x_T, one seeded generator per sample")
 
-    def _vae_space(self) -> LayerInfo:
-        return LayerInfo("vae_latent", "vae_latent", "output", Site("taps.vae_latent"), per_step=False, branched=False,
-                         is_space=True, note="final latent handed to the VAE decoder")
+    @property
+    def pixel_space(self) -> bool:
+        return self.variant in self.pixel_variants
+
+    @property
+    def vae_factor(self) -> int:
+        return 1 if self.pixel_space else int(self.pipe.vae_scale_factor)
+
+    def _vae_space(self) -> list[LayerInfo]:
+        if self.pixel_space:
+            return []
+        return [LayerInfo("vae_latent", "vae_latent", "output", Site("taps.vae_latent"), per_step=False, branched=False,
+                         is_space=True, note="final latent handed to the VAE decoder")]
 
     def _denoiser_input(self, name: str, kind: str, path: tuple, note: str, kw_fallback: int | None = None,
                         dims: tuple[str, ...] = ()) -> LayerInfo:
@@ -110,6 +121,9 @@ class PipelineGenerator(Generator):
         return torch.Generator("cpu").manual_seed(int(seeds[0]))
 
     def _decode_kl(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] from the final latent (pixel-space pipelines: the sample itself, in [-1, 1])."""
+        if self.pixel_space:
+            return (latents.float() / 2 + 0.5).clamp(0, 1)
         vae = self.pipe.vae
         latents = self.taps["vae_latent"](latents)
         cfg = vae.config

@@ -23,6 +23,7 @@ SUPPORTED = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
     "PixArtAlphaPipeline": "pixart",
+    "ShapesDiTPipeline": "shapes",  # the zoo's pixel-space PixArt-style transformer (layerscope.world.zoo)
 }
 
 
@@ -36,10 +37,10 @@ class TransformerPipelineGenerator(PipelineGenerator):
     def __init__(self, pipe: Any, spec: str) -> None:
         super().__init__(pipe, spec)
         # encoder_hidden_states opens with CLIP tokens in SD3, with T5 tokens in Flux and PixArt
-        self.eos_tokenizer = {"sd3": "tokenizer", "flux": "tokenizer_2", "pixart": "tokenizer"}[self.variant]
-        self.eos_max_length = {"sd3": 77, "flux": 512, "pixart": 120}[self.variant]
+        self.eos_tokenizer = {"sd3": "tokenizer", "flux": "tokenizer_2"}.get(self.variant, "tokenizer")
+        self.eos_max_length = {"sd3": 77, "flux": 512, "pixart": 120, "shapes": 24}[self.variant]
         self.default_config.num_inference_steps = 20
-        self.default_config.guidance_scale = {"sd3": 7.0, "flux": 3.5, "pixart": 4.5}[self.variant]
+        self.default_config.guidance_scale = {"sd3": 7.0, "flux": 3.5, "pixart": 4.5, "shapes": 3.0}[self.variant]
 
     def branch_labels(self, cfg: GenerationConfig) -> tuple[str, ...]:
         if self.variant == "flux":
@@ -58,7 +59,7 @@ class TransformerPipelineGenerator(PipelineGenerator):
         depth = 0
         for stack, n in stacks:
             for i in range(n):
-                if self.variant == "pixart":
+                if self.variant in ("pixart", "shapes"):
                     site = Site(f"transformer.{stack}.{i}", "output", (), ("hidden_states",), kw_fallback=0)
                 else:  # joint / double / single blocks return (encoder_hidden_states, hidden_states)
                     site = Site(f"transformer.{stack}.{i}", "output", (1,), ("hidden_states",), kw_fallback=0)
@@ -76,18 +77,18 @@ class TransformerPipelineGenerator(PipelineGenerator):
         if self.variant in ("sd3", "flux"):
             spaces.append(self._denoiser_input("text_pooled", "text_pooled", ("pooled_projections",),
                                                "pooled CLIP (end-of-sentence) embedding"))
-        spaces.append(self._vae_space())
+        spaces += self._vae_space()
         return LayerMap(layers + spaces, model=self.spec)
 
     # -- generation -----------------------------------------------------------------------------------------------
     def default_size(self) -> tuple[int, int]:
-        f = self.pipe.vae_scale_factor
+        f = self.vae_factor
         s = getattr(self.pipe.transformer.config, "sample_size", None) or getattr(self.pipe, "default_sample_size", 64)
         return (s * f, s * f)
 
     def _run(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
         texts = self._check_prompts(prompts)
-        f = self.pipe.vae_scale_factor
+        f = self.vae_factor
         kw = self._common_kwargs(cfg, seeds)
         if self.variant == "flux":
             # Flux packs 2x2 latent patches into tokens; noise is drawn unpacked so it is a map like elsewhere

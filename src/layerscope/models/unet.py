@@ -24,6 +24,7 @@ SUPPORTED = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "KandinskyV22Pipeline": "kandinsky22",
+    "ShapesUNetPipeline": "shapes",  # the zoo's pixel-space U-Net (layerscope.world.zoo)
 }
 
 _IN = ("hidden_states",)
@@ -109,7 +110,7 @@ class UNetPipelineGenerator(PipelineGenerator):
 
     def __init__(self, pipe: Any, spec: str) -> None:
         super().__init__(pipe, spec)
-        self.default_config.guidance_scale = 4.0 if self.variant == "kandinsky22" else 7.5
+        self.default_config.guidance_scale = {"kandinsky22": 4.0, "shapes": 3.0}.get(self.variant, 7.5)
         self.default_config.num_inference_steps = 20
 
     # -- map ------------------------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ class UNetPipelineGenerator(PipelineGenerator):
             spaces.append(LayerInfo("h_space", "h_space", "bottleneck", mid.site, is_space=True,
                                     note="mid-block output (h-space)"))
         spaces += skips
-        spaces.append(self._vae_space())
+        spaces += self._vae_space()
         return LayerMap(layers + spaces, model=self.spec)
 
     # -- generation -----------------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ class UNetPipelineGenerator(PipelineGenerator):
         if self.variant == "kandinsky22":
             f = 2 ** (len(self.pipe.movq.config.block_out_channels) - 1)
         else:
-            f = self.pipe.vae_scale_factor
+            f = self.vae_factor
         s = unet.config.sample_size
         s = s if isinstance(s, int) else s[0]
         return (s * f, s * f)
@@ -163,7 +164,7 @@ class UNetPipelineGenerator(PipelineGenerator):
             f = 2 ** (len(self.pipe.movq.config.block_out_channels) - 1)
             h, w = downscale_height_and_width(cfg.height, cfg.width, f)
             return (c, h, w)
-        f = self.pipe.vae_scale_factor
+        f = self.vae_factor
         if cfg.height % f or cfg.width % f:
             raise ConfigError(f"height and width must be multiples of {f} for this model, got {cfg.height}x{cfg.width}")
         return (c, cfg.height // f, cfg.width // f)

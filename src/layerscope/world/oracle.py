@@ -125,7 +125,7 @@ def _fit_temperatures(model: Oracle, images: torch.Tensor, labels: torch.Tensor)
             return loss
 
         opt.step(closure)
-        temps.append(float(log_t.exp()))
+        temps.append(float(log_t.detach().exp()))
     return temps
 
 

@@ -1,0 +1,116 @@
+"""The zoo: small models trained on the Shapes world, shipped as safetensors inside the package.
+
+``zoo:unet`` and ``zoo:dit`` are text-conditioned pixel-space diffusion models (Stable Diffusion in miniature,
+served by the same adapters as SD and PixArt); ``zoo:vae`` and ``zoo:gan`` map one latent vector to an image
+(served by the torch-generator adapter). ``layerscope zoo train NAME`` retrains one (seeded, configs in
+:mod:`.diffusion` and :mod:`.latent`, loss log kept next to the weights); ``layerscope zoo eval NAME`` measures its
+quality with the oracle; ``layerscope zoo list`` prints every model's card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...errors import SpecError
+from ..training import read_json, write_json
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    kind: str  # "diffusion" or "latent"
+    description: str
+
+    @property
+    def folder(self) -> Path:
+        return WEIGHTS / self.name
+
+
+MODELS: dict[str, ZooModel] = {
+    "unet": ZooModel("unet", "diffusion", "text-conditioned pixel-space U-Net (UNet2DConditionModel with "
+                     "cross-attention and skips, CLIPTextModel text encoder), classifier-free guidance"),
+    "dit": ZooModel("dit", "diffusion", "text-conditioned pixel-space diffusion transformer (PixArtTransformer2DModel "
+                    "blocks, CLIPTextModel text encoder), classifier-free guidance"),
+    "vae": ZooModel("vae", "latent", "convolutional VAE; the decoder maps a 16-d N(0, I) latent to an image"),
+    "gan": ZooModel("gan", "latent", "DCGAN-style generator mapping a 32-d N(0, I) latent to an image"),
+}
+TRAINABLE = (*MODELS, "oracle")
+
+
+def _entry(name: str) -> ZooModel:
+    if name not in MODELS:
+        raise SpecError(f"no zoo model {name!r}; valid: {', '.join('zoo:' + n for n in MODELS)}")
+    return MODELS[name]
+
+
+def load(name: str, spec: str | None = None, folder: str | Path | None = None) -> Any:
+    """Load ``zoo:<name>`` from its shipped weights (or from ``folder``) as a layerscope Generator."""
+    entry = _entry(name)
+    where = Path(folder) if folder else entry.folder
+    spec = spec or f"zoo:{name}"
+    if not where.exists() or not any(where.glob("**/*.safetensors")):
+        raise SpecError(f"zoo model {name!r} has no weights in {where}; train it with `layerscope zoo train {name}`")
+    if entry.kind == "diffusion":
+        from ...specs import adapter_for_pipeline
+        from .pipelines import load_pipeline
+
+        return adapter_for_pipeline(load_pipeline(where), spec)
+    from ...models.latent import LatentGenerator
+    from .latent import load_latent
+
+    return LatentGenerator(load_latent(where), spec)
+
+
+def train(name: str, out: str | Path | None = None, device: str | None = None, steps: int | None = None,
+          show_progress: bool = True) -> dict:
+    """Train one zoo model (or the oracle) with its config and save it (default: into the package)."""
+    if name == "oracle":
+        from ..oracle import train_oracle
+
+        kw = {"steps": steps} if steps else {}
+        return train_oracle(Path(out) if out else None, device=device, show_progress=show_progress, **kw)
+    entry = _entry(name)
+    folder = Path(out) if out else entry.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    if entry.kind == "diffusion":
+        from .diffusion import train_diffusion
+
+        over = {"train": {"steps": steps}} if steps else None
+        return train_diffusion(name, folder, over, device=device, show_progress=show_progress)
+    from . import latent
+
+    fn = latent.train_vae if name == "vae" else latent.train_gan
+    cfg = dict(latent.DEFAULTS[name], steps=steps) if steps else None
+    return fn(folder, cfg, device=device, show_progress=show_progress)
+
+
+def evaluate(name: str, n: int = 1000, folder: str | Path | None = None, save: bool = True,
+             progress: bool = True, **gen_kwargs: Any) -> dict:
+    """Measure a zoo model's quality with the oracle (see :mod:`layerscope.world.quality`); saved as quality.json."""
+    from ..quality import measure
+
+    model = load(name, folder=folder)
+    q = measure(model, n=n, progress=progress, **gen_kwargs)
+    if save:
+        write_json(Path(folder or MODELS[name].folder) / "quality.json", q)
+    return q
+
+
+def card(name: str) -> dict:
+    """Parameters, resolution, training steps and time, and measured quality of a shipped model."""
+    entry = _entry(name)
+    info: dict[str, Any] = {"name": f"zoo:{name}", "kind": entry.kind, "description": entry.description}
+    folder = entry.folder
+    if (folder / "training.json").exists():
+        t = read_json(folder / "training.json")
+        info.update(parameters=t.get("parameters") or t.get("params"), steps=t.get("steps"),
+                    train_seconds=t.get("seconds"), device=t.get("device"))
+    info["resolution"] = 32
+    info["weights_bytes"] = sum(p.stat().st_size for p in folder.glob("**/*.safetensors")) if folder.exists() else 0
+    if (folder / "quality.json").exists():
+        info["quality"] = read_json(folder / "quality.json")
+    return info
