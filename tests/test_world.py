@@ -112,3 +112,20 @@ def test_oracle_reads_fresh_heldout_renders():
     assert ((read(render(f[:200], 64)).pred == f[:200]).mean(axis=0) >= 0.97).all()
     for i, name in enumerate(FACTORS):
         assert ece(r.probs[name], f[:, i]) < 0.02
+
+
+def test_world_render_cli_and_grid(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from layerscope.cli import app
+    from layerscope.images import to_grid
+
+    g = to_grid(render(sample_factors(5, 0), 16), nrow=4)
+    assert g.shape == (3, 2 * 17 + 1, 4 * 17 + 1)
+    r = CliRunner().invoke(app, ["world", "render", str(tmp_path / "g.png"), "--n", "4", "--size", "16",
+                                 "--scale", "1"])
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "g.png").size == (4 * 17 + 1, 17 + 1 + 1)
+    assert "seen from" in r.output
+    assert CliRunner().invoke(app, ["world", "render", str(tmp_path / "x.png"), "--split", "nope"]).exit_code == 2

@@ -1,4 +1,4 @@
-"""Command line: ``layerscope layers MODEL``, ``layerscope zoo list|train|eval`` (experiments add more)."""
+"""Command line: ``layerscope layers MODEL``, ``zoo list|train|eval``, ``world render`` (experiments add more)."""
 
 from __future__ import annotations
 
@@ -150,6 +150,35 @@ def zoo_eval(
         _fail(exc)
         return
     console.print(q)
+
+
+world_app = typer.Typer(no_args_is_help=True, help="The Shapes world: render scenes, print their prompts.")
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("render")
+def world_render(
+    out: str = typer.Argument(..., help="PNG file to write (a grid of the rendered scenes)"),
+    n: int = typer.Option(16, help="number of scenes (random combinations)"),
+    size: int = typer.Option(64, help="resolution of each scene"),
+    seed: int = typer.Option(0, help="seed of the random combinations"),
+    split: str = typer.Option("all", help="all, train or test (the held-out tenth)"),
+    scale: int = typer.Option(2, help="upscale factor of the saved grid"),
+) -> None:
+    """Render random scenes to a PNG grid and print each one's factors and prompt."""
+    from .images import save_png
+    from .world import render, sample_factors
+    from .world.text import prompts_for
+
+    try:
+        f = sample_factors(n, seed, split=split)
+        path = save_png(render(f, size), out, nrow=min(8, n), scale=scale)
+    except ValueError as exc:
+        _fail(exc)
+        return
+    for i, (row, p) in enumerate(zip(f, prompts_for(f))):
+        console.print(f"{i:3d} {row.tolist()} {p}")
+    console.print(f"wrote {path}")
 
 
 def main() -> None:  # pragma: no cover
