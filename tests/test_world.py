@@ -126,6 +126,6 @@ def test_world_render_cli_and_grid(tmp_path):
     r = CliRunner().invoke(app, ["world", "render", str(tmp_path / "g.png"), "--n", "4", "--size", "16",
                                  "--scale", "1"])
     assert r.exit_code == 0, r.output
-    assert Image.open(tmp_path / "g.png").size == (4 * 17 + 1, 17 + 1 + 1)
+    assert Image.open(tmp_path / "g.png").size == (4 * 17 + 1, 17 + 1)
     assert "seen from" in r.output
     assert CliRunner().invoke(app, ["world", "render", str(tmp_path / "x.png"), "--split", "nope"]).exit_code == 2
