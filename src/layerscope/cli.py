@@ -118,14 +118,20 @@ def zoo_train(
     out: Optional[str] = typer.Option(None, help="output folder (default: the package's weights folder)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
     steps: Optional[int] = typer.Option(None, help="override the config's number of training steps"),
+    resume: bool = typer.Option(False, help="diffusion models: continue the saved model for --steps more steps"),
+    lr: Optional[float] = typer.Option(None, help="override the peak learning rate (diffusion models)"),
 ) -> None:
     """Train one zoo model with its seeded config; the loss log is kept next to the weights."""
     from .world import zoo
 
     if name not in zoo.TRAINABLE:
         _fail(LayerscopeError(f"no zoo model {name!r}; valid: {', '.join(zoo.TRAINABLE)}"))
-    summary = zoo.train(name, out, device=device, steps=steps)
-    console.print({k: v for k, v in summary.items() if k != "config"})
+    try:
+        summary = zoo.train(name, out, device=device, steps=steps, resume=resume, lr=lr)
+    except (LayerscopeError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    console.print({k: v for k, v in summary.items() if k not in ("config", "history")})
 
 
 @zoo_app.command("eval")

@@ -38,17 +38,20 @@ def autocast(device: torch.device, enabled: bool = True):
 class TrainLog:
     """Loss log written as CSV while training (``train_log.csv`` next to the weights)."""
 
-    def __init__(self, path: Path, fields: list[str]) -> None:
+    def __init__(self, path: Path, fields: list[str], append: bool = False, offset_seconds: float = 0.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fields = ["step", "seconds", *fields]
-        self._fh = self.path.open("w", newline="")
+        append = append and self.path.exists()
+        self._fh = self.path.open("a" if append else "w", newline="")
         self._w = csv.DictWriter(self._fh, fieldnames=self.fields)
-        self._w.writeheader()
+        if not append:
+            self._w.writeheader()
+        self.offset = offset_seconds
         self.start = time.perf_counter()
 
     def write(self, step: int, **values: float) -> None:
-        row = {"step": step, "seconds": round(time.perf_counter() - self.start, 2)}
+        row = {"step": step, "seconds": round(self.offset + time.perf_counter() - self.start, 2)}
         row.update({k: (round(float(v), 6) if isinstance(v, (int, float)) else v) for k, v in values.items()})
         self._w.writerow(row)
         self._fh.flush()

@@ -66,8 +66,13 @@ def load(name: str, spec: str | None = None, folder: str | Path | None = None) -
 
 
 def train(name: str, out: str | Path | None = None, device: str | None = None, steps: int | None = None,
-          show_progress: bool = True) -> dict:
-    """Train one zoo model (or the oracle) with its config and save it (default: into the package)."""
+          show_progress: bool = True, resume: bool = False, lr: float | None = None) -> dict:
+    """Train one zoo model (or the oracle) with its config and save it (default: into the package).
+
+    ``resume`` (diffusion models): continue from the saved model for ``steps`` more steps (peak ``lr``).
+    """
+    if resume and (name not in MODELS or MODELS[name].kind != "diffusion"):
+        raise SpecError(f"--resume is supported for the diffusion models (unet, dit), not {name!r}")
     if name == "oracle":
         from ..oracle import train_oracle
 
@@ -79,8 +84,8 @@ def train(name: str, out: str | Path | None = None, device: str | None = None, s
     if entry.kind == "diffusion":
         from .diffusion import train_diffusion
 
-        over = {"train": {"steps": steps}} if steps else None
-        return train_diffusion(name, folder, over, device=device, show_progress=show_progress)
+        over = {"train": {k: v for k, v in (("steps", steps), ("lr", lr)) if v}}
+        return train_diffusion(name, folder, over, device=device, show_progress=show_progress, resume=resume)
     from . import latent
 
     fn = latent.train_vae if name == "vae" else latent.train_gan

@@ -23,8 +23,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ..factors import sample_factors
 from ..render import render
 from ..text import MAX_LENGTH, encode, prompts_for, tokenizer, vocabulary
-from ..training import TrainLog, autocast, pick_device, progress, seed_everything, write_json
-from .pipelines import ShapesDiTPipeline, ShapesUNetPipeline, save_pipeline
+from ..training import TrainLog, autocast, pick_device, progress, read_json, seed_everything, write_json
+from .pipelines import ShapesDiTPipeline, ShapesUNetPipeline, load_pipeline, save_pipeline
 
 TEXT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
@@ -82,15 +82,25 @@ def _merge(base: dict, over: dict | None) -> dict:
 
 
 def train_diffusion(name: str, out: Path, config: dict | None = None, device: str | None = None,
-                    show_progress: bool = True) -> dict:
-    """Train ``zoo:<name>`` with the shared recipe and save the EMA pipeline into ``out``."""
-    cfg = _merge(DEFAULTS[name], config)
+                    show_progress: bool = True, resume: bool = False) -> dict:
+    """Train ``zoo:<name>`` with the shared recipe and save the EMA pipeline into ``out``.
+
+    ``resume=True`` continues from the model saved in ``out`` (its EMA weights) for ``train.steps`` more steps with
+    a fresh warm-up + cosine schedule (seeded by ``seed + steps done``), appends to the loss log and records the
+    run in ``training.json``'s history.
+    """
+    out = Path(out)
+    prior = read_json(out / "training.json") if resume else None
+    if resume and (prior is None or not (out / "model_index.json").exists()):
+        raise FileNotFoundError(f"nothing to resume in {out}: train it first")
+    cfg = _merge(prior["config"] if prior else DEFAULTS[name], config)
     tr = cfg["train"]
+    done = prior["steps"] if prior else 0
     dev = pick_device(device)
     bf16 = dev.type == "cuda" if tr["bf16"] == "auto" else bool(tr["bf16"])
-    gen = seed_everything(tr["seed"])
-    rng = np.random.default_rng(tr["seed"])
-    pipe = build_pipeline(name, cfg)
+    gen = seed_everything(tr["seed"] + done)
+    rng = np.random.default_rng(tr["seed"] + done)
+    pipe = load_pipeline(out) if prior else build_pipeline(name, cfg)
     model = getattr(pipe, pipe.denoiser_name).to(dev).train()
     text = pipe.text_encoder.to(dev).train()
     params = list(model.parameters()) + list(text.parameters())
@@ -107,7 +117,8 @@ def train_diffusion(name: str, out: Path, config: dict | None = None, device: st
     noise_sched = DDPMScheduler(**cfg["schedule"])
     alphas = noise_sched.alphas_cumprod.to(dev)
     snr_all = alphas / (1 - alphas)
-    log = TrainLog(Path(out) / "train_log.csv", ["loss", "lr"])
+    log = TrainLog(out / "train_log.csv", ["loss", "lr"], append=resume,
+                   offset_seconds=prior["seconds"] if prior else 0.0)
     running = None
     with progress(steps, f"zoo:{name}", show_progress) as advance:
         for step in range(steps):
@@ -137,18 +148,23 @@ def train_diffusion(name: str, out: Path, config: dict | None = None, device: st
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             if (step + 1) % 25 == 0 or step + 1 == steps:
-                log.write(step + 1, loss=running, lr=sched_lr.get_last_lr()[0])
+                log.write(done + step + 1, loss=running, lr=sched_lr.get_last_lr()[0])
                 advance(25 if (step + 1) % 25 == 0 else (step + 1) % 25, loss=running)
     seconds = log.close()
+    run = {"steps": steps, "seconds": round(seconds, 1), "device": str(dev), "threads": torch.get_num_threads(),
+           "train": dict(tr)}
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
     model.eval().cpu().float()
     text.eval().cpu().float()
     pipe.scheduler = DDIMScheduler(**cfg["schedule"])
-    save_pipeline(pipe, Path(out))
+    save_pipeline(pipe, out)
     n_params = sum(p.numel() for p in params)
-    summary = {"model": f"zoo:{name}", "steps": steps, "seconds": round(seconds, 1), "device": str(dev),
-               "threads": torch.get_num_threads(), "parameters": n_params, "config": cfg}
-    write_json(Path(out) / "training.json", summary)
+    history = (prior.get("history") or [{k: prior[k] for k in ("steps", "seconds", "device", "threads")}]
+               if prior else []) + [run]
+    summary = {"model": f"zoo:{name}", "steps": done + steps, "seconds": round(sum(h["seconds"] for h in history), 1),
+               "device": str(dev), "threads": torch.get_num_threads(), "parameters": n_params, "config": cfg,
+               "history": history}
+    write_json(out / "training.json", summary)
     return summary
