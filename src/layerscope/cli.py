@@ -95,7 +95,8 @@ def zoo_list() -> None:
             fd = f"{q['frechet_distance']:.2f} ({q['frechet_floor']:.2f})"
             v = verdicts(q)
             bars = "all met" if all(v.values()) else "missed: " + ", ".join(k for k, ok in v.items() if not ok)
-        minutes = f"{c['train_seconds'] / 60:.0f} min on {c.get('device', '?')}" if c.get("train_seconds") else "-"
+        minutes = (f"{c['train_seconds'] / 60:.0f} min, {c.get('device', '?')} x{c.get('threads', '?')}"
+                   if c.get("train_seconds") else "-")
         params = f"{c['parameters'] / 1e6:.2f}M" if c.get("parameters") else "-"
         table.add_row(c["name"], params, f"{c['weights_bytes'] / 1e6:.1f}", str(c.get("steps") or "-"), minutes,
                       agree, ind, fd, bars)

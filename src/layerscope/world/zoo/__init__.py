@@ -58,7 +58,14 @@ def load(name: str, spec: str | None = None, folder: str | Path | None = None) -
         from ...specs import adapter_for_pipeline
         from .pipelines import load_pipeline
 
-        return adapter_for_pipeline(load_pipeline(where), spec)
+        gen = adapter_for_pipeline(load_pipeline(where), spec)
+        # default sampling settings: those the shipped quality was measured at
+        if (where / "quality.json").exists():
+            settings = read_json(where / "quality.json").get("settings", {})
+            for key in ("num_inference_steps", "guidance_scale"):
+                if key in settings:
+                    setattr(gen.default_config, key, settings[key])
+        return gen
     from ...models.latent import LatentGenerator
     from .latent import load_latent
 
@@ -113,7 +120,7 @@ def card(name: str) -> dict:
     if (folder / "training.json").exists():
         t = read_json(folder / "training.json")
         info.update(parameters=t.get("parameters") or t.get("params"), steps=t.get("steps"),
-                    train_seconds=t.get("seconds"), device=t.get("device"))
+                    train_seconds=t.get("seconds"), device=t.get("device"), threads=t.get("threads"))
     info["resolution"] = 32
     info["weights_bytes"] = sum(p.stat().st_size for p in folder.glob("**/*.safetensors")) if folder.exists() else 0
     if (folder / "quality.json").exists():
