@@ -1,6 +1,5 @@
 """The zoo's diffusion models: load from the shipped weights through the core adapters, generate, follow prompts."""
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
