@@ -70,7 +70,7 @@ app.add_typer(zoo_app, name="zoo")
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 @zoo_app.command("list")
