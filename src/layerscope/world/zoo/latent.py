@@ -38,12 +38,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         latent_dim=16, widths=[128, 64, 32, 16], enc_widths=[32, 64, 128], norm="batch", output="sigmoid",
         steps=5000, batch=64, lr=1e-3, lr_min=0.05, warmup=100, beta=1.0, beta_warmup=1000, grad_clip=1.0,
         adv=0.02, adv_start=500, d_widths=[64, 128, 256], lr_d=2e-4, betas=[0.0, 0.9], aux=0.0, aux_d=1.0,
-        aux_fake=1.0, aux_div=1.0, seed=0, bf16="auto", size=SIZE,
+        aux_fake=0.0, aux_div=1.0, seed=0, bf16="auto", size=SIZE,
     ),
     "gan": dict(
         latent_dim=32, widths=[128, 64, 32, 16], d_widths=[64, 128, 256], norm="batch", output="tanh",
         steps=5000, batch=64, lr_g=2e-4, lr_d=2e-4, betas=[0.0, 0.9], loss="hinge", adv=1.0, aux=0.1, aux_d=1.0,
-        aux_fake=1.0, aux_div=1.0, ema=0.999, bn_batches=40, seed=0, bf16="auto", size=SIZE,
+        aux_fake=0.0, aux_div=1.0, ema=0.999, bn_batches=40, seed=0, bf16="auto", size=SIZE,
     ),
 }
 
