@@ -1,14 +1,22 @@
-"""Command line: ``layerscope layers MODEL``, ``zoo list|train|eval``, ``world render`` (experiments add more)."""
+"""Command line: ``layerscope run``, ``report``, ``sweep``, ``layers``, ``zoo list|train|eval``, ``world render``.
+
+The entry point is :func:`main`, which runs :func:`command` (the typer app as a click group, with ``--pair`` taking
+two values per use, which typer cannot declare).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Optional
 
 # transformers announces missing optional image backends on import; the CLI keeps its output to what was asked
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -188,5 +196,156 @@ def world_render(
     console.print(f"wrote {path}")
 
 
+def _list(text: Optional[str]) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+@app.command()
+def sweep(
+    model: str = typer.Argument(..., help="model spec: zoo:unet, hf:/path/to/pipeline, tiny:sd, ..."),
+    pair: Optional[list[str]] = typer.Option(None, "--pair", metavar="ORIGINAL EDIT",
+                                             help="an (original, edit) prompt pair: --pair 'a red cube' 'a blue ball'; "
+                                                  "repeatable"),
+    random_pairs: int = typer.Option(0, help="Shapes-world models: add N random held-out prompt pairs that differ "
+                                             "in every factor"),
+    pair_seed: int = typer.Option(0, help="seed of the random pairs"),
+    layers: Optional[list[str]] = typer.Option(None, "--layers", "-l",
+                                               help="glob(s) of layers/spaces, one injected row each (default: every "
+                                                    "layer)"),
+    combine: Optional[list[str]] = typer.Option(None, help="a comma-separated set of layers injected together "
+                                                           "(one row); repeatable"),
+    spaces: bool = typer.Option(False, "--spaces", help="with the default layers: also the candidate spaces "
+                                                        "(noise, text embeddings, skips; not x_t)"),
+    windows: str = typer.Option("all", help="step windows, comma-separated: all, early, middle, late"),
+    seeds: str = typer.Option("0", help="seeds, comma-separated (O and E share each seed)"),
+    steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's)"),
+    guidance: Optional[float] = typer.Option(None, help="guidance scale (default: the model's)"),
+    branches: Optional[str] = typer.Option(None, help="CFG branches E is injected in: uncond,cond (default: both)"),
+    scorer: str = typer.Option("auto", help="oracle (Shapes world), images (open-domain metrics) or auto"),
+    metrics: Optional[str] = typer.Option(None, help="image metrics: ssim,sift,hist,lbp,clip (default: all)"),
+    clip: Optional[str] = typer.Option(None, help="local CLIP checkpoint folder (else $LAYERSCOPE_CLIP)"),
+    out: Optional[str] = typer.Option(None, help="output folder (default: sweep-<model>); reruns resume"),
+    max_batch: Optional[int] = typer.Option(None, help="rows per generation (default: all layer sets + 2)"),
+) -> None:
+    """Inject E into O at each layer, score the images, save the table and figures, print the per-layer labels."""
+    from .experiments import injection as inj
+    from .experiments.injection_report import grid_figure, heatmap_figure, metric_heatmap_figure, save_analysis
+    from .report.figures import png_bytes
+    from .specs import load
+
+    raw_pairs = [tuple(json.loads(p)) for p in pair or []]  # each a JSON pair (see command())
+    gen_kw = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance)) if v is not None}
+    try:
+        if random_pairs < 0:
+            raise LayerscopeError(f"--random-pairs must be >= 0, got {random_pairs}")
+        if random_pairs and not model.startswith("zoo:"):
+            raise LayerscopeError("--random-pairs makes Shapes-world prompts, for zoo: models only; give --pair O E")
+        if not raw_pairs and not random_pairs:
+            raise LayerscopeError("give at least one --pair ORIGINAL EDIT (or --random-pairs N for zoo: models)")
+        try:
+            seed_list = [int(s) for s in _list(seeds) or []]
+        except ValueError:
+            raise LayerscopeError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+        gen = load(model)
+        sel: list = list(layers or [])
+        sel += [tuple(_list(c) or []) for c in combine or []]
+        if not sel:
+            sel = inj.default_layers(gen, spaces=spaces, **_size(gen, gen_kw))
+        elif spaces:
+            raise LayerscopeError("--spaces adds the candidate spaces to the default layers; with --layers, name "
+                                  "the spaces in the globs instead")
+        all_pairs = raw_pairs + inj.shapes_pairs(random_pairs, seed=pair_seed)
+        folder = Path(out or f"sweep-{model.replace(':', '_').replace('/', '_')}")
+        plan = inj.plan_injection(gen, all_pairs, seeds=seed_list, layers=sel, windows=_list(windows) or [],
+                                  branches=_list(branches), scorer=scorer, metrics=_list(metrics), **gen_kw)
+        console.print(f"{model}: {len(plan.layer_sets)} layer sets x {len(all_pairs)} pairs x {len(seed_list)} "
+                      f"seeds x {len(plan.windows)} windows -> {folder}")
+        table = inj.run_injection(gen, all_pairs, seeds=seed_list, layers=sel, windows=plan.windows,
+                                  branches=plan.branches, scorer=scorer, metrics=_list(metrics), out=folder,
+                                  max_batch=max_batch, progress=True, clip_path=clip,
+                                  notify=lambda m: console.print(f"[yellow]note:[/] {m}"), **gen_kw)
+    except LayerscopeError as exc:
+        _fail(exc)
+        return
+    summary, labels = save_analysis(folder, table)
+    figs = {"grid.png": grid_figure(folder), "transfer_groups.png": heatmap_figure(summary, labels, model),
+            "transfer_factors.png": heatmap_figure(summary, labels, model, level="factor"),
+            "metrics.png": metric_heatmap_figure(summary, labels, model)}
+    for name, fig in figs.items():
+        if fig is not None:
+            (folder / name).write_bytes(png_bytes(fig))
+    _print_labels(summary, labels, model)
+    console.print(f"wrote {folder / inj.TABLE}, summary.parquet, labels.parquet and figures "
+                  f"({', '.join(n for n, f in figs.items() if f is not None)})")
+
+
+def _size(gen, gen_kw: dict) -> dict:
+    cfg = gen.config(**gen_kw)
+    return {"height": cfg.height, "width": cfg.width}
+
+
+def _print_labels(summary, labels, model: str) -> None:
+    table = Table(title=f"{model}: per-layer specialization (transfer of E into O)")
+    cols = [c for c in labels.columns if c.startswith("transfer_")]
+    for col in ["window", "layer", *[c.replace("transfer_", "") for c in cols], "label"]:
+        table.add_column(col, overflow="fold")
+    for r in labels.itertuples(index=False):
+        d = r._asdict()
+        table.add_row(d["window"], d["layer"], *[f"{d[c]:.2f}" if d[c] == d[c] else "-" for c in cols], d["label"])
+    out = console if console.is_terminal else Console(width=max(console.width, 160))
+    out.print(table)
+
+
+@app.command("run")
+def run_main(
+    out: str = typer.Option("layerscope-report", help="report folder (tables, images and index.html)"),
+    quick: bool = typer.Option(False, "--quick", help="small settings (about a minute): for tests and a first look"),
+    only: Optional[str] = typer.Option(None, help="comma-separated section keys to run (default: every one)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),
+) -> None:
+    """The main job: run every registered experiment on the zoo and write a self-contained HTML report."""
+    from .report import run_all
+
+    t0 = time.perf_counter()
+    try:
+        page = run_all(out, quick=quick, only=_list(only), progress=progress, log=console.print)
+    except LayerscopeError as exc:
+        _fail(exc)
+        return
+    console.print(f"report: {page} ({time.perf_counter() - t0:.0f} s)")
+
+
+@app.command("report")
+def report_cmd(folder: str = typer.Argument(..., help="a folder written by `layerscope run`")) -> None:
+    """Rebuild the HTML report from the tables a run saved (no model is loaded)."""
+    from .report import build_report
+
+    try:
+        page = build_report(folder)
+    except LayerscopeError as exc:
+        _fail(exc)
+        return
+    console.print(f"report: {page}")
+
+
+_PAIRED = {("sweep", "pair")}
+
+
+def _pairs_as_json(_ctx: click.Context, value: object) -> list[str]:
+    """``--pair O E`` values (tuples) as JSON strings: typer would coerce each tuple to one str otherwise."""
+    return [json.dumps([str(x) for x in v]) for v in value or ()]
+
+
+def command() -> click.Group:
+    """The CLI as a click group (typer's, with ``--pair`` taking two values per use)."""
+    group = typer.main.get_command(app)
+    for name, param in _PAIRED:
+        for p in group.commands[name].params:
+            if p.name == param:
+                p.nargs = 2
+                p.process_value = _pairs_as_json  # instance override of typer's coercion for this option only
+    return group
+
+
 def main() -> None:  # pragma: no cover
-    sys.exit(app())
+    sys.exit(command()())

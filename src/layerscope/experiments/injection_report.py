@@ -1,0 +1,220 @@
+"""The injection study's figures and its section of the main job's report (run on the zoo's diffusion models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..report import Page, RunContext, Section, register
+from . import injection as inj
+
+GROUP_ORDER = ("structure", "content", "surface")
+#: main-job settings: (full, quick)
+FULL = dict(models=("zoo:unet", "zoo:dit"), pairs=8, windows=("all", "early", "middle", "late"), steps=10)
+QUICK = dict(models=("zoo:unet", "zoo:dit"), pairs=2, windows=("all", "late"), steps=6)
+SUMMARY = "summary.parquet"
+LABELS_FILE = "labels.parquet"
+SANITY = "sanity.json"
+
+
+def sweep_command(spec: str, settings: dict[str, Any], out: str) -> str:
+    """The CLI command that reproduces a main-job sweep (table, figures) into ``out``."""
+    return (f"layerscope sweep {spec} --random-pairs {settings['pairs']} --spaces "
+            f"--windows {','.join(settings['windows'])} --steps {settings['steps']} --out {out}")
+
+
+def save_analysis(folder: Path, table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Summary (CIs) and labels of a sweep table, saved next to it."""
+    summary = inj.summarize(table)
+    labels = inj.specialize(summary)
+    summary.to_parquet(folder / SUMMARY, index=False)
+    labels.to_parquet(folder / LABELS_FILE, index=False)
+    return summary, labels
+
+
+def load_analysis(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Table, summary and labels of a sweep folder (summary and labels recomputed if they were not saved)."""
+    table = pd.read_parquet(folder / inj.TABLE)
+    if (folder / SUMMARY).exists() and (folder / LABELS_FILE).exists():
+        return table, pd.read_parquet(folder / SUMMARY), pd.read_parquet(folder / LABELS_FILE)
+    return (table, *save_analysis(folder, table))
+
+
+def _layer_order(summary: pd.DataFrame) -> list[str]:
+    return list(summary.sort_values("layer_index", kind="stable")["layer"].drop_duplicates())
+
+
+def grid_figure(folder: Path, pairs: int = 3, window: str = "all"):
+    """Layer grid: per pair, O, E and the image injected at each layer in architectural order."""
+    from ..report.figures import image_grid
+
+    plan = inj.load_plan(folder)["key"]
+    seed = plan["seeds"][0]
+    rows, labels = [], []
+    for p in range(min(pairs, len(plan["pairs"]))):
+        try:
+            imgs, names = inj.load_images(folder, p, seed, window)
+        except FileNotFoundError:
+            continue
+        rows.append((f"pair {p}", imgs))
+        labels = names
+    if not rows:
+        return None
+    return image_grid(rows, labels, title=f"{plan['model']}: O, E and O<-E injected at each layer ({window} steps)")
+
+
+def heatmap_figure(summary: pd.DataFrame, labels: pd.DataFrame, model: str, level: str = "group"):
+    """Transfer share per layer x factor group (or factor), one panel per step window; labels beside the rows."""
+    from ..report.figures import heatmaps
+
+    s = summary[(summary["level"] == level) & (summary["metric"] == "transfer")]
+    if s.empty:
+        return None
+    layers = _layer_order(summary)
+    cols = list(GROUP_ORDER) if level == "group" else list(dict.fromkeys(s["target"]))
+    panels = []
+    for w in dict.fromkeys(s["window"]):
+        piv = s[s["window"] == w].pivot(index="layer", columns="target", values="estimate")
+        panels.append((f"{w} steps", piv.reindex(index=layers, columns=cols).to_numpy()))
+    notes = None
+    lab = labels[labels["window"] == "all"] if "all" in set(labels["window"]) else labels
+    if not lab.empty:
+        m = dict(zip(lab["layer"], lab["label"]))
+        notes = [m.get(layer, "") for layer in layers]
+    what = "factor group" if level == "group" else "factor"
+    return heatmaps(panels, layers, cols, row_notes=notes, cbar_label="transfer (share of pairs showing E's value)",
+                    title=f"{model}: transfer of E's {what} into O, per layer and step window")
+
+
+def metric_heatmap_figure(summary: pd.DataFrame, labels: pd.DataFrame, model: str):
+    """Open-domain metrics: median baseline-subtracted similarity to E per layer x metric, per window."""
+    from ..report.figures import heatmaps
+
+    s = summary[(summary["level"] == "metric") & summary["metric"].str.endswith("_to_E")]
+    if s.empty:
+        return None
+    layers = _layer_order(summary)
+    cols = list(dict.fromkeys(s["target"]))
+    panels = [(f"{w} steps", s[s["window"] == w].pivot(index="layer", columns="target", values="estimate")
+               .reindex(index=layers, columns=cols).to_numpy()) for w in dict.fromkeys(s["window"])]
+    lab = labels[labels["window"] == "all"]
+    notes = [dict(zip(lab["layer"], lab["label"])).get(x, "") for x in layers] if not lab.empty else None
+    vmax = float(np.nanmax([np.nanmax(p) for _, p in panels] + [1e-6]))
+    return heatmaps(panels, layers, cols, vmax=vmax, row_notes=notes, cbar_label="max(0, m(C,E) - m(O,E)), median",
+                    title=f"{model}: similarity of the injected image to E (baseline-subtracted)")
+
+
+def transfer_table(summary: pd.DataFrame, labels: pd.DataFrame, window: str = "all") -> pd.DataFrame:
+    """Per layer: transfer per group with its 95% CI, and the label (one window)."""
+    s = summary[(summary["level"] == "group") & (summary["metric"] == "transfer") & (summary["window"] == window)]
+    out = pd.DataFrame({"layer": _layer_order(summary)})
+    for g in GROUP_ORDER:
+        sub = s[s["target"] == g].set_index("layer")
+        out[g] = [
+            f"{sub.at[x, 'estimate']:.2f} [{sub.at[x, 'ci_low']:.2f}, {sub.at[x, 'ci_high']:.2f}]"
+            if x in sub.index and not np.isnan(sub.at[x, "estimate"]) else "–" for x in out["layer"]]
+    lab = labels[labels["window"] == window].set_index("layer")["label"]
+    out["label"] = [lab.get(x, "") for x in out["layer"]]
+    return out
+
+
+def findings(model: str, labels: pd.DataFrame, window: str = "all") -> str:
+    """What the labels show, in a sentence or two, compared with the paper's three-way split (as found)."""
+    lab = labels[labels["window"] == window]
+    by = {k: list(lab[lab["label"] == k]["layer"]) for k in inj.LABELS}
+    parts = [f"{k}: {', '.join(v)}" for k, v in by.items() if v and k != "inert"]
+    n_inert = len(by["inert"])
+    found = [g for g in GROUP_ORDER if by[g]]
+    missing = [g for g in GROUP_ORDER if not by[g]]
+    text = (f"{model} ({window} steps): " + ("; ".join(parts) if parts else "no layer moves any factor group")
+            + f"; {n_inert} inert layer(s). ")
+    if not missing:
+        text += ("Every group of the paper's three-way split (structure, content, surface) has at least one layer "
+                 "specialised in it, as Schaerf (2025) reports for large diffusion models.")
+    elif found:
+        text += (f"Only {', '.join(found)} {'has' if len(found) == 1 else 'have'} a specialised layer; no layer "
+                 f"specialises in {', '.join(missing)}, so this model does not show the paper's three-way split.")
+    else:
+        text += ("No layer specialises in one group: this model does not show the paper's three-way split "
+                 "at this window.")
+    return text
+
+
+def _run(ctx: RunContext) -> dict[str, Any]:
+    from ..specs import load
+
+    st = QUICK if ctx.quick else FULL
+    pairs = inj.shapes_pairs(st["pairs"], seed=0)
+    info: dict[str, Any] = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in st.items()},
+                            "per_model": {}}
+    for spec in st["models"]:
+        model = load(spec)
+        folder = ctx.folder / spec.replace(":", "_")
+        ctx.log(f"injection sweep on {spec}: {len(pairs)} pairs x {len(st['windows'])} windows")
+        table = inj.run_injection(model, pairs, seeds=(0,), layers=inj.default_layers(model),
+                                  windows=st["windows"], out=folder, progress=ctx.progress,
+                                  num_inference_steps=st["steps"])
+        save_analysis(folder, table)
+        sanity = inj.sanity(model, pairs[0], seed=0, num_inference_steps=st["steps"])
+        (folder / SANITY).write_text(json.dumps(sanity, indent=1))
+        ctx.models.append(spec)
+        info["per_model"][spec] = {"folder": folder.name, "sanity": sanity}
+    return info
+
+
+def _render(folder: Path, page: Page) -> str:
+    record = json.loads((folder.parent / "run.json").read_text())["sections"].get("injection", {})
+    settings = record.get("settings", FULL)
+    out = [page.p(
+        "Schaerf (2025) generates an original O and an edit E in parallel and puts E's representation at one layer "
+        "into O's generation at every step of a window; what moves tells what the layer carries. Here O and E are "
+        "Shapes-world prompts that differ in all six factors, and the oracle reads O, E and every injected image C. "
+        "Transfer of a factor = share of pairs in which C shows E's value (pairs where the oracle reads the same "
+        "value in O and E are left out). Groups: structure/composition = scale, orientation; content = shape; "
+        "surface/colour = object, floor and wall hue (a group's transfer averages its factors per pair). CIs: "
+        "percentile bootstrap over pairs, 95%."),
+        page.p(f"Label rule (fixed in code before any result, layerscope.experiments.injection.label): inert when "
+               f"no group's transfer reaches {inj.INERT_BELOW}; otherwise the strongest group when it leads the "
+               f"second by at least {inj.MARGIN}; otherwise mixed (several groups move together, including layers "
+               f"that move everything).")]
+    for sub in sorted(p for p in folder.iterdir() if (p / inj.TABLE).exists()):
+        table, summary, labels = load_analysis(sub)
+        spec = inj.load_plan(sub)["key"]["model"]
+        cmd = sweep_command(spec, settings, f"sweep-{sub.name}")
+        out.append(f"<h3>{page.esc(spec)}</h3>")
+        san_path = sub / SANITY
+        if san_path.exists():
+            s = json.loads(san_path.read_text())
+            ok = s["no_layer_vs_O"] < 1e-5 and s["every_layer_vs_E"] < 1e-4
+            out.append(page.p(
+                f"Sanity ({'passed' if ok else 'FAILED'}): the O row of the batched sweep differs from a plain "
+                f"generation of O by at most {s['no_layer_vs_O']:.2g}; injecting E at every layer and space from "
+                f"step 0 differs from E by at most {s['every_layer_vs_E']:.2g} (O and E differ by up to "
+                f"{s['O_vs_E']:.2f})."))
+        out.append(page.finding(findings(spec, labels)))
+        g = grid_figure(sub)
+        if g is not None:
+            out.append(page.figure(g, f"{spec}: layer grid, pairs 0-2, injection at all steps. Columns: O, E, then "
+                                      "O with E injected at each layer (architectural order, spaces last).", cmd))
+        h = heatmap_figure(summary, labels, spec)
+        if h is not None:
+            out.append(page.figure(h, f"{spec}: transfer share per layer x factor group, one panel per step window "
+                                      "(labels of the all-steps window on the right).", cmd))
+        hf = heatmap_figure(summary, labels, spec, level="factor")
+        if hf is not None:
+            out.append(page.figure(hf, f"{spec}: transfer share per layer x factor.", cmd))
+        out.append(page.table(transfer_table(summary, labels),
+                              f"{spec}: transfer per layer (all steps), estimate [95% CI], n = "
+                              f"{int(summary['n'].max())} pairs per cell at most"))
+        for w in [w for w in settings.get("windows", []) if w != "all"]:
+            out.append(page.finding(findings(spec, labels, window=w)))
+    return "".join(out)
+
+
+@register
+def _section() -> Section:
+    return Section("injection", "Injection sweep: where structure, content and surface live", _run, _render)

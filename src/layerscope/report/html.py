@@ -1,0 +1,139 @@
+"""Self-contained HTML: one page, figures embedded as PNG data URIs, tables, model cards, reproduce commands."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .._version import __version__
+from ..errors import ConfigError
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;
+color:#1d1d1f;line-height:1.45}
+h1{font-size:1.7em;margin-bottom:.2em} h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+h3{margin-top:1.5em} code,pre{background:#f4f4f6;border-radius:4px;padding:.1em .35em;font-size:.88em}
+pre{padding:.6em;overflow-x:auto} figure{margin:1.2em 0;overflow-x:auto} figure img{max-width:100%;height:auto}
+figcaption{font-size:.9em;color:#444;margin-top:.3em} table.data{border-collapse:collapse;font-size:.82em;margin:.6em 0}
+table.data th,table.data td{border:1px solid #ddd;padding:.2em .5em;text-align:right}
+table.data th{background:#f4f4f6} table.data td:first-child,table.data th:first-child{text-align:left}
+.note{background:#fff7e0;border-left:4px solid #e0a800;padding:.4em .8em;margin:.6em 0;font-size:.9em}
+.finding{background:#eef6ff;border-left:4px solid #3b82f6;padding:.5em .9em;margin:.8em 0}
+nav ul{columns:2} .cards{display:flex;flex-wrap:wrap;gap:1em} .card{border:1px solid #ddd;border-radius:6px;
+padding:.6em .9em;flex:1 1 300px;font-size:.88em} .card h4{margin:.1em 0 .4em 0}
+"""
+
+
+class Page:
+    """Helpers a section's ``render`` uses to produce its HTML fragment."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.n_figures = 0
+
+    @staticmethod
+    def esc(text: Any) -> str:
+        return html.escape(str(text))
+
+    def figure(self, fig_or_png: Any, caption: str, command: str | None = None, alt: str | None = None) -> str:
+        """A figure (matplotlib Figure or PNG bytes) embedded as a data URI, with its caption and CLI command."""
+        from .figures import png_bytes
+
+        png = fig_or_png if isinstance(fig_or_png, bytes) else png_bytes(fig_or_png)
+        self.n_figures += 1
+        data = base64.b64encode(png).decode("ascii")
+        cmd = f"<br>Reproduce: <code>{self.esc(command)}</code>" if command else ""
+        return (f'<figure><img src="data:image/png;base64,{data}" alt="{self.esc(alt or caption)}">'
+                f"<figcaption><b>Figure {self.n_figures}.</b> {self.esc(caption)}{cmd}</figcaption></figure>")
+
+    def table(self, df: pd.DataFrame, caption: str = "", floats: str = "{:.2f}", max_rows: int = 400) -> str:
+        """A DataFrame as an HTML table (first ``max_rows`` rows)."""
+        shown = df.head(max_rows)
+        body = shown.to_html(index=False, classes="data", border=0, na_rep="–",
+                             float_format=lambda v: floats.format(v))
+        more = f"<p><i>{len(df) - max_rows} more rows in the saved table.</i></p>" if len(df) > max_rows else ""
+        cap = f"<p><b>{self.esc(caption)}</b></p>" if caption else ""
+        return cap + body + more
+
+    def note(self, text: str) -> str:
+        return f'<div class="note">{self.esc(text)}</div>'
+
+    def finding(self, text: str) -> str:
+        return f'<div class="finding">{self.esc(text)}</div>'
+
+    def p(self, text: str) -> str:
+        return f"<p>{self.esc(text)}</p>"
+
+
+def _model_cards(models: list[str], page: Page) -> str:
+    cards = []
+    for spec in models:
+        rows = [f"<h4>{page.esc(spec)}</h4>"]
+        if spec.startswith("zoo:"):
+            from ..world import zoo
+
+            c = zoo.card(spec[4:])
+            rows.append(f"<p>{page.esc(c['description'])}</p><ul>")
+            if c.get("parameters"):
+                rows.append(f"<li>{c['parameters'] / 1e6:.2f}M parameters, {c['resolution']}x{c['resolution']} "
+                            f"pixels, {c['weights_bytes'] / 1e6:.1f} MB of weights</li>")
+            if c.get("steps"):
+                mins = f", {c['train_seconds'] / 60:.0f} min on {c.get('device', '?')}" if c.get("train_seconds") else ""
+                rows.append(f"<li>trained {c['steps']} steps{mins}</li>")
+            q = c.get("quality")
+            if q:
+                if q.get("prompt_agreement"):
+                    ag = ", ".join(f"{k} {100 * v:.1f}%" for k, v in q["prompt_agreement"].items())
+                    rows.append(f"<li>prompt agreement (oracle, {q['samples']} samples): {page.esc(ag)}</li>")
+                rows.append(f"<li>in-distribution {100 * q['in_distribution']:.1f}%; Frechet distance "
+                            f"{q['frechet_distance']:.1f} (floor {q['frechet_floor']:.1f})</li>")
+                if q.get("settings"):
+                    rows.append(f"<li>sampling: {page.esc(json.dumps(q['settings']))}</li>")
+            rows.append("</ul>")
+        cards.append(f'<div class="card">{"".join(rows)}</div>')
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def build(folder: Path) -> Path:
+    """Assemble ``folder/index.html`` from the sections' saved outputs (see :mod:`layerscope.report`)."""
+    from . import PAGE, RUN_FILE, sections
+
+    run_file = folder / RUN_FILE
+    if not run_file.exists():
+        raise ConfigError(f"{folder} is not a layerscope report folder ({RUN_FILE} is missing); "
+                          "create one with `layerscope run`")
+    record = json.loads(run_file.read_text())
+    page = Page(folder)
+    body, toc, models = [], [], []
+    for s in sections():
+        info = record["sections"].get(s.key)
+        if info is None or not (folder / s.key).exists():
+            continue
+        for m in info.get("models", []):
+            if m not in models:
+                models.append(m)
+        notes = "".join(page.note(n) for n in info.get("notes", []))
+        frag = s.render(folder / s.key, page)
+        secs = f"<p><i>computed in {info.get('seconds', '?')} s</i></p>"
+        body.append(f'<section id="{s.key}"><h2>{page.esc(s.title)}</h2>{secs}{notes}{frag}</section>')
+        toc.append(f'<li><a href="#{s.key}">{page.esc(s.title)}</a></li>')
+    cards = (f'<section id="models"><h2>Models</h2>{_model_cards(models, page)}</section>' if models else "")
+    mode = "quick mode (small settings, for tests)" if record.get("quick") else "full run"
+    head = (f"<h1>layerscope report</h1><p>layerscope {page.esc(record.get('version', __version__))}, "
+            f"{page.esc(mode)}, run {page.esc(record.get('started', '?'))}; page built "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}. Rebuild from the saved tables: "
+            f"<code>layerscope report {page.esc(folder)}</code>.</p>")
+    if cards:
+        toc.append('<li><a href="#models">Models</a></li>')
+    nav = f"<nav><ul>{''.join(toc)}</ul></nav>"
+    doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>layerscope report</title>'
+           f"<style>{CSS}</style></head><body>{head}{nav}{''.join(body)}{cards}</body></html>")
+    out = folder / PAGE
+    out.write_text(doc, encoding="utf-8")
+    return out
