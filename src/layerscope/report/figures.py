@@ -36,8 +36,7 @@ def heatmaps(panels: Sequence[tuple[str, np.ndarray]], rows: Sequence[str], cols
     height = max(2.5, 0.26 * len(rows) + 1.2)
     width = 1.2 + n * (0.55 * len(cols) + 0.6) + (1.6 if row_notes else 0)
     fig, axes = plt.subplots(1, n, figsize=(width, height), squeeze=False, sharey=True)
-    cm = plt.get_cmap(cmap).copy()
-    cm.set_bad("#d0d0d0")
+    cm = plt.get_cmap(cmap).with_extremes(bad="#d0d0d0")
     im = None
     for k, (name, mat) in enumerate(panels):
         ax = axes[0, k]

@@ -1,0 +1,151 @@
+"""The injection experiment: sanity anchors on the zoo, oracle scores, resume per cell, labels, open-domain scores."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import layerscope as ls
+from conftest import CountRuns, tiny
+from layerscope.experiments import injection as inj
+
+STEPS = dict(num_inference_steps=4)
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return ls.load("zoo:dit")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return inj.shapes_pairs(2, seed=0)
+
+
+@pytest.mark.parametrize("name", ["unet", "dit"])
+def test_sanity_no_layer_gives_o_every_layer_gives_e(name, pairs):
+    model = ls.load(f"zoo:{name}")
+    s = inj.sanity(model, pairs[0], seed=3, **STEPS)
+    assert s["no_layer_vs_O"] < 1e-5
+    assert s["every_layer_vs_E"] < 1e-5
+    assert s["O_vs_E"] > 0.3  # the pair really differs
+
+
+def test_shapes_pairs_differ_in_every_factor():
+    from layerscope.world.text import factors_from_prompt
+
+    for o, e in inj.shapes_pairs(6, seed=4):
+        assert (factors_from_prompt(o) != factors_from_prompt(e)).all()
+
+
+def test_oracle_table_and_summary(dit, pairs):
+    layers = ["transformer_blocks.0", "transformer_blocks.5", "text_embeds", "noise"]
+    table = inj.run_injection(dit, pairs, layers=layers, windows=("all", "late"), **STEPS)
+    assert set(table.columns) >= {"model", "pair", "seed", "window", "layer", "layer_index", "stage", "factor",
+                                  "metric", "value", "o_value", "e_value", "c_value"}
+    assert len(table) == 2 * 2 * len(layers) * 6 * 2  # pairs x windows x layers x factors x (transfer, keep)
+    assert set(table["value"].dropna().unique()) <= {0.0, 1.0}
+    # transfer is E's reading, keep is O's, never both where they differ
+    t = table.pivot_table(index=["pair", "window", "layer", "factor"], columns="metric", values="value")
+    assert ((t["transfer"] + t["keep"]).dropna() <= 1).all()
+    # a text-conditioned model follows its prompt: E's text embeddings at every step carry every factor over
+    te = table[(table["layer"] == "text_embeds") & (table["window"] == "all") & (table["metric"] == "transfer")]
+    assert te["value"].mean() >= 0.8
+    summary = inj.summarize(table)
+    grp = summary[(summary["level"] == "group") & (summary["metric"] == "transfer")]
+    assert set(grp["target"]) == {"structure", "content", "surface"}
+    ok = grp.dropna(subset=["ci_low"])
+    assert ((ok["ci_low"] <= ok["estimate"] + 1e-9) & (ok["estimate"] <= ok["ci_high"] + 1e-9)).all()
+    labels = inj.specialize(summary)
+    assert set(labels["label"]) <= set(inj.LABELS)
+    assert labels.set_index(["window", "layer"]).loc[("all", "text_embeds"), "label"] == "mixed"  # moves everything
+
+
+def test_resume_per_cell_and_refuse_other_settings(dit, pairs, tmp_path, monkeypatch):
+    kw = dict(layers=["transformer_blocks.2", "text_eos"], windows=("all", "early"), **STEPS)
+    fresh = inj.run_injection(dit, pairs, **kw)
+    calls = {"n": 0}
+    real = inj.injection_sweep
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # interrupted during the third of four cells
+        return real(*a, **k)
+
+    monkeypatch.setattr(inj, "injection_sweep", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        inj.run_injection(dit, pairs, out=tmp_path, **kw)
+    monkeypatch.setattr(inj, "injection_sweep", real)
+    assert len(list((tmp_path / "cells").glob("*.parquet"))) == 2
+    with CountRuns(dit) as runs:
+        resumed = inj.run_injection(dit, pairs, out=tmp_path, **kw)
+    assert len(runs.calls) == 2  # only the two unfinished cells were generated
+    key = ["window", "pair", "seed", "layer", "factor", "metric"]
+    a = fresh.sort_values(key, ignore_index=True)
+    b = resumed.sort_values(key, ignore_index=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert (tmp_path / inj.TABLE).exists()
+    imgs, rows = inj.load_images(tmp_path, 1, 0, "early")
+    assert imgs.dtype == np.uint8 and imgs.shape[0] == 4 and rows[:2] == ["O", "E"]
+    with pytest.raises(ls.StoreMismatchError, match="other settings"):
+        inj.run_injection(dit, pairs, out=tmp_path, layers=["transformer_blocks.3"], windows=("all",), **STEPS)
+
+
+def test_bad_inputs_fail_before_generation(dit, pairs):
+    with CountRuns(dit) as runs:
+        with pytest.raises(ls.ConfigError, match="valid windows"):
+            inj.run_injection(dit, pairs, windows=("sometimes",), **STEPS)
+        with pytest.raises(ls.ConfigError, match="CFG branch"):
+            inj.run_injection(dit, pairs, branches=["both"], **STEPS)
+        with pytest.raises(ls.LayerNameError, match="closest"):
+            inj.run_injection(dit, pairs, layers=["transformer_block.9"], **STEPS)
+        with pytest.raises(ls.ConfigError, match="pair"):
+            inj.run_injection(dit, [], **STEPS)
+        with pytest.raises(ls.ConfigError, match="valid: ssim"):
+            inj.run_injection(dit, pairs, scorer="images", metrics=["psnr"], **STEPS)
+    assert runs.calls == []
+
+
+def test_label_rule():
+    assert inj.label({"structure": 0.1, "content": 0.05, "surface": 0.0}) == "inert"
+    assert inj.label({"structure": 0.9, "content": 0.2, "surface": 0.1}) == "structure"
+    assert inj.label({"structure": 0.3, "content": 0.05, "surface": 0.0}) == "structure"
+    assert inj.label({"structure": 0.1, "content": 0.9, "surface": 0.75}) == "mixed"
+    assert inj.label({"structure": 1.0, "content": 1.0, "surface": 1.0}) == "mixed"
+    assert inj.label({"structure": 0.0, "content": float("nan"), "surface": 0.7}) == "surface"
+    assert inj.label({}) == "inert"
+
+
+def test_open_domain_scores_on_tiny_sd(tmp_path):
+    sd = tiny("sd")
+    notes = []
+    table = inj.run_injection(sd, [("a red cube", "a blue ball")], layers=["up_blocks.1", "mid_block"],
+                              metrics=["ssim", "hist", "clip"], notify=notes.append, num_inference_steps=3,
+                              guidance_scale=4.0)
+    assert notes and "CLIP" in notes[0]  # no local checkpoint: skipped with a notice
+    assert set(table["metric"]) == {f"{m}_{s}" for m in ("ssim", "hist") for s in ("to_E", "to_O", "baseline")}
+    assert (table["value"] >= 0).all() and table["factor"].isna().all()
+    summary = inj.summarize(table)
+    assert set(summary["level"]) == {"metric"}
+    labels = inj.specialize(summary)
+    assert list(labels["layer"]) == ["up_blocks.1", "mid_block"]
+    # full injection of E closes the whole O-to-E gap: the normalised score of the rule is 1
+    every = tuple(sd.layer_map().names())
+    full = inj.run_injection(sd, [("a red cube", "a blue ball")], layers=[every], metrics=["ssim", "hist"],
+                             num_inference_steps=3, guidance_scale=4.0)
+    lab = inj.specialize(inj.summarize(full))
+    assert lab["transfer_structure"].iloc[0] == pytest.approx(1.0, abs=1e-3)
+    assert lab["transfer_surface"].iloc[0] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_injection_rows_match_engine_sweep(dit, pairs):
+    """The experiment scores exactly the images the engine's batched sweep makes."""
+    from layerscope.world.oracle import read
+
+    res = ls.injection_sweep(dit, *pairs[1], ["transformer_blocks.1"], seeds=(0, 0), **STEPS)
+    table = inj.run_injection(dit, pairs[1:], layers=["transformer_blocks.1"], **STEPS)
+    pred = read(torch.stack([res.injected["transformer_blocks.1"]])).pred[0]
+    got = table[table["metric"] == "transfer"].sort_values("factor", key=lambda c: c.map(
+        {f: i for i, f in enumerate(["floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation"])}))
+    assert list(got["c_value"]) == list(pred)

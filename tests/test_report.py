@@ -1,0 +1,133 @@
+"""The main job end to end: `layerscope run --quick` on the zoo, the HTML report (checked in headless Chromium),
+rebuilding it without a model, and the CLI's sweep/run/report commands and their errors."""
+
+import json
+import re
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import layerscope.specs
+from conftest import CountRuns
+from layerscope.cli import command
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(command(), [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "layerscope-report"
+    res = invoke("run", "--quick", "--no-progress", "--out", out)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_run_quick_writes_tables_and_page(report):
+    page = (report / "index.html").read_text()
+    record = json.loads((report / "run.json").read_text())
+    assert record["quick"] is True and "injection" in record["sections"]
+    for spec in ("zoo_unet", "zoo_dit"):
+        folder = report / "injection" / spec
+        table = pd.read_parquet(folder / "injection.parquet")
+        assert {"transfer", "keep"} == set(table["metric"])
+        labels = pd.read_parquet(folder / "labels.parquet")
+        assert set(labels["label"]) <= {"structure", "content", "surface", "mixed", "inert"}
+        sanity = json.loads((folder / "sanity.json").read_text())
+        assert sanity["no_layer_vs_O"] < 1e-5 and sanity["every_layer_vs_E"] < 1e-5
+    # every figure is embedded and says how to reproduce it
+    n_img = page.count('<img src="data:image/png;base64,')
+    assert n_img >= 6
+    assert page.count("Reproduce: <code>layerscope sweep zoo:") == n_img
+    assert "Sanity (passed)" in page and "three-way split" in page
+    assert "Models" in page and "prompt agreement" in page  # model cards
+
+
+def test_report_rebuilds_without_any_model(report, monkeypatch):
+    before = (report / "index.html").read_text()
+
+    def no_model(*a, **k):
+        raise AssertionError("`layerscope report` must not load a model")
+
+    monkeypatch.setattr(layerscope.specs, "load", no_model)
+    res = invoke("report", report)
+    assert res.exit_code == 0, res.output
+    after = (report / "index.html").read_text()
+    strip = re.compile(r"page built [0-9: -]+")
+    assert strip.sub("", before) == strip.sub("", after)
+
+
+def test_report_renders_in_headless_chromium(report, browser):
+    from browser import page_report
+
+    seen = page_report(report / "index.html", binaries=browser)
+    assert seen["title"] == "layerscope report"
+    assert seen["n_images"] >= 6
+    assert seen["n_displayed"] == seen["n_images"], [i for i in seen["images"] if not i["displayed"]]
+    assert all(i["naturalWidth"] > 100 and i["height"] > 50 for i in seen["images"])
+    assert any("Injection sweep" in h for h in seen["h2"]) and "Models" in seen["h2"]
+    assert not seen["console_errors"]
+
+
+def test_cli_errors_are_one_sentence_before_any_compute():
+    cases = [
+        (["sweep", "zoo:dit"], "give at least one --pair"),
+        (["sweep", "tiny:sd", "--random-pairs", "2"], "for zoo: models only"),
+        (["sweep", "zoo:dit", "--random-pairs", "1", "--windows", "all,sometimes"], "valid windows"),
+        (["sweep", "zoo:dit", "--random-pairs", "1", "--layers", "transformer_block.*"], "closest valid names"),
+        (["sweep", "zoo:dit", "--random-pairs", "1", "--seeds", "a,b"], "comma-separated integers"),
+        (["sweep", "zoo:nope", "--random-pairs", "1"], "valid: zoo:unet"),
+        (["report", "/nonexistent/folder"], "not a layerscope report folder"),
+        (["run", "--quick", "--only", "bogus"], "unknown report section"),
+    ]
+    for args, msg in cases:
+        res = invoke(*args)
+        assert res.exit_code == 2, (args, res.output)
+        assert msg in " ".join(res.output.split()), (args, res.output)
+    res = invoke("sweep", "zoo:dit", "--pair", "only one")
+    assert res.exit_code == 2 and "requires 2 arguments" in res.output
+
+
+def test_cli_sweep_writes_table_figures_and_labels(tmp_path):
+    from layerscope.world.text import prompt_for
+
+    out = tmp_path / "sw"
+    args = ["sweep", "zoo:dit", "--pair", prompt_for([0, 3, 6, 7, 0, 7]), prompt_for([5, 8, 1, 0, 2, 0]),
+            "--random-pairs", "1", "--layers", "transformer_blocks.*", "--combine",
+            "transformer_blocks.0,transformer_blocks.1", "--windows", "all,late", "--steps", "4", "--out", out]
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    table = pd.read_parquet(out / "injection.parquet")
+    assert table["pair"].nunique() == 2 and set(table["window"]) == {"all", "late"}
+    assert "transformer_blocks.0+transformer_blocks.1" in set(table["layer"])
+    for name in ("grid.png", "transfer_groups.png", "transfer_factors.png", "summary.parquet", "labels.parquet"):
+        assert (out / name).stat().st_size > 0
+    assert "per-layer specialization" in res.output
+    # a rerun resumes: nothing left to generate
+    import layerscope as ls
+
+    real = ls.load
+
+    def counted(spec, **kw):
+        counted.model = real(spec, **kw)
+        counted.model.layer_map()  # the (cached) shape trace is not part of the sweep
+        counted.runs = CountRuns(counted.model).__enter__()
+        return counted.model
+
+    layerscope.specs.load, saved = counted, layerscope.specs.load
+    try:
+        again = invoke(*args)
+    finally:
+        layerscope.specs.load = saved
+    assert again.exit_code == 0, again.output
+    assert counted.runs.calls == []
+
+
+@pytest.mark.parametrize("cmd", [[], ["run"], ["report"], ["sweep"], ["layers"]])
+def test_help_everywhere(cmd):
+    res = invoke(*cmd, "--help")
+    assert res.exit_code == 0 and "Usage" in res.output
