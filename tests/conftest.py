@@ -55,3 +55,15 @@ class CountRuns:
 
     def __exit__(self, *exc):
         del self.model._run
+
+
+@pytest.fixture(scope="session")
+def browser() -> tuple[str, str]:
+    """(chromium, chromedriver) for headless checks of HTML reports; skips when they cannot be had."""
+    from browser import find_or_install_chromium
+
+    found = find_or_install_chromium()
+    if found is None:
+        pytest.skip("headless Chromium is unavailable: chromium/chromedriver are not installed and could not be "
+                    "installed (needs root and apt-get: apt-get install chromium chromium-driver)")
+    return found

@@ -275,6 +275,11 @@ def sweep(
         if fig is not None:
             (folder / name).write_bytes(png_bytes(fig))
     _print_labels(summary, labels, model)
+    if plan.scorer == "oracle":
+        from .experiments.injection_report import findings
+
+        for w in plan.windows:
+            console.print(findings(model, labels, window=w, summary=summary))
     console.print(f"wrote {folder / inj.TABLE}, summary.parquet, labels.parquet and figures "
                   f"({', '.join(n for n, f in figs.items() if f is not None)})")
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..engine.steps import WINDOWS
 from ..report import Page, RunContext, Section, register
 from . import injection as inj
 
@@ -48,6 +49,12 @@ def _layer_order(summary: pd.DataFrame) -> list[str]:
     return list(summary.sort_values("layer_index", kind="stable")["layer"].drop_duplicates())
 
 
+def _windows(frame: pd.DataFrame) -> list[str]:
+    """The windows present, in the order all, early, middle, late."""
+    present = set(frame["window"])
+    return [w for w in WINDOWS if w in present]
+
+
 def grid_figure(folder: Path, pairs: int = 3, window: str = "all"):
     """Layer grid: per pair, O, E and the image injected at each layer in architectural order."""
     from ..report.figures import image_grid
@@ -77,7 +84,7 @@ def heatmap_figure(summary: pd.DataFrame, labels: pd.DataFrame, model: str, leve
     layers = _layer_order(summary)
     cols = list(GROUP_ORDER) if level == "group" else list(dict.fromkeys(s["target"]))
     panels = []
-    for w in dict.fromkeys(s["window"]):
+    for w in _windows(s):
         piv = s[s["window"] == w].pivot(index="layer", columns="target", values="estimate")
         panels.append((f"{w} steps", piv.reindex(index=layers, columns=cols).to_numpy()))
     notes = None
@@ -100,7 +107,7 @@ def metric_heatmap_figure(summary: pd.DataFrame, labels: pd.DataFrame, model: st
     layers = _layer_order(summary)
     cols = list(dict.fromkeys(s["target"]))
     panels = [(f"{w} steps", s[s["window"] == w].pivot(index="layer", columns="target", values="estimate")
-               .reindex(index=layers, columns=cols).to_numpy()) for w in dict.fromkeys(s["window"])]
+               .reindex(index=layers, columns=cols).to_numpy()) for w in _windows(s)]
     lab = labels[labels["window"] == "all"]
     notes = [dict(zip(lab["layer"], lab["label"])).get(x, "") for x in layers] if not lab.empty else None
     vmax = float(np.nanmax([np.nanmax(p) for _, p in panels] + [1e-6]))
@@ -122,8 +129,25 @@ def transfer_table(summary: pd.DataFrame, labels: pd.DataFrame, window: str = "a
     return out
 
 
-def findings(model: str, labels: pd.DataFrame, window: str = "all") -> str:
-    """What the labels show, in a sentence or two, compared with the paper's three-way split (as found)."""
+ONSET = 0.5
+
+
+def onsets(summary: pd.DataFrame, window: str = "all") -> dict[str, str | None]:
+    """Per factor group, the first layer in forward order whose transfer reaches ``ONSET`` (None if none does)."""
+    s = summary[(summary["level"] == "group") & (summary["metric"] == "transfer") & (summary["window"] == window)]
+    s = s.sort_values("layer_index", kind="stable")
+    out: dict[str, str | None] = {}
+    for g in GROUP_ORDER:
+        hit = s[(s["target"] == g) & (s["estimate"] >= ONSET)]
+        out[g] = str(hit["layer"].iloc[0]) if len(hit) else None
+    return out
+
+
+def findings(model: str, labels: pd.DataFrame, window: str = "all", summary: pd.DataFrame | None = None) -> str:
+    """What the labels show, in a sentence or two, compared with the paper's three-way split (as found).
+
+    With ``summary``, also where each group first transfers (:func:`onsets`): a layer order the labels alone hide
+    when one layer carries two groups."""
     lab = labels[labels["window"] == window]
     by = {k: list(lab[lab["label"] == k]["layer"]) for k in inj.LABELS}
     parts = [f"{k}: {', '.join(v)}" for k, v in by.items() if v and k != "inert"]
@@ -141,6 +165,12 @@ def findings(model: str, labels: pd.DataFrame, window: str = "all") -> str:
     else:
         text += ("No layer specialises in one group: this model does not show the paper's three-way split "
                  "at this window.")
+    if summary is not None:
+        first = onsets(summary, window)
+        hits = [f"{g} at {layer}" for g, layer in first.items() if layer]
+        if hits:
+            text += (f" In forward order, each group's transfer first reaches {ONSET}: " + ", ".join(hits)
+                     + "".join(f"; {g} never does" for g, layer in first.items() if not layer) + ".")
     return text
 
 
@@ -181,7 +211,10 @@ def _render(folder: Path, page: Page) -> str:
                f"no group's transfer reaches {inj.INERT_BELOW}; otherwise the strongest group when it leads the "
                f"second by at least {inj.MARGIN}; otherwise mixed (several groups move together, including layers "
                f"that move everything).")]
-    for sub in sorted(p for p in folder.iterdir() if (p / inj.TABLE).exists()):
+    order = [v["folder"] for v in record.get("per_model", {}).values()]
+    subs = sorted((p for p in folder.iterdir() if (p / inj.TABLE).exists()),
+                  key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+    for sub in subs:
         table, summary, labels = load_analysis(sub)
         spec = inj.load_plan(sub)["key"]["model"]
         cmd = sweep_command(spec, settings, f"sweep-{sub.name}")
@@ -195,7 +228,7 @@ def _render(folder: Path, page: Page) -> str:
                 f"generation of O by at most {s['no_layer_vs_O']:.2g}; injecting E at every layer and space from "
                 f"step 0 differs from E by at most {s['every_layer_vs_E']:.2g} (O and E differ by up to "
                 f"{s['O_vs_E']:.2f})."))
-        out.append(page.finding(findings(spec, labels)))
+        out.append(page.finding(findings(spec, labels, summary=summary)))
         g = grid_figure(sub)
         if g is not None:
             out.append(page.figure(g, f"{spec}: layer grid, pairs 0-2, injection at all steps. Columns: O, E, then "
@@ -211,7 +244,7 @@ def _render(folder: Path, page: Page) -> str:
                               f"{spec}: transfer per layer (all steps), estimate [95% CI], n = "
                               f"{int(summary['n'].max())} pairs per cell at most"))
         for w in [w for w in settings.get("windows", []) if w != "all"]:
-            out.append(page.finding(findings(spec, labels, window=w)))
+            out.append(page.finding(findings(spec, labels, window=w, summary=summary)))
     return "".join(out)
 
 
