@@ -36,6 +36,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model, n_cpus  # noqa: E402
+
 import layerscope as ls
 from layerscope.models.base import seeded_noise
 
@@ -93,23 +96,6 @@ def med(xs: list[float]) -> float:
 def verdict(ratio: float, target: float, at_most: bool = True) -> str:
     ok = ratio <= target if at_most else ratio >= target
     return "PASS" if ok else "MISS"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def n_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------

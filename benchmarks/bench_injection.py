@@ -45,6 +45,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model, n_cpus  # noqa: E402
+
 import layerscope as ls
 from layerscope.world.factors import sample_factors
 from layerscope.world.text import prompts_for
@@ -63,23 +66,6 @@ def log(msg: str = "") -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def n_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
 
 
 def mem_gib() -> float | None:

@@ -20,6 +20,7 @@ from .progress import ProgressArg, progress_callback
 from .steps import StepSel
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..layers import LayerMap
     from ..models.base import Generator
 
 
@@ -38,6 +39,31 @@ class SweepResult:
         return torch.stack([self.original, self.edit, *self.injected.values()])
 
 
+
+
+def layer_sets(lmap: "LayerMap", layers: str | Sequence[str | Sequence[str]] | None) -> list[tuple[str, ...]]:
+    """Resolve a sweep's layer selection into layer sets, one injected row each (errors name close matches).
+
+    None = every layer of the map; a glob or list of names/globs gives one set per matching entry; a tuple of names
+    is one combination (all patched in the same row). Duplicates are dropped, order kept.
+    """
+    if layers is None or isinstance(layers, str):
+        sets = [(e.name,) for e in lmap.select(layers)]
+    else:
+        sets = []
+        for entry in layers:
+            if isinstance(entry, str):
+                sets += [(e.name,) for e in lmap.select(entry)]
+            else:
+                group = tuple(entry)
+                if not group:
+                    raise ConfigError("an empty layer combination was given to the sweep")
+                for name in group:
+                    lmap[name]  # raises with close matches
+                sets.append(group)
+    if not sets:
+        raise ConfigError("the sweep selected no layer")
+    return list(dict.fromkeys(sets))
 
 
 def injection_sweep(
@@ -60,23 +86,7 @@ def injection_sweep(
     ``steps``/``branches``: the window and CFG branches where E is injected. ``progress=True`` shows a bar.
     """
     cfg = model.config(**gen_kwargs)
-    lmap = model.layer_map(cfg.height, cfg.width)
-    if layers is None or isinstance(layers, str):
-        sets = [(e.name,) for e in lmap.select(layers)]
-    else:
-        sets = []
-        for entry in layers:
-            if isinstance(entry, str):
-                sets += [(e.name,) for e in lmap.select(entry)]
-            else:
-                group = tuple(entry)
-                if not group:
-                    raise ConfigError("an empty layer combination was given to the sweep")
-                for name in group:
-                    lmap[name]  # raises with close matches
-                sets.append(group)
-    if not sets:
-        raise ConfigError("the sweep selected no layer")
+    sets = layer_sets(model.layer_map(cfg.height, cfg.width), layers)
     s_o, s_e = (seeds, seeds) if isinstance(seeds, int) else tuple(seeds)
     max_batch = max_batch or model.default_max_batch
     if max_batch < 3:

@@ -33,7 +33,7 @@ import torch
 
 from ..engine.progress import ProgressArg, progress_callback
 from ..engine.steps import WINDOWS
-from ..engine.sweep import injection_sweep
+from ..engine.sweep import injection_sweep, layer_sets
 from ..errors import ConfigError, StoreMismatchError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,25 +86,9 @@ def default_layers(model: "Generator", spaces: bool = True, **size: Any) -> list
 
 
 def _layer_sets(model: "Generator", layers: Any, cfg) -> list[tuple[str, ...]]:
-    lmap = model.layer_map(cfg.height, cfg.width)
-    if layers is None:
-        return [(n,) for n in default_layers(model, spaces=False, height=cfg.height, width=cfg.width)]
-    if isinstance(layers, str):
-        layers = [layers]
-    sets: list[tuple[str, ...]] = []
-    for entry in layers:
-        if isinstance(entry, str):
-            sets += [(e.name,) for e in lmap.select(entry)]
-        else:
-            group = tuple(entry)
-            if not group:
-                raise ConfigError("an empty layer combination was given to the injection sweep")
-            for name in group:
-                lmap[name]  # raises with close matches
-            sets.append(group)
-    if not sets:
-        raise ConfigError("the injection sweep selected no layer")
-    return list(dict.fromkeys(sets))
+    if layers is None:  # every layer (not the spaces): the paper's "for every layer"
+        layers = [e.name for e in model.layer_map(cfg.height, cfg.width).layers]
+    return layer_sets(model.layer_map(cfg.height, cfg.width), layers)
 
 
 def _scorer(model: "Generator", scorer: str) -> str:
