@@ -30,7 +30,7 @@ def report(tmp_path_factory):
 def test_run_quick_writes_tables_and_page(report):
     page = (report / "index.html").read_text()
     record = json.loads((report / "run.json").read_text())
-    assert record["quick"] is True and "injection" in record["sections"]
+    assert record["quick"] is True and {"injection", "abstractions"} <= set(record["sections"])
     for spec in ("zoo_unet", "zoo_dit"):
         folder = report / "injection" / spec
         table = pd.read_parquet(folder / "injection.parquet")
@@ -42,9 +42,15 @@ def test_run_quick_writes_tables_and_page(report):
     # every figure is embedded and says how to reproduce it
     n_img = page.count('<img src="data:image/png;base64,')
     assert n_img >= 6
-    assert page.count("Reproduce: <code>layerscope sweep zoo:") == n_img
+    assert page.count("Reproduce: <code>layerscope ") == n_img
+    assert page.count("Reproduce: <code>layerscope sweep zoo:") >= 6
+    assert page.count("Reproduce: <code>layerscope abstractions zoo:") >= 6
     assert "Sanity (passed)" in page and "three-way split" in page
     assert "Models" in page and "prompt agreement" in page  # model cards
+    for spec in ("zoo_unet", "zoo_dit"):
+        probes = pd.read_parquet(report / "abstractions" / spec / "probes.parquet")
+        assert {"accuracy", "cross_entropy", "mi_bound"} == set(probes["metric"])
+        assert "x_t" in set(probes["layer"])
 
 
 def test_report_rebuilds_without_any_model(report, monkeypatch):
@@ -70,6 +76,7 @@ def test_report_renders_in_headless_chromium(report, browser):
     assert seen["n_displayed"] == seen["n_images"], [i for i in seen["images"] if not i["displayed"]]
     assert all(i["naturalWidth"] > 100 and i["height"] > 50 for i in seen["images"])
     assert any("Injection sweep" in h for h in seen["h2"]) and "Models" in seen["h2"]
+    assert any("Latent abstractions" in h for h in seen["h2"])
     assert not seen["console_errors"]
 
 

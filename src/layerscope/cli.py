@@ -38,6 +38,10 @@ def _fail(exc: Exception) -> None:
 @app.callback()
 def _main() -> None:
     """Inspect layers and candidate spaces of diffusers pipelines, torch generators and tiny test models."""
+    # transformers draws a "Loading weights" bar per model load; the CLI shows its own progress instead
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 @app.command()
@@ -299,6 +303,55 @@ def _print_labels(summary, labels, model: str) -> None:
         table.add_row(d["window"], d["layer"], *[f"{d[c]:.2f}" if d[c] == d[c] else "-" for c in cols], d["label"])
     out = console if console.is_terminal else Console(width=max(console.width, 160))
     out.print(table)
+
+
+@app.command()
+def abstractions(
+    model: str = typer.Argument(..., help="model spec: zoo:unet, zoo:dit, or a diffusers pipeline with --labels"),
+    n: int = typer.Option(320, help="number of samples (zoo: unconditional samples labelled by the oracle)"),
+    steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's)"),
+    layers: Optional[list[str]] = typer.Option(None, "--layers", "-l", help="glob(s) of layers (default: every layer)"),
+    labels: Optional[str] = typer.Option(None, help="CSV with a 'prompt' column and one column per factor (for "
+                                                    "non-zoo models; the prompts are generated, the labels probed)"),
+    conditional: bool = typer.Option(False, help="zoo: sample held-out prompts instead of unconditionally"),
+    seed: int = typer.Option(0, help="first seed"),
+    out: Optional[str] = typer.Option(None, help="output folder (default: probes-<model>)"),
+) -> None:
+    """Linear probes on every layer x step (and x_t) for each factor, with the mutual-information bound."""
+    from .experiments import abstractions as ab
+    from .experiments.abstractions_report import curves_figure, heatmap_figure, onset_table, order_sentence, save
+    from .report.figures import png_bytes
+    from .specs import load
+
+    folder = Path(out or f"probes-{model.replace(':', '_').replace('/', '_')}")
+    gen_kw = {"num_inference_steps": steps} if steps else {}
+    try:
+        if n < 8:
+            raise LayerscopeError(f"--n must be at least 8 samples, got {n}")
+        if labels is None and not model.startswith("zoo:"):
+            raise LayerscopeError("non-zoo models need --labels CSV (a 'prompt' column and one column per factor)")
+        gen = load(model)
+        if labels is None:
+            table, record = ab.run_probes(gen, n=n, seed=seed, layers=layers, conditional=conditional,
+                                          progress=True, **gen_kw)
+        else:
+            table, record = ab.run_probes_csv(gen, labels, seed=seed, layers=layers, progress=True, **gen_kw)
+    except LayerscopeError as exc:
+        _fail(exc)
+        return
+    save(folder, table, record)
+    (folder / "accuracy.png").write_bytes(png_bytes(curves_figure(table, record)))
+    (folder / "mi_bound.png").write_bytes(png_bytes(curves_figure(table, record, "mi_bound")))
+    (folder / "heatmap.png").write_bytes(png_bytes(heatmap_figure(table, model)))
+    onsets = onset_table(table, record)
+    t = Table(title=f"{model}: when each factor becomes linearly readable")
+    for col in onsets.columns:
+        t.add_column(str(col), overflow="fold")
+    for row in onsets.itertuples(index=False):
+        t.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(t)
+    console.print(order_sentence(model, table, record["chance"]))
+    console.print(f"wrote {folder / ab.TABLE}, probes.json, accuracy.png, mi_bound.png, heatmap.png")
 
 
 @app.command("run")

@@ -47,7 +47,7 @@ def heatmaps(panels: Sequence[tuple[str, np.ndarray]], rows: Sequence[str], cols
         ax.set_xticklabels(cols, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(rows, fontsize=7)
-        if len(rows) * len(cols) <= 400:
+        if len(rows) * len(cols) <= 160:  # beyond that the numbers are too small to read
             for (i, j), v in np.ndenumerate(np.asarray(mat, dtype=float)):
                 if not np.isnan(v):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
