@@ -44,10 +44,8 @@ import gc
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -55,6 +53,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import CpuShare, cpu_model, git_head, mem_gib, n_cpus, replace_section  # noqa: E402
 
 import layerscope as ls
 from layerscope.experiments.probes import fit_probe_grid
@@ -82,82 +83,6 @@ def log(msg: str = "") -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def n_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
-
-
-def mem_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
-def git_head() -> str:
-    try:  # read-only
-        out = subprocess.run(["git", "log", "-1", "--format=%h %s"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-class CpuShare:
-    """Busy CPU time of the whole machine (/proc/stat) minus this process's, over an interval.
-
-    ``other`` is the mean number of cores other processes kept busy; 0 on an idle machine.
-    """
-
-    def __init__(self) -> None:
-        self.other: float | None = None
-        self.ours: float | None = None
-        self.wall = 0.0
-
-    @staticmethod
-    def _busy() -> float | None:
-        try:
-            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        except (OSError, IndexError):
-            return None
-        vals = [int(x) for x in fields]
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-        steal = vals[7] if len(vals) > 7 else 0
-        guest = sum(vals[8:10]) if len(vals) > 9 else 0  # already counted in user/nice
-        return (sum(vals) - idle - steal - guest) / os.sysconf("SC_CLK_TCK")
-
-    def __enter__(self):
-        self._t0 = time.perf_counter()
-        self._b0 = self._busy()
-        t = os.times()
-        self._c0 = t.user + t.system
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = wall = time.perf_counter() - self._t0
-        b1 = self._busy()
-        t = os.times()
-        ours = t.user + t.system - self._c0
-        self.ours = ours / wall if wall > 0 else None
-        if self._b0 is not None and b1 is not None and wall > 0:
-            self.other = max(0.0, (b1 - self._b0 - ours) / wall)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -589,22 +514,7 @@ thread and over {args.threads} joblib processes; its time for all {C} cells is *
 
 {chr(10).join(bullets)}
 """
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n\n" + body
-    else:
-        end, fence = len(lines), False
-        for i in range(start + 1, len(lines)):
-            if lines[i].startswith("```"):
-                fence = not fence
-            elif not fence and re.match(r"^#{1,2} ", lines[i]):
-                end = i
-                break
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + body + ("\n\n" + tail if tail else "")
-    RESULTS.write_text(new.rstrip("\n") + "\n")
+    replace_section(RESULTS, SECTION, body)
 
 
 if __name__ == "__main__":

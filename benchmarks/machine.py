@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import platform
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -24,3 +27,82 @@ def n_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         return os.cpu_count() or 1
+
+
+def mem_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def git_head() -> str:
+    try:  # read-only
+        out = subprocess.run(["git", "log", "-1", "--format=%h %s"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class CpuShare:
+    """Busy CPU time of the whole machine (/proc/stat) minus this process's, over an interval.
+
+    ``other`` is the mean number of cores other processes kept busy; 0 on an idle machine.
+    """
+
+    def __init__(self) -> None:
+        self.other: float | None = None
+        self.ours: float | None = None
+        self.wall = 0.0
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except (OSError, IndexError):
+            return None
+        vals = [int(x) for x in fields]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        steal = vals[7] if len(vals) > 7 else 0
+        guest = sum(vals[8:10]) if len(vals) > 9 else 0  # already counted in user/nice
+        return (sum(vals) - idle - steal - guest) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        self._b0 = self._busy()
+        t = os.times()
+        self._c0 = t.user + t.system
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = wall = time.perf_counter() - self._t0
+        b1 = self._busy()
+        t = os.times()
+        ours = t.user + t.system - self._c0
+        self.ours = ours / wall if wall > 0 else None
+        if self._b0 is not None and b1 is not None and wall > 0:
+            self.other = max(0.0, (b1 - self._b0 - ours) / wall)
+
+
+def replace_section(results: Path, header: str, body: str) -> None:
+    """Put ``body`` (starting with the ``header`` line) into RESULTS.md in place of that section, or append it."""
+    text = results.read_text() if results.exists() else ""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == header), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n\n" + body
+    else:
+        end, fence = len(lines), False
+        for i in range(start + 1, len(lines)):
+            if lines[i].startswith("```"):
+                fence = not fence
+            elif not fence and re.match(r"^#{1,2} ", lines[i]):
+                end = i
+                break
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + body + ("\n\n" + tail if tail else "")
+    results.write_text(new.rstrip("\n") + "\n")

@@ -146,7 +146,7 @@ def test_to_frame(onset_grid):
 
 
 def test_agrees_with_sklearn():
-    pytest.importorskip("sklearn")
+    pytest.importorskip("sklearn")  # in the test extra; skipped only where it is not installed
     from sklearn.linear_model import LogisticRegression
 
     g = torch.Generator().manual_seed(7)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..report import Page, RunContext, Section, register
+from ..report import Page, RunContext, Section, model_folders, register, section_record
 from . import abstractions as ab
 
 FULL = dict(models=("zoo:unet", "zoo:dit"), n=320, steps=10)
@@ -139,7 +139,7 @@ def _run(ctx: RunContext) -> dict[str, Any]:
 
 
 def _render(folder: Path, page: Page) -> str:
-    record_all = json.loads((folder.parent / "run.json").read_text())["sections"].get("abstractions", {})
+    record_all = section_record(folder)
     settings = record_all.get("settings", FULL)
     out = [page.p(
         "Corallo et al. (2024) read the latent factors off a diffusion model's internal features with linear probes "
@@ -151,9 +151,7 @@ def _render(folder: Path, page: Page) -> str:
         "of the samples; MI bound = max(0, H(Y) - CE) in bits. Step 0 is the noisiest."),
         page.note("Forking entropy (the third measure of the issue) is not implemented yet: this section shows "
                   "linear readability and the MI bound only.")]
-    order = [v["folder"] for v in record_all.get("per_model", {}).values()]
-    subs = sorted((p for p in folder.iterdir() if (p / ab.TABLE).exists()),
-                  key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+    subs = model_folders(folder, record_all, ab.TABLE)
     for sub in subs:
         table, record = load(sub)
         spec = str(table["model"].iloc[0])

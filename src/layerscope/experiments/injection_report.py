@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..engine.steps import WINDOWS
-from ..report import Page, RunContext, Section, register
+from ..report import Page, RunContext, Section, model_folders, register, section_record
 from . import injection as inj
 
 GROUP_ORDER = ("structure", "content", "surface")
@@ -197,7 +197,7 @@ def _run(ctx: RunContext) -> dict[str, Any]:
 
 
 def _render(folder: Path, page: Page) -> str:
-    record = json.loads((folder.parent / "run.json").read_text())["sections"].get("injection", {})
+    record = section_record(folder)
     settings = record.get("settings", FULL)
     out = [page.p(
         "Schaerf (2025) generates an original O and an edit E in parallel and puts E's representation at one layer "
@@ -211,9 +211,7 @@ def _render(folder: Path, page: Page) -> str:
                f"no group's transfer reaches {inj.INERT_BELOW}; otherwise the strongest group when it leads the "
                f"second by at least {inj.MARGIN}; otherwise mixed (several groups move together, including layers "
                f"that move everything).")]
-    order = [v["folder"] for v in record.get("per_model", {}).values()]
-    subs = sorted((p for p in folder.iterdir() if (p / inj.TABLE).exists()),
-                  key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+    subs = model_folders(folder, record, inj.TABLE)
     for sub in subs:
         table, summary, labels = load_analysis(sub)
         spec = inj.load_plan(sub)["key"]["model"]

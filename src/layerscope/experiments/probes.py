@@ -13,12 +13,14 @@ weights, features standardized per cell with train statistics), on the same samp
 How they are solved together:
 
 * one cell's F factors share its features, so all their logits are one matrix product ``X_c W_c`` with ``W_c`` of
-  shape (d+1, K_1 + ... + K_F); a batch of cells is one ``bmm``. Per-factor softmax sums and per-problem inner
-  products are reductions over views or one small matrix product, never a loop over cells;
+  shape (d+1, K_1 + ... + K_F); a batch of cells is one ``bmm``. Per-factor softmax reductions are reductions
+  over views, one per run of consecutive factors with equal class counts (4 for the Shapes factors), and
+  per-problem inner products one small matrix product; nothing loops over cells;
 * the optimizer is L-BFGS **per problem**: every (cell, factor) keeps its own history, step length and stopping
   test, and only the arithmetic is batched, so a hard problem neither slows the steps of an easy one nor is
   stopped early by it. An iteration costs two large products (the trial point's logits and the gradient), a
-  softmax and a few small products; the backtracking line search (Armijo) almost always accepts the first step;
+  softmax and a few small products. The backtracking line search (Armijo) tries step 1 for every problem at
+  once; the few problems that must backtrack are re-evaluated on their own cells only;
 * the initial inverse Hessian of L-BFGS is a Kronecker-factored approximation of the Hessian (as in K-FAC),
   ``Sigma (x) A + l2``: ``Sigma = X^T X / n`` the cell's feature covariance (fixed), ``A = mean_i diag(p_i) -
   p_i p_i^T`` the softmax curvature at the current iterate (refreshed every iteration on a sample of the train

@@ -99,6 +99,18 @@ def run_all(out: str | Path, quick: bool = False, only: list[str] | None = None,
     return build(out)
 
 
+def section_record(folder: Path) -> dict[str, Any]:
+    """What a section's ``run`` returned (settings, per-model notes), read back by its ``render`` from run.json."""
+    return json.loads((folder.parent / RUN_FILE).read_text())["sections"].get(folder.name, {})
+
+
+def model_folders(folder: Path, record: dict[str, Any], marker: str) -> list[Path]:
+    """A section's per-model subfolders holding ``marker``, in the order the run went through the models."""
+    order = [v["folder"] for v in record.get("per_model", {}).values()]
+    subs = [p for p in folder.iterdir() if (p / marker).exists()]
+    return sorted(subs, key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+
+
 def build_report(folder: str | Path) -> Path:
     """Rebuild ``index.html`` from the tables a previous run saved (no model is loaded)."""
     from .html import build
@@ -108,4 +120,5 @@ def build_report(folder: str | Path) -> Path:
 
 from .html import Page  # noqa: E402  (Page is part of the section interface)
 
-__all__ = ["Page", "RunContext", "Section", "build_report", "register", "run_all", "sections"]
+__all__ = ["Page", "RunContext", "Section", "build_report", "model_folders", "register", "run_all", "section_record",
+           "sections"]
