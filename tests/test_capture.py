@@ -104,3 +104,15 @@ def test_text_eos_is_the_end_of_sentence_token(family):
     only_eos = model.generate(texts, seeds=[0, 1], interventions=[ls.replace("text_eos", ls.Row(1), targets=[0])],
                               **GEN).images[0]
     assert not torch.equal(only_eos, plain)
+
+
+def test_pooled_capture_keeps_unpooled_layers_whole(sd):
+    cap = ls.Capture(["mid_block", "x_t"], steps=[1], branches=["cond"], pooled=True, unpooled="x_t")
+    res = sd.generate(["a red cube", "a blue ball"], seeds=[0, 1], capture=cap, **GEN)
+    info = sd.layer_map()
+    assert res.capture["mid_block"].shape == (2, 1, 1, info["mid_block"].shape[0])
+    assert res.capture["x_t"].shape == (2, 1, 1) + info["x_t"].shape
+    whole = sd.generate(["a red cube", "a blue ball"], seeds=[0, 1], **GEN,
+                        capture=ls.Capture(["x_t"], steps=[1], branches=["cond"]))
+    torch.testing.assert_close(res.capture["x_t"], whole.capture["x_t"])
+    assert not cap.pools("x_t") and cap.pools("mid_block")

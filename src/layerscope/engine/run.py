@@ -108,16 +108,16 @@ def plan_capture(cap: Capture, lmap: LayerMap, n: int, num_steps: int, branches:
         bidx = _resolve_branches(info, cap.branches, branches, f"capture of {info.name}")
         labels = _branch_labels(info, branches)
         st: list[int | None] = list(steps) if info.per_step else [None]
-        feat = _feature_shape(info, cap.pooled)
+        feat = _feature_shape(info, cap.pools(info.name))
         for what in ("output", "update") if cap.update else ("output",):
             specs[(what, info.name)] = ArraySpec(
                 layer=info.name,
                 what=what,
                 shape=(n, len(st), len(bidx)) + feat,
-                dims=("sample", "step", "branch") + _feature_dims(info, cap.pooled),
+                dims=("sample", "step", "branch") + _feature_dims(info, cap.pools(info.name)),
                 steps=st,
                 branches=[labels[b] for b in bidx],
-                attrs={"kind": info.kind, "stage": info.stage, "pooled": cap.pooled},
+                attrs={"kind": info.kind, "stage": info.stage, "pooled": cap.pools(info.name)},
             )
     return _CapPlan(infos, steps, specs)
 
@@ -368,7 +368,7 @@ class _Handler:
             x = x.transpose(0, 1)
         else:
             x = x.unsqueeze(1)
-        if self.cap.pooled:
+        if self.cap.pools(info.name):
             dims = [k + 2 for k, d in enumerate(info.dims) if d in ("h", "w", "token")]
             if dims:
                 x = x.float().mean(dim=dims)
@@ -663,6 +663,9 @@ def _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, exp
         "steps": capture.steps if isinstance(capture.steps, (int, str, type(None))) else str(capture.steps),
         "branches": None if capture.branches is None else list(capture.branches),
         "pooled": capture.pooled,
+        # only when used, so stores written before the option existed keep their fingerprint
+        **({"unpooled": [capture.unpooled] if isinstance(capture.unpooled, str) else list(capture.unpooled)}
+           if capture.unpooled else {}),
         "update": capture.update,
         "dtype": str(capture.dtype),
         "interventions": [iv.describe() for iv in interventions],

@@ -43,7 +43,8 @@ class Capture:
     """Which activations to record.
 
     ``layers``: names or globs from the layer map; ``steps``: step selection (None = all); ``branches``: CFG branch
-    labels to keep (None = all); ``pooled``: mean over spatial positions / tokens; ``update``: also record
+    labels to keep (None = all); ``pooled``: mean over spatial positions / tokens, except for the layers matching
+    ``unpooled`` (names or globs kept whole in the same run, e.g. ``x_t`` next to pooled layers); ``update``: also record
     output - input of the module; ``store``: zarr folder to stream to (None = memory); ``budget_bytes``: refuse
     (memory) or refuse per batch (store) above this size; ``dtype``: storage dtype.
     """
@@ -52,10 +53,19 @@ class Capture:
     steps: StepSel = None
     branches: Sequence[str] | None = None
     pooled: bool = False
+    unpooled: str | Sequence[str] = ()
     update: bool = False
     store: str | Path | None = None
     budget_bytes: int = 4 * 2**30
     dtype: torch.dtype = torch.float32
+
+
+    def pools(self, layer: str) -> bool:
+        """Whether ``layer`` is captured pooled in this capture."""
+        import fnmatch
+
+        keep = [self.unpooled] if isinstance(self.unpooled, str) else list(self.unpooled)
+        return self.pooled and not any(fnmatch.fnmatchcase(layer, g) for g in keep)
 
 
 @dataclass

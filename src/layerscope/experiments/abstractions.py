@@ -6,8 +6,8 @@ linear probe on the model's features reads each factor of the image the generati
 information between factor and features by ``I(Y; Z) >= H(Y) - CE`` (bits; :mod:`.probes`).
 
 Features (:func:`collect_features`): layers are captured pooled (spatial / token mean) from the CFG-conditional
-branch; ``x_t`` is captured whole and reduced by a fixed Gaussian random projection (seeded), since its spatial
-mean is only a mean colour. Labels: for the Shapes world, the oracle's reading of each final image
+branch; ``x_t`` is captured whole in the same generation (``Capture(unpooled=...)``) and reduced by a fixed
+Gaussian random projection (seeded), since its spatial mean is only a mean colour. Labels: for the Shapes world, the oracle's reading of each final image
 (:func:`shapes_labels`); for any other pipeline, the user's own labels per prompt (:func:`labels_from_csv`).
 
 On the zoo the samples are drawn **unconditionally** (empty prompt, no guidance; the zoo models were trained with
@@ -70,22 +70,22 @@ def collect_features(
     **gen_kwargs: Any,
 ) -> Features:
     """Capture pooled features of ``layers`` (default: every layer) at ``steps`` (default: all), conditional branch,
-    and the projected ``x_t`` baseline (a second, identical generation: one capture has one pooling mode)."""
+    and the ``x_t`` baseline (captured whole in the same generation, then randomly projected to ``projection`` dims)."""
     cfg = model.config(**gen_kwargs)
     if model.num_steps(cfg) == 0:
         raise ConfigError(f"{model.spec} generates in one pass: the probe grid needs a denoising model")
     lmap = model.layer_map(cfg.height, cfg.width)
     names = [e.name for e in lmap.layers] if layers is None else [e.name for e in lmap.select(layers)]
-    cap = Capture(names, steps=steps, branches=["cond"], pooled=True)
+    # one generation: layers pooled, x_t whole (its spatial mean is only a mean colour) for the projection
+    cap = Capture(names + ([BASELINE] if baseline else []), steps=steps, branches=["cond"], pooled=True,
+                  unpooled=[BASELINE])
     res = model.generate(list(prompts), list(seeds), capture=cap, max_batch=max_batch, progress=progress,
                          **gen_kwargs)
     step_ids = [int(s) for s in res.capture.steps_of(names[0])]
     cells = {(name, s): res.capture[name][:, k, 0].float() for name in names for k, s in enumerate(step_ids)}
     order = list(names)
     if baseline:
-        xt = model.generate(list(prompts), list(seeds), capture=Capture([BASELINE], steps=steps, branches=["cond"]),
-                            max_batch=max_batch, progress=progress, **gen_kwargs)
-        arr = xt.capture[BASELINE][:, :, 0].float().flatten(2)  # (n, step, d_full)
+        arr = res.capture[BASELINE][:, :, 0].float().flatten(2)  # (n, step, d_full)
         proj = _projection(arr.shape[-1], min(projection, arr.shape[-1]))
         for k, s in enumerate(step_ids):
             cells[(BASELINE, s)] = arr[:, k] @ proj
