@@ -121,3 +121,29 @@ def test_latent_generator_interventions():
     assert torch.equal(swapped[0], plain[1])
     at_layer = g.generate(["", ""], seeds=[1, 2], interventions=[ls.replace("main.1", ls.Row(1))]).images
     assert torch.equal(at_layer[0], plain[1])
+
+
+def test_per_target_source_gives_each_row_its_own_value(sd):
+    """PerTarget: row targets[k] gets values[k], also when the batch is split into chunks."""
+    shape = sd.layer_map()["noise"].shape
+    vals = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
+    base = sd.generate(["a cat"] * 3, [0, 1, 2], **GEN).images
+    out = sd.generate(["a cat"] * 3, [0, 1, 2], max_batch=2,
+                      interventions=[ls.add("noise", ls.PerTarget(vals), targets=[2, 0])], **GEN).images
+    alone0 = sd.generate("a cat", 0, interventions=[ls.add("noise", vals[1])], **GEN).images[0]
+    alone2 = sd.generate("a cat", 2, interventions=[ls.add("noise", vals[0])], **GEN).images[0]
+    assert torch.allclose(out[0], alone0, atol=1e-5) and torch.allclose(out[2], alone2, atol=1e-5)
+    assert torch.allclose(out[1], base[1], atol=1e-5)  # not a target
+    assert (out[0] - base[0]).abs().max() > 0.05
+    # per-step layers too, with a channel vector per row broadcast over positions
+    c = sd.layer_map()["mid_block"].shape[0]
+    chan = torch.randn(2, c, generator=torch.Generator().manual_seed(1))
+    both = sd.generate(["a cat"] * 2, [0, 0], interventions=[ls.add("mid_block", ls.PerTarget(chan))], **GEN).images
+    one = sd.generate("a cat", 0, interventions=[ls.add("mid_block", chan[1])], **GEN).images[0]
+    assert torch.allclose(both[1], one, atol=1e-5) and not torch.allclose(both[0], both[1], atol=1e-3)
+    with CountRuns(sd) as runs:
+        with pytest.raises(ls.ConfigError, match="one value per target"):
+            sd.generate(["a cat"] * 3, interventions=[ls.add("noise", ls.PerTarget(vals))], **GEN)
+        with pytest.raises(ls.ShapeError):
+            sd.generate(["a cat"] * 2, interventions=[ls.add("noise", ls.PerTarget(torch.zeros(2, 5)))], **GEN)
+    assert runs.calls == []

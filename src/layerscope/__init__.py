@@ -14,6 +14,7 @@ from .engine import (
     CaptureResult,
     GenerationResult,
     Intervention,
+    PerTarget,
     Row,
     Stored,
     SweepResult,
@@ -40,6 +41,6 @@ from .specs import load
 __all__ = [
     "ActivationStore", "BudgetError", "Capture", "CaptureResult", "ConfigError", "GenerationConfig",
     "GenerationResult", "Generator", "Intervention", "LayerInfo", "LayerMap", "LayerNameError", "LayerscopeError",
-    "Row", "ShapeError", "Site", "SpecError", "Stored", "StoreMismatchError", "SweepResult", "__version__", "add",
+    "PerTarget", "Row", "ShapeError", "Site", "SpecError", "Stored", "StoreMismatchError", "SweepResult", "__version__", "add",
     "blend", "injection_sweep", "load", "replace", "window", "zero",
 ]

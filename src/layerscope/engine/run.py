@@ -22,7 +22,7 @@ from ..config import GenerationConfig
 from ..errors import BudgetError, ConfigError, ShapeError
 from ..layers import LayerInfo, LayerMap
 from .paths import get_input, get_path, set_input, set_path
-from .spec import OPS, Capture, Intervention, Row, Stored
+from .spec import OPS, Capture, Intervention, PerTarget, Row, Stored
 from .steps import resolve_steps
 from .store import ActivationStore, ArraySpec, CaptureResult, fingerprint
 
@@ -50,7 +50,7 @@ class _PlannedIV:
     steps: frozenset[int] | None  # None: once-per-generation tensor, no step window
     branch_idx: list[int]  # branch positions affected (unbranched sites: [0])
     targets: list[int]  # global sample indices
-    kind: str  # row | stored | tensor | none
+    kind: str  # row | stored | tensor | per_target | none
     tensor: torch.Tensor | None = None
     stored_branch: dict[int, str | None] = field(default_factory=dict)
 
@@ -176,8 +176,20 @@ def _plan_interventions(
         elif isinstance(src, torch.Tensor):
             p.kind = "tensor"
             p.tensor = _shape_tensor(src, info, iv.op, what)
+        elif isinstance(src, PerTarget):
+            vals = src.values
+            if not isinstance(vals, torch.Tensor) or vals.ndim < 1 or vals.shape[0] != len(p.targets):
+                got = tuple(vals.shape) if isinstance(vals, torch.Tensor) else type(vals).__name__
+                raise ConfigError(f"{what}: PerTarget needs one value per target ({len(p.targets)} targets), got {got}")
+            if len(set(p.targets)) != len(p.targets):
+                raise ConfigError(f"{what}: PerTarget targets must be distinct samples")
+            p.kind = "per_target"
+            one = _shape_tensor(vals[0], info, iv.op, what)  # validates the per-sample shape
+            p.tensor = vals.detach().reshape((len(p.targets),) + tuple(one.shape))
         else:
-            raise ConfigError(f"{what}: source must be Row, Stored or a torch.Tensor, got {type(src).__name__}")
+            raise ConfigError(
+                f"{what}: source must be Row, Stored, PerTarget or a torch.Tensor, got {type(src).__name__}"
+            )
         planned.append(p)
     return planned
 
@@ -283,6 +295,8 @@ class _Handler:
                     "targets; raise max_batch or use injection_sweep, which keeps sources and targets together"
                 )
             if tl:
+                if p.kind == "per_target":  # the rows of the source that belong to this chunk's targets
+                    src_local = [k for k, t in enumerate(p.targets) if t in local]
                 self.ivs.append((p, tl, src_local))
         self.cap = cap
         self.cap_steps = set(cap_plan.steps) if cap_plan else set()
@@ -338,6 +352,8 @@ class _Handler:
                 src = orig[self.run.rows(self.info, [src_local], [b])[0]]
             elif p.kind == "tensor":
                 src = self._cached(("t",), p.tensor, x)
+            elif p.kind == "per_target":
+                src = self._cached(("p", id(p)), p.tensor, x)[src_local]
             else:
                 s: Stored = p.iv.source
                 layer = s.layer or self.info.name

@@ -35,7 +35,19 @@ class Stored:
     what: str = "output"
 
 
-Source = Row | Stored | torch.Tensor | None
+@dataclass(frozen=True)
+class PerTarget:
+    """Source = one tensor per target sample: ``values[k]`` goes to ``targets[k]``.
+
+    ``values`` has shape ``(len(targets), *shape)`` where ``shape`` fits the activation as a plain tensor source does
+    (the full per-sample shape, or a channel vector for add/blend). This is how many different perturbations of one
+    space run in one batched generation (e.g. a noise draw per row).
+    """
+
+    values: torch.Tensor
+
+
+Source = Row | Stored | PerTarget | torch.Tensor | None
 
 
 @dataclass
@@ -73,8 +85,8 @@ class Intervention:
     """Change an activation at ``layer`` for the ``targets`` samples during ``steps`` on ``branches``.
 
     ``op``: replace (x = s), add (x = x + alpha*s), blend (x = (1-alpha)*x + alpha*s), zero (x = 0). ``source``: a
-    :class:`Row` of the same batch, a :class:`Stored` capture, or a tensor (per-sample shape, or a channel vector
-    broadcast over positions for add/blend). ``targets`` are sample indices (None = every sample but the source row).
+    :class:`Row` of the same batch, a :class:`Stored` capture, a tensor (per-sample shape, or a channel vector
+    broadcast over positions for add/blend), or :class:`PerTarget` tensors (one per target). ``targets`` are sample indices (None = every sample but the source row).
     """
 
     layer: str
@@ -91,6 +103,8 @@ class Intervention:
             s = f"row:{src.index}"
         elif isinstance(src, Stored):
             s = f"stored:{src.layer or self.layer}:{src.what}:{src.sample}"
+        elif isinstance(src, PerTarget):
+            s = f"per_target{tuple(src.values.shape)}:{float(src.values.double().sum()):.6g}"
         elif isinstance(src, torch.Tensor):
             s = f"tensor{tuple(src.shape)}:{float(src.double().sum()):.6g}"
         else:
