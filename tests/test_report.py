@@ -30,7 +30,7 @@ def report(tmp_path_factory):
 def test_run_quick_writes_tables_and_page(report):
     page = (report / "index.html").read_text()
     record = json.loads((report / "run.json").read_text())
-    assert record["quick"] is True and {"injection", "abstractions"} <= set(record["sections"])
+    assert record["quick"] is True and {"injection", "abstractions", "properties"} <= set(record["sections"])
     for spec in ("zoo_unet", "zoo_dit"):
         folder = report / "injection" / spec
         table = pd.read_parquet(folder / "injection.parquet")
@@ -51,6 +51,14 @@ def test_run_quick_writes_tables_and_page(report):
         probes = pd.read_parquet(report / "abstractions" / spec / "probes.parquet")
         assert {"accuracy", "cross_entropy", "mi_bound"} == set(probes["metric"])
         assert "x_t" in set(probes["layer"])
+    assert page.count("Reproduce: <code>layerscope properties zoo:") >= 3
+    assert "synthesis" in page and "Sanity generators built to fail" in page
+    for spec in ("zoo_unet", "zoo_vae", "zoo_gan"):
+        scores = pd.read_parquet(report / "properties" / spec / "properties.parquet")
+        assert set(scores["property"]) == {"density", "smoothness", "organization", "relevance"}
+        assert scores["score"].between(0, 1).all()
+    sanity = pd.read_parquet(report / "properties" / "sanity.parquet").set_index(["model", "property"])["score"]
+    assert sanity.xs("relevance", level="property").min() < 0.05  # the generator that ignores its latent
 
 
 def test_report_rebuilds_without_any_model(report, monkeypatch):
@@ -77,6 +85,7 @@ def test_report_renders_in_headless_chromium(report, browser):
     assert all(i["naturalWidth"] > 100 and i["height"] > 50 for i in seen["images"])
     assert any("Injection sweep" in h for h in seen["h2"]) and "Models" in seen["h2"]
     assert any("Latent abstractions" in h for h in seen["h2"])
+    assert any("Latent-space properties" in h for h in seen["h2"])
     assert not seen["console_errors"]
 
 
@@ -134,7 +143,7 @@ def test_cli_sweep_writes_table_figures_and_labels(tmp_path):
     assert counted.runs.calls == []
 
 
-@pytest.mark.parametrize("cmd", [[], ["run"], ["report"], ["sweep"], ["layers"]])
+@pytest.mark.parametrize("cmd", [[], ["run"], ["report"], ["sweep"], ["layers"], ["properties"], ["abstractions"]])
 def test_help_everywhere(cmd):
     res = invoke(*cmd, "--help")
     assert res.exit_code == 0 and "Usage" in res.output

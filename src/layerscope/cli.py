@@ -313,31 +313,69 @@ def abstractions(
     layers: Optional[list[str]] = typer.Option(None, "--layers", "-l", help="glob(s) of layers (default: every layer)"),
     labels: Optional[str] = typer.Option(None, help="CSV with a 'prompt' column and one column per factor (for "
                                                     "non-zoo models; the prompts are generated, the labels probed)"),
-    conditional: bool = typer.Option(False, help="zoo: sample held-out prompts instead of unconditionally"),
+    conditional: bool = typer.Option(False, help="zoo: sample held-out prompts instead of unconditionally (probes "
+                                                 "and forks)"),
     seed: int = typer.Option(0, help="first seed"),
     out: Optional[str] = typer.Option(None, help="output folder (default: probes-<model>)"),
+    probes: bool = typer.Option(True, "--probes/--no-probes", help="run the probe grid (--no-probes: forking only)"),
+    forks: int = typer.Option(0, help="forking entropy (zoo): continuations per start and fork step (0: no forking; "
+                                      "e.g. 8)"),
+    fork_prompts: int = typer.Option(12, help="forking: number of starts (unconditional unless --conditional)"),
+    taus: Optional[str] = typer.Option(None, help="forking: comma-separated fork steps (default: every step but the "
+                                                  "last)"),
+    eta: float = typer.Option(1.0, help="forking: DDIM eta of the stochastic sampler (1: DDPM-like)"),
 ) -> None:
-    """Linear probes on every layer x step (and x_t) for each factor, with the mutual-information bound."""
+    """Linear probes on every layer x step (and x_t) for each factor, with the mutual-information bound; with
+    --forks, forking entropy: the entropy of the oracle's readings across continuations forked at each step."""
     from .experiments import abstractions as ab
-    from .experiments.abstractions_report import curves_figure, heatmap_figure, onset_table, order_sentence, save
+    from .experiments.abstractions_report import (commitment_table, curves_figure, forking_figure, forking_sentence,
+                                                  heatmap_figure, onset_table, order_sentence, save, save_forks)
     from .report.figures import png_bytes
     from .specs import load
 
     folder = Path(out or f"probes-{model.replace(':', '_').replace('/', '_')}")
     gen_kw = {"num_inference_steps": steps} if steps else {}
+    table = record = ftable = frecord = None
     try:
-        if n < 8:
+        if probes and n < 8:
             raise LayerscopeError(f"--n must be at least 8 samples, got {n}")
-        if labels is None and not model.startswith("zoo:"):
+        if not probes and not forks:
+            raise LayerscopeError("nothing to do: --no-probes needs --forks N")
+        if forks and not model.startswith("zoo:"):
+            raise LayerscopeError("forking reads the endings with the Shapes oracle: it needs a zoo model")
+        if probes and labels is None and not model.startswith("zoo:"):
             raise LayerscopeError("non-zoo models need --labels CSV (a 'prompt' column and one column per factor)")
+        try:
+            fork_taus = [int(t) for t in taus.split(",") if t.strip()] if taus else None
+        except ValueError:
+            raise LayerscopeError(f"--taus must be comma-separated steps, e.g. 0,2,4; got {taus!r}") from None
         gen = load(model)
-        if labels is None:
+        if probes and labels is None:
             table, record = ab.run_probes(gen, n=n, seed=seed, layers=layers, conditional=conditional,
                                           progress=True, **gen_kw)
-        else:
+        elif probes:
             table, record = ab.run_probes_csv(gen, labels, seed=seed, layers=layers, progress=True, **gen_kw)
+        if forks:
+            ftable, frecord = ab.run_forking(gen, fork_prompts, forks, fork_taus, seed=seed, conditional=conditional,
+                                             eta=eta, progress=True, **gen_kw)
     except LayerscopeError as exc:
         _fail(exc)
+        return
+    if ftable is not None:
+        save_forks(folder, ftable, frecord)
+        (folder / "forking.png").write_bytes(png_bytes(forking_figure(ftable, frecord)))
+        ct = commitment_table(ftable, frecord, table, record["chance"] if record else None)
+        t = Table(title=f"{model}: when the generation commits to each factor (forking entropy)")
+        for col in ct.columns:
+            t.add_column(str(col), overflow="fold")
+        for row in ct.itertuples(index=False):
+            t.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row])
+        console.print(t)
+        half = ab.relative_onsets(table, record["chance"]) if table is not None and labels is None else None
+        console.print(forking_sentence(model, frecord, None if half is None else
+                                       {f: (h["step"] if h else None) for f, h in half.items()}))
+        console.print(f"wrote {folder / ab.FORK_TABLE}, forks.json, forking.png")
+    if table is None:
         return
     save(folder, table, record)
     (folder / "accuracy.png").write_bytes(png_bytes(curves_figure(table, record)))
@@ -352,6 +390,51 @@ def abstractions(
     console.print(t)
     console.print(order_sentence(model, table, record["chance"]))
     console.print(f"wrote {folder / ab.TABLE}, probes.json, accuracy.png, mi_bound.png, heatmap.png")
+
+
+@app.command()
+def properties(
+    model: str = typer.Argument(..., help="model spec: zoo:unet, zoo:gan, torch:module:factory, hf:/path, ..."),
+    space: Optional[list[str]] = typer.Option(None, "--space", "-s", help="space(s) or layer glob(s) to score "
+                                              "(default: every space the adapter offers); repeatable"),
+    n: int = typer.Option(16, help="base samples (the space's distribution is fitted on them)"),
+    pairs: int = typer.Option(8, help="interpolation pairs"),
+    steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's)"),
+    at: Optional[str] = typer.Option(None, help="steps at which per-step spaces are perturbed: a window "
+                                                "(early, middle, late) or a:b (default: every step)"),
+    scorer: str = typer.Option("auto", help="auto (oracle for zoo models, pixels otherwise), oracle or pixel"),
+    concept: Optional[str] = typer.Option(None, help="open domain: the concept prompt whose direction is added "
+                                                     "(default 'a dog'; Shapes world: a red object)"),
+    seed: int = typer.Option(0, help="first seed"),
+    out: Optional[str] = typer.Option(None, help="output folder (default: properties-<model>)"),
+) -> None:
+    """Score candidate spaces on density, smoothness, organization and relevance (Schaerf 2025, Figure 4)."""
+    from .experiments import properties as pr
+    from .experiments.properties_report import scorecard_figure, strips_figure
+    from .report.figures import png_bytes
+    from .specs import load
+
+    folder = Path(out or f"properties-{model.replace(':', '_').replace('/', '_')}")
+    gen_kw = {"num_inference_steps": steps} if steps else {}
+    try:
+        gen = load(model)
+        scores, details, strips, record = pr.run_properties(
+            gen, space or None, n=n, pairs=pairs, steps=at, scorer=scorer, concept=concept or "auto", seed=seed,
+            progress=True, **gen_kw)
+    except LayerscopeError as exc:
+        _fail(exc)
+        return
+    pr.save(folder, scores, details, strips, record)
+    (folder / "scorecard.png").write_bytes(png_bytes(scorecard_figure(scores, model)))
+    (folder / "strips.png").write_bytes(png_bytes(strips_figure(strips, record["strip_columns"], model)))
+    card = pr.scorecard(scores)
+    t = Table(title=f"{model}: latent-space properties (V >= {pr.FULL}, ~ >= {pr.PARTIAL}, X below; 95% CI)")
+    for col in ["space", *pr.PROPERTIES]:
+        t.add_column(col, overflow="fold")
+    for _, row in card.iterrows():
+        t.add_row(*(str(row[c]) for c in ["space", *pr.PROPERTIES]))
+    console.print(t)
+    console.print(f"wrote {folder}")
 
 
 @app.command("run")

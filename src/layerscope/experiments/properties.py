@@ -138,8 +138,9 @@ def plan_properties(model: "Generator", spaces: Any = None, *, n: int = 16, pair
     if spaces is None:
         names = candidate_spaces(model, height=cfg.height, width=cfg.width)
     else:
-        names = [e.name for e in lmap.select(spaces)]
-        bad = [s for s in names if s in _NOT_SPACES]
+        asked = [spaces] if isinstance(spaces, str) else list(spaces)
+        bad = [s for s in asked if s in _NOT_SPACES]
+        names = [e.name for e in lmap.select(asked) if e.name not in _NOT_SPACES]  # globs skip x_t
         if bad:
             raise ConfigError(f"{bad[0]} is the denoiser's input, which the sampler does not read back; score "
                               "'noise' or a layer instead")
@@ -308,7 +309,7 @@ def run_properties(model: "Generator | str", spaces: Any = None, *, n: int = 16,
 
     Returns ``(scores, details, strips, record)``: the tidy scores (``model, space, kind, property, score, low,
     high, mark``), the measurements behind them (``model, space, metric, value``), example image strips per space
-    (uint8, (k, H, W, 3): base, a density sample, the radii, the interpolation path, the concept addition) and the
+    (uint8, (k, 3, H, W): base, a density sample, the radii, the interpolation path, the concept addition) and the
     settings.
     """
     from ..specs import load
@@ -393,7 +394,7 @@ def run_properties(model: "Generator | str", spaces: Any = None, *, n: int = 16,
             "density": bootstrap(_density, [rd["in_dist"][r_dens], base_read["in_dist"]], **boot),
             "smoothness": bootstrap(_smoothness, [smooth_vals], **boot),
             "organization": bootstrap(_organization, [path_vals, rho_vals], **boot),
-            "relevance": bootstrap(_relevance, [unit_vals] + ([added, base_c] if r_con else []), **boot),
+            "relevance": bootstrap(_relevance, [unit_vals] + [a for a in (added, base_c) if a is not None], **boot),
         }
         kind = info.kind if info.is_space else "layer"
         for prop, (s, lo, hi) in est.items():
@@ -406,14 +407,15 @@ def run_properties(model: "Generator | str", spaces: Any = None, *, n: int = 16,
                     "path": float(np.mean(path_vals)), "rho_distance": float(np.mean(rho_vals)),
                     "unit_change": float(np.mean(unit_vals)), "d_far": d_far,
                     "space_dims": int(np.prod(info.shape)), "rows": len(rows_p)})
-        if r_con:
-            det["concept_base"] = float(np.mean(base_c))
-            det["concept_added"] = float(np.mean(added))
-            det["concept_gain"] = _gain(added, base_c) if plan.scorer == "oracle" else float(np.mean(added))
+        if r_con and base_c is not None:  # Shapes world: shares of images read as the concept
+            det.update(concept_base=float(np.mean(base_c)), concept_added=float(np.mean(added)),
+                       concept_gain=_gain(added, base_c))
+        elif r_con:  # open domain: the share of the distance to the concept image closed
+            det["concept_gain"] = float(np.mean(added))
         details += [{"model": gen.spec, "space": space, "metric": k, "value": val} for k, val in det.items()]
         pick = [r_dens[0]] + [r_rad[r][0] for r in RADII] + r_path[:len(INTERIOR) + 1] + r_con[:1]
         imgs = torch.cat([base.images[:1], out.images[pick]])
-        strips[space] = (imgs.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        strips[space] = (imgs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         bar(si + 1)
     record = plan.record()
     record["strip_columns"] = (["sample", "density"] + [f"+{r:g} sd" for r in RADII]

@@ -24,7 +24,8 @@ from .._version import __version__
 from ..errors import ConfigError
 
 #: modules that register report sections, in report order
-SECTION_MODULES = ("layerscope.experiments.injection_report", "layerscope.experiments.abstractions_report")
+SECTION_MODULES = ("layerscope.experiments.injection_report", "layerscope.experiments.abstractions_report",
+                   "layerscope.experiments.properties_report")
 RUN_FILE = "run.json"
 PAGE = "index.html"
 
