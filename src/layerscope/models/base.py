@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,6 +51,7 @@ class Generator(ABC):
     family: str = ""
     step_module: str | None = None
     default_max_batch: int = 16
+    supports_fork: bool = False  # adapters that can fork a generation at a step (see :meth:`generate`)
 
     def __init__(self, spec: str) -> None:
         self.spec = spec
@@ -167,6 +169,8 @@ class Generator(ABC):
         interventions: Sequence[Intervention] = (),
         max_batch: int | None = None,
         progress: bool | Callable[[int, int], None] | None = None,
+        fork_at: int | Sequence[int] | None = None,
+        fork_seeds: int | Sequence[int] | None = None,
         **gen_kwargs: Any,
     ) -> _engine.GenerationResult:
         """Generate one image per prompt (seed i for prompt i; default seeds 0..n-1) with captures/interventions.
@@ -174,6 +178,13 @@ class Generator(ABC):
         ``gen_kwargs``: ``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ``negative_prompt`` or
         pipeline-specific keywords. ``progress=True`` shows a progress bar over samples (or pass a callback
         ``f(done, total)``).
+
+        **Forking** (stochastic samplers only, e.g. DDIM with ``eta=1``): ``fork_at`` (a step, or one per row) and
+        ``fork_seeds`` (one per row; an int ``k`` means ``k, k+1, ...``). A row's initial noise and its sampler noise
+        up to step ``fork_at`` come from its seed, as without forking; the sampler noise drawn in step ``fork_at``
+        and after comes from its fork seed. Rows with the same prompt and seed therefore share the whole trajectory:
+        the denoiser's inputs at steps ``0..fork_at`` are identical, and they go apart from step ``fork_at + 1`` on.
+        A row's noise depends only on its own seeds, never on its batch.
         """
         if isinstance(prompts, (str, torch.Tensor)) and not (isinstance(prompts, torch.Tensor) and prompts.ndim > 1):
             prompts = [prompts]
@@ -183,6 +194,8 @@ class Generator(ABC):
         elif isinstance(seeds, int):
             seeds = [seeds + i for i in range(len(prompts))]
         cfg = self.config(**gen_kwargs)
+        if fork_at is not None or fork_seeds is not None:
+            seeds = self._fork_seeds(list(seeds), cfg, fork_at, fork_seeds)
         handle = self._pending_capture
         if capture is not None and handle is not None:
             raise ConfigError("pass capture= or use a `with model.capture(...)` block, not both")
@@ -194,8 +207,57 @@ class Generator(ABC):
             handle.result = result.capture
         return result
 
+    def _fork_seeds(self, seeds: list[int], cfg: GenerationConfig, fork_at: Any, fork_seeds: Any) -> list["ForkedSeed"]:
+        """Validate a fork request and attach it to each row's seed (so it travels with the row through batching)."""
+        n = len(seeds)
+        if fork_at is None or fork_seeds is None:
+            raise ConfigError("forking needs both fork_at (the step) and fork_seeds (one per row)")
+        if not self.supports_fork:
+            raise ConfigError(f"{type(self).__name__} cannot fork a generation: forking needs a diffusers pipeline "
+                              "with a stochastic sampler")
+        at = [int(fork_at)] * n if isinstance(fork_at, (int, np.integer)) else [int(a) for a in fork_at]
+        fs = ([int(fork_seeds) + i for i in range(n)] if isinstance(fork_seeds, (int, np.integer))
+              else [int(f) for f in fork_seeds])
+        if len(at) != n or len(fs) != n:
+            raise ConfigError(f"got {n} prompts but {len(at)} fork steps and {len(fs)} fork seeds; give one per row")
+        steps = self.num_steps(cfg)
+        bad = [a for a in at if not 0 <= a < steps]
+        if bad:
+            raise ConfigError(f"fork_at must be a step in 0..{steps - 1} (of {steps} steps), got {bad[0]}")
+        self._check_fork(cfg)
+        # the fork goes into the configuration's record too, so a stored run's fingerprint tells forks apart
+        cfg.extra[FORK_KEY] = ";".join(f"{a}:{f}" for a, f in zip(at, fs))
+        return [ForkedSeed(s, a, f) for s, a, f in zip(seeds, at, fs)]
+
+    def _check_fork(self, cfg: GenerationConfig) -> None:
+        """Raise :class:`ConfigError` unless this configuration samples stochastically (adapters override)."""
+        raise ConfigError(f"{type(self).__name__} cannot fork a generation")
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec!r} family={self.family}>"
+
+
+FORK_KEY = "_fork"  # GenerationConfig.extra key recording a fork request (adapters drop it from pipeline kwargs)
+
+
+class ForkedSeed(int):
+    """A row's seed (its int value: initial noise and sampler noise before the fork) carrying its fork: from step
+    ``at`` on, the row's sampler noise comes from ``fork_seed``. Made by :meth:`Generator.generate`."""
+
+    at: int
+    fork_seed: int
+
+    def __new__(cls, seed: int, at: int, fork_seed: int) -> "ForkedSeed":
+        obj = super().__new__(cls, int(seed))
+        obj.at = int(at)
+        obj.fork_seed = int(fork_seed)
+        return obj
+
+    def __getnewargs__(self) -> tuple[int, int, int]:  # pickle / copy
+        return (int(self), self.at, self.fork_seed)
+
+    def __repr__(self) -> str:
+        return f"ForkedSeed({int(self)}, at={self.at}, fork_seed={self.fork_seed})"
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..config import GenerationConfig
 from ..errors import ConfigError
 from ..layers import LayerInfo, Site
-from .base import Generator, Tap, seeded_noise
+from .base import FORK_KEY, Generator, Tap, seeded_noise
 
 
 class PipelineGenerator(Generator):
@@ -21,6 +23,7 @@ class PipelineGenerator(Generator):
     supported: dict[str, str] = {}  # pipeline class name -> variant
     family_prefix = ""
     pixel_variants: tuple[str, ...] = ("shapes",)  # denoise images directly: no VAE, scale factor 1
+    supports_fork = True  # with a stochastic sampler: per-row sampler-noise generators, re-seeded at the fork
 
     def __init__(self, pipe: Any, spec: str) -> None:
         cls = type(pipe).__name__
@@ -116,9 +119,74 @@ class PipelineGenerator(Generator):
         noise = seeded_noise(seeds, shape, self.device, self.dtype)
         return self.taps["noise"](noise)
 
-    def _generator(self, seeds: Sequence[int]) -> torch.Generator:
-        # only stochastic schedulers draw from it; deterministic ones (DDIM eta=0, Euler, flow matching) ignore it
-        return torch.Generator("cpu").manual_seed(int(seeds[0]))
+    def _generator(self, seeds: Sequence[int]) -> list[torch.Generator]:
+        """One sampler-noise generator per row, seeded from the row's own seed (or its fork seed when it forks at
+        step 0), so a row's noise does not depend on its batch. Only stochastic samplers draw from them; the
+        deterministic ones (DDIM eta=0, Euler, flow matching) ignore them."""
+        return [torch.Generator("cpu").manual_seed(
+            sampler_seed(s.fork_seed, FORK_STREAM) if getattr(s, "at", None) == 0 else sampler_seed(int(s)))
+            for s in seeds]
+
+    def _fork_callback(self, seeds: Sequence[int], gens: list[torch.Generator], kw: dict) -> None:
+        """Re-seed each forking row's generator with its fork seed at the end of step ``at - 1``, i.e. before the
+        scheduler step of step ``at`` draws its noise (forks at step 0 are seeded so by :meth:`_generator`)."""
+        plan: dict[int, list[int]] = {}
+        for r, s in enumerate(seeds):
+            at = getattr(s, "at", None)
+            if at:
+                plan.setdefault(at - 1, []).append(r)
+        if not plan:
+            return
+
+        def reseed(step: int) -> None:
+            for r in plan.get(int(step), ()):
+                gens[r].manual_seed(sampler_seed(seeds[r].fork_seed, FORK_STREAM))
+
+        params = inspect.signature(self.pipe.__call__).parameters
+        if "callback_on_step_end" in params:
+            user = kw.get("callback_on_step_end")
+
+            def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+                reseed(step)
+                return user(pipe, step, timestep, callback_kwargs) if user is not None else {}
+
+            kw["callback_on_step_end"] = on_step_end
+        elif "callback" in params:  # older pipelines (PixArt-alpha): callback(step, timestep, latents)
+            user = kw.get("callback")
+
+            def on_step(step: int, timestep: Any, latents: torch.Tensor) -> None:
+                reseed(step)
+                if user is not None:
+                    user(step, timestep, latents)
+
+            kw["callback"] = on_step
+            kw["callback_steps"] = 1
+        else:
+            raise ConfigError(f"{type(self.pipe).__name__} takes no step callback: it cannot fork after step 0")
+
+    def _stochastic(self, cfg: GenerationConfig) -> tuple[bool, str]:
+        """Whether this scheduler with these settings draws fresh noise at each step (needed to fork), and why."""
+        sched = self.pipe.scheduler
+        name = type(sched).__name__
+        if name in ("DDIMScheduler", "DDIMParallelScheduler"):
+            eta = float(cfg.extra.get("eta", 0.0))
+            return eta > 0, f"{name} with eta={eta:g}"
+        if "generator" not in inspect.signature(sched.step).parameters:
+            return False, f"{name} draws no noise in its steps"
+        if name in STOCHASTIC_SCHEDULERS:
+            return True, name
+        algo = str(getattr(sched.config, "algorithm_type", ""))
+        if algo.startswith("sde"):
+            return True, f"{name} with algorithm_type={algo}"
+        return False, f"{name} (deterministic as configured)"
+
+    def _check_fork(self, cfg: GenerationConfig) -> None:
+        ok, what = self._stochastic(cfg)
+        if not ok:
+            raise ConfigError(
+                f"cannot fork with a deterministic sampler ({what}): continuations from one state would all be the "
+                "same. Use a stochastic sampler, e.g. DDIM with eta > 0 (eta=1 is DDPM-like: pass eta=1.0), or a "
+                f"scheduler among {', '.join(sorted(STOCHASTIC_SCHEDULERS))}")
 
     def _decode_kl(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from the final latent (pixel-space pipelines: the sample itself, in [-1, 1])."""
@@ -156,6 +224,8 @@ class PipelineGenerator(Generator):
             generator=self._generator(seeds),
         )
         kw.update(cfg.extra)
+        kw.pop(FORK_KEY, None)
+        self._fork_callback(seeds, kw["generator"], kw)
         return kw
 
     def _negatives(self, prompts: Sequence[Any], cfg: GenerationConfig) -> list[str] | None:
@@ -169,3 +239,17 @@ class PipelineGenerator(Generator):
         if bad:
             raise ConfigError(f"this pipeline takes text prompts; got a {type(bad[0]).__name__}")
         return list(prompts)
+
+
+# schedulers whose every step (but possibly the last) draws fresh noise from the generator it is passed
+STOCHASTIC_SCHEDULERS = frozenset({"DDPMScheduler", "DDPMParallelScheduler", "EulerAncestralDiscreteScheduler",
+                                   "KDPM2AncestralDiscreteScheduler", "LCMScheduler"})
+SAMPLER_STREAM = 1  # sampler noise is seeded from (seed, stream): not the seed itself, which drew x_T
+FORK_STREAM = 2
+
+
+def sampler_seed(seed: int, stream: int = SAMPLER_STREAM) -> int:
+    """A 63-bit generator seed derived from (seed, stream) (numpy SeedSequence): a row's sampler noise must not
+    replay the draws of its initial noise, which a generator seeded with the seed itself would."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, stream]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])

@@ -13,11 +13,13 @@ A saved model is a folder a diffusers user recognises: ``model_index.json``, ``u
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel
 
 from ..text import MAX_LENGTH
@@ -44,8 +46,15 @@ class _ShapesPipeline(DiffusionPipeline):
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 20, guidance_scale: float = 3.0, height: int | None = None,
                  width: int | None = None, latents: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, output_type: str = "pt", return_dict: bool = True,
-                 eta: float = 0.0) -> Any:
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pt",
+                 return_dict: bool = True, eta: float = 0.0, callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs: list[str] | None = None) -> Any:
+        """As ``StableDiffusionPipeline.__call__``: ``generator`` may be one per sample (then each sample's noise is
+        its own: the initial noise when ``latents`` is None, and DDIM's step noise when ``eta > 0``), and
+        ``callback_on_step_end(pipe, step, timestep, {"latents": x})`` runs after each step (it may return a new
+        ``latents``)."""
+        if set(callback_on_step_end_tensor_inputs or ["latents"]) != {"latents"}:
+            raise ValueError("callback_on_step_end_tensor_inputs: this pipeline passes only 'latents'")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         model = self._model
         size = model.config.sample_size
@@ -58,10 +67,10 @@ class _ShapesPipeline(DiffusionPipeline):
         states = self.encode_prompt(prompts, negative).to(model.dtype)
         channels = model.config.in_channels
         if latents is None:
-            latents = torch.randn((len(prompts), channels, height, width), generator=generator, dtype=model.dtype)
+            latents = randn_tensor((len(prompts), channels, height, width), generator=generator, dtype=model.dtype)
         x = latents.to(device=model.device, dtype=model.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=model.device)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             inp = torch.cat([x, x]) if guide else x
             inp = self.scheduler.scale_model_input(inp, t)
             out = self._predict(inp, t.expand(len(inp)), states)
@@ -69,6 +78,9 @@ class _ShapesPipeline(DiffusionPipeline):
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
             x = self.scheduler.step(out, t, x, eta=eta, generator=generator, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(self, i, t, {"latents": x}) or {}
+                x = outputs.pop("latents", x)
         images = x if output_type == "latent" else (x.float() / 2 + 0.5).clamp(0, 1)
         self.maybe_free_model_hooks()
         return (images,) if not return_dict else {"images": images}
