@@ -1,5 +1,6 @@
 """The probe grid on real captures: features per layer x step (+ projected x_t), oracle labels, user CSV labels."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -83,3 +84,135 @@ def test_cli_abstractions_errors():
     assert res.exit_code == 2 and "--labels" in res.output
     res = runner.invoke(command(), ["abstractions", "zoo:dit", "--n", "3"])
     assert res.exit_code == 2 and "at least 8" in res.output
+
+
+# -- forking -------------------------------------------------------------------------------------------------------
+def _forked_x_t(model, steps, at, **kw):
+    cap = ls.Capture(["x_t"], pooled=False, branches=["cond"])
+    res = model.generate([kw.pop("prompt", "")] * 3, [7] * 3, capture=cap, fork_at=at, fork_seeds=[1, 2, 3],
+                         max_batch=kw.pop("max_batch", None),
+                         num_inference_steps=steps, eta=1.0, **kw)
+    return res.capture["x_t"][:, :, 0], res.images
+
+
+@pytest.mark.parametrize("family", ["zoo:dit", "tiny:sd", "tiny:pixart"])
+def test_forks_share_the_trajectory_up_to_tau_and_differ_after(family, dit):
+    """zoo:dit (our DDIM loop, forks in one batch), tiny:sd (diffusers, callback_on_step_end), tiny:pixart (legacy
+    callback). The tiny models' identical rows in one batch differ by ~1e-5 even without noise (batched float
+    arithmetic), so their forks run one per batch: bitwise equality then tests the fork, not the kernels."""
+    model = dit if family == "zoo:dit" else tiny(family.split(":")[1])
+    kw = ({"guidance_scale": 1.0} if family == "zoo:dit"
+          else {"prompt": "a red cat", "guidance_scale": 4.0, "max_batch": 1})
+    for at in (0, 2):
+        x, images = _forked_x_t(model, 4, at, **dict(kw))
+        for step in range(4):
+            same = [torch.equal(x[0, step], x[k, step]) for k in (1, 2)]
+            assert same == ([True, True] if step <= at else [False, False]), (family, at, step)
+        assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])
+    # forks of different starts differ from step 0; the same fork request reproduces bitwise
+    again, images2 = _forked_x_t(model, 4, 2, **dict(kw))
+    torch.testing.assert_close(again, x, rtol=0, atol=0)
+    torch.testing.assert_close(images2, images, rtol=0, atol=0)
+
+
+def test_fork_per_row_steps_and_batch_independence(dit):
+    """fork_at per row, and a row's forked ending does not depend on its batch (only on its seeds)."""
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, eta=1.0)
+    both = dit.generate([""] * 4, [3, 3, 4, 4], fork_at=[1, 1, 0, 2], fork_seeds=[5, 6, 5, 6], **kw).images
+    alone = dit.generate([""], [4], fork_at=2, fork_seeds=[6], **kw).images
+    torch.testing.assert_close(alone[0], both[3], rtol=0, atol=1e-4)
+    assert (alone[0] - both[2]).abs().max() > 1e-2  # same start, other fork step and seed
+
+
+def test_no_fork_leaves_generation_unchanged(dit):
+    """fork_at=None: deterministic sampling is what the pipeline gives with the old single generator; stochastic
+    sampling gives each row its own noise (before, every row drew from one generator seeded by the batch's first)."""
+    from layerscope.models.base import seeded_noise
+
+    new = dit.generate([""] * 2, [11, 12], num_inference_steps=3, guidance_scale=1.0).images
+    noise = seeded_noise([11, 12], (3, 32, 32), "cpu", torch.float32)
+    old = dit.pipe(prompt=[""] * 2, latents=noise, num_inference_steps=3, guidance_scale=1.0, output_type="latent",
+                   return_dict=False, generator=torch.Generator("cpu").manual_seed(11))[0]
+    torch.testing.assert_close(new, (old / 2 + 0.5).clamp(0, 1), rtol=0, atol=0)
+    kw = dict(num_inference_steps=3, guidance_scale=1.0, eta=1.0)
+    pair = dit.generate([""] * 2, [11, 12], **kw).images
+    alone = dit.generate([""], [12], **kw).images
+    torch.testing.assert_close(alone[0], pair[1], rtol=0, atol=1e-4)
+    assert (pair[0] - pair[1]).abs().max() > 1e-2
+
+
+def test_fork_errors(dit):
+    with pytest.raises(ls.ConfigError, match="deterministic sampler .*eta=0"):
+        tiny("sd").generate(["a cat"] * 2, [0, 0], fork_at=1, fork_seeds=[1, 2], num_inference_steps=3)
+    with pytest.raises(ls.ConfigError, match="deterministic sampler .*FlowMatch"):
+        tiny("sd3").generate(["a cat"] * 2, [0, 0], fork_at=1, fork_seeds=[1, 2], num_inference_steps=3, eta=1.0)
+    with pytest.raises(ls.ConfigError, match="fork_at must be a step in 0..2"):
+        dit.generate([""] * 2, [0, 0], fork_at=3, fork_seeds=[1, 2], num_inference_steps=3, eta=1.0)
+    with pytest.raises(ls.ConfigError, match="both fork_at"):
+        dit.generate([""] * 2, [0, 0], fork_at=1, num_inference_steps=3, eta=1.0)
+    with pytest.raises(ls.ConfigError, match="one per row"):
+        dit.generate([""] * 2, [0, 0], fork_at=1, fork_seeds=[1], num_inference_steps=3, eta=1.0)
+    with pytest.raises(ls.ConfigError, match="cannot fork"):
+        ls.load("zoo:vae").generate([None] * 2, [0, 0], fork_at=0, fork_seeds=[1, 2])
+
+
+def test_plugin_entropy():
+    assert ab.plugin_entropy([3, 3, 3, 3]) == 0.0
+    for k in (2, 3, 4, 8):
+        assert ab.plugin_entropy(list(range(k)) * 3) == pytest.approx(np.log2(k))
+    assert ab.plugin_entropy([0] * 7 + [1]) == pytest.approx(-(7 / 8 * np.log2(7 / 8) + 1 / 8 * np.log2(1 / 8)))
+    assert ab.plugin_entropy(["a", "b"]) == pytest.approx(1.0)
+
+
+def test_commitment_times_on_a_synthetic_table():
+    curves = {"early": [2.0, 0.4, 0.1, 0.0], "late": [2.0, 1.5, 0.9, 0.2], "back": [2.0, 0.3, 0.8, 0.1],
+              "never": [2.0, 1.9, 1.8, 1.7], "flat": [0.2, 0.1, 0.0, 0.0]}
+    summary = pd.DataFrame([{"tau": tau, "factor": f, "entropy": h} for f, hs in curves.items()
+                            for tau, h in zip((0, 2, 4, 6), hs)])
+    assert ab.commitment_times(summary, 0.5) == {"early": 2, "late": 6, "back": 6, "never": None, "flat": 0}
+    assert ab.commitment_times(summary, fraction=0.5) == {"early": 2, "late": 4, "back": 2, "never": None,
+                                                          "flat": 2}
+
+
+def test_fork_entropy_table_and_summary():
+    plan = ab.fork_plan(2, 4, [0, 3], seed=5)
+    assert len(plan) == 16 and set(plan["seed"]) == {5, 6}
+    assert plan[plan["tau"] == 0]["fork_seed"].tolist() == plan[plan["tau"] == 3]["fork_seed"].tolist()
+    assert plan["fork_seed"].nunique() == 8
+    pred = np.zeros((16, 2), dtype=int)
+    pred[:4, 0] = [0, 1, 2, 3]  # tau 0, prompt 0: four values of factor a
+    pred[4:8, 0] = [0, 0, 1, 1]  # tau 0, prompt 1
+    t = ab.fork_entropy_table(plan, pred, np.ones((16, 2)), ["a", "b"], [4, 2])
+    row = t[(t["tau"] == 0) & (t["prompt"] == 0) & (t["factor"] == "a")].iloc[0]
+    assert row["entropy"] == pytest.approx(2.0) and row["normalised"] == pytest.approx(1.0) and row["distinct"] == 4
+    assert (t[t["factor"] == "b"]["entropy"] == 0).all() and (t[t["tau"] == 3]["entropy"] == 0).all()
+    s = ab.entropy_summary(t)
+    a0 = s[(s["tau"] == 0) & (s["factor"] == "a")].iloc[0]
+    assert a0["entropy"] == pytest.approx(1.5) and a0["low"] <= 1.5 <= a0["high"] and a0["prompts"] == 2
+
+
+def test_run_forking_on_the_zoo(dit):
+    """The last DDIM step of the zoo draws no noise (alpha_prev = 1): forks at the last step end identically."""
+    table, record = ab.run_forking(dit, n_prompts=3, n_forks=3, taus=[0, 2], num_inference_steps=3)
+    assert len(table) == 2 * 3 * 6 and set(table["tau"]) == {0, 2}
+    assert ((table["entropy"] >= 0) & (table["entropy"] <= np.log2(3) + 1e-9)).all()
+    assert (table[table["tau"] == 2]["entropy"] == 0).all()
+    assert record["generations"] == 18 and record["settings"]["eta"] == 1.0
+    assert set(record["commitment"]) == set(table["factor"])
+    assert all(v in (0, 2) for v in record["commitment"].values())  # entropy 0 at tau 2: committed by then
+
+
+def test_cli_abstractions_forking(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "forks"
+    res = runner.invoke(command(), ["abstractions", "zoo:dit", "--no-probes", "--forks", "2", "--fork-prompts", "2",
+                                    "--taus", "0,1", "--steps", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "order of commitment" in res.output and not (out / ab.TABLE).exists()
+    table = pd.read_parquet(out / ab.FORK_TABLE)
+    assert len(table) == 2 * 2 * 6 and (out / "forking.png").stat().st_size > 0
+    assert (table[table["tau"] == 1]["entropy"] == 0).all()  # the last DDIM step draws no noise
+    for args, msg in ((["zoo:dit", "--no-probes"], "needs --forks"), (["tiny:sd", "--forks", "2"], "zoo model"),
+                      (["zoo:dit", "--no-probes", "--forks", "2", "--taus", "a,b"], "comma-separated")):
+        res = runner.invoke(command(), ["abstractions", *args])
+        assert res.exit_code == 2 and msg in res.output, res.output

@@ -13,6 +13,12 @@ Gaussian random projection (seeded), since its spatial mean is only a mean colou
 On the zoo the samples are drawn **unconditionally** (empty prompt, no guidance; the zoo models were trained with
 10% prompt dropout): with a prompt, every cross-attention layer would carry the prompt's factors from the first step
 on, and the grid would only show that the text is read, not when the process commits.
+
+Forking entropy (:func:`run_forking`): run a generation to step tau, fork ``n_forks`` continuations with fresh sampler
+noise (DDIM with ``eta=1``; :meth:`Generator.generate`'s ``fork_at`` / ``fork_seeds``), read each ending with the
+oracle, and take per factor the plug-in entropy of the readings across the forks of one start; its mean over starts
+falls as tau grows, and the step from which it stays low is when the process has committed to that factor
+(:func:`commitment_times`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 from ..engine.progress import ProgressArg
 from ..engine.spec import Capture
 from ..errors import ConfigError
+from ..metrics.images import mean_ci
 from .probes import ProbeGrid, fit_probe_grid
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,6 +44,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 BASELINE = "x_t"
 TABLE = "probes.parquet"
+FORK_TABLE = "forks.parquet"
+# commitment: the mean fork entropy stays at or below COMMIT_BITS from that tau on. Fixed before any result was seen:
+# with 8 forks, one fork in 8 reading another value is 0.54 bit, so <= 0.5 bit means that on average the forks of a
+# start agree on the factor, up to less than one dissenting fork in 8 (and any share of oracle misreadings).
+COMMIT_BITS = 0.5
+# the relative criterion, also fixed beforehand: the mean entropy stays at or below this fraction of its tau=0 value
+COMMIT_FRACTION = 0.5
 
 
 @dataclass
@@ -231,3 +245,150 @@ def relative_onsets(table: pd.DataFrame, chance: dict[str, float], frac: float =
         out[f] = {"step": int(hit["step"].iloc[0]), "layer": str(hit["layer"].iloc[0]),
                   "value": float(hit["value"].iloc[0]), "level": level, "top": top}
     return out
+
+
+# -- forking entropy -----------------------------------------------------------------------------------------------
+def plugin_entropy(values: Sequence[Any]) -> float:
+    """Plug-in (maximum-likelihood) entropy in bits of the empirical distribution of ``values``: 0 when all agree,
+    log2(k) for k equally frequent values. Biased low for few samples (at most log2(len(values)))."""
+    _, counts = np.unique(np.asarray(values), return_counts=True)
+    if counts.size == 0:
+        raise ValueError("the entropy of no values is undefined")
+    p = counts / counts.sum()
+    return float(max(0.0, -(p * np.log2(p)).sum()))
+
+
+def fork_plan(n_prompts: int, n_forks: int, taus: Sequence[int], seed: int = 0) -> pd.DataFrame:
+    """One row per generation: tau, prompt (index), fork, seed (the start: initial noise and the noise before the
+    fork) and fork_seed. Rows are grouped by (tau, prompt) so a batch of a multiple of ``n_forks`` rows keeps the forks
+    of a start together. Fork k of prompt p has the same fork seed at every tau (common random numbers)."""
+    rows = [(int(tau), p, k, seed + p, 10_000 + seed + p * n_forks + k)
+            for tau in taus for p in range(n_prompts) for k in range(n_forks)]
+    return pd.DataFrame(rows, columns=["tau", "prompt", "fork", "seed", "fork_seed"])
+
+
+def fork_entropy_table(plan: pd.DataFrame, pred: np.ndarray, confidence: np.ndarray, factors: Sequence[str],
+                       sizes: Sequence[int]) -> pd.DataFrame:
+    """Per (tau, prompt, factor): the plug-in entropy (bits) of the forks' readings ``pred`` (rows of ``plan``, one
+    column per factor), normalised by log2(number of values of the factor), the number of distinct values, the
+    share of forks on the most common value and the oracle's mean confidence."""
+    rows = []
+    for (tau, prompt), idx in plan.groupby(["tau", "prompt"], sort=True).indices.items():
+        for j, (f, k) in enumerate(zip(factors, sizes)):
+            v = pred[idx, j]
+            h = plugin_entropy(v)
+            rows.append({"tau": int(tau), "factor": f, "prompt": int(prompt), "entropy": h,
+                         "normalised": h / np.log2(k), "distinct": int(np.unique(v).size),
+                         "mode_share": float(np.bincount(v).max() / len(v)),
+                         "confidence": float(confidence[idx, j].mean()), "forks": int(len(idx))})
+    return pd.DataFrame(rows)
+
+
+def entropy_summary(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per (model, tau, factor): mean fork entropy over starts with a bootstrap CI (bits), and the normalised mean."""
+    rows = []
+    keys = ["model", "tau", "factor"] if "model" in table else ["tau", "factor"]
+    for key, sub in table.groupby(keys, sort=False):
+        mean, lo, hi = mean_ci(sub["entropy"].to_numpy(), confidence)
+        rows.append({**dict(zip(keys, key)), "entropy": mean, "low": lo, "high": hi,
+                     "normalised": float(sub["normalised"].mean()), "mode_share": float(sub["mode_share"].mean()),
+                     "prompts": int(len(sub))})
+    return pd.DataFrame(rows).sort_values(keys[:-1], kind="stable").reset_index(drop=True)
+
+
+def commitment_times(summary: pd.DataFrame, threshold: float = COMMIT_BITS, fraction: float | None = None
+                     ) -> dict[str, int | None]:
+    """Per factor, the first tau from which the mean entropy stays at or below ``threshold`` bits at every later tau
+    of ``summary`` (an :func:`entropy_summary` of one model), or, with ``fraction``, at or below ``fraction`` times
+    its value at the first tau. None when it is above at the last tau."""
+    out: dict[str, int | None] = {}
+    for f, sub in summary.groupby("factor", sort=False):
+        sub = sub.sort_values("tau")
+        taus = sub["tau"].to_numpy()
+        h = sub["entropy"].to_numpy()
+        level = threshold if fraction is None else fraction * h[0]
+        above = np.nonzero(h > level + 1e-12)[0]
+        if len(above) == 0:
+            out[str(f)] = int(taus[0])
+        elif above[-1] == len(h) - 1:
+            out[str(f)] = None
+        else:
+            out[str(f)] = int(taus[above[-1] + 1])
+    return out
+
+
+def run_forking(model: "Generator | str", n_prompts: int = 16, n_forks: int = 8, taus: Sequence[int] | None = None,
+                *, seed: int = 0, conditional: bool = False, eta: float = 1.0, max_batch: int | None = None,
+                progress: ProgressArg = None, **gen_kwargs: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Forking entropy on a Shapes-world model (Corallo et al. 2024).
+
+    ``n_prompts`` starts (unconditional, empty prompt and no guidance, as :func:`run_probes`; or with
+    ``conditional`` held-out prompts at the model's guidance), each run to every step tau of ``taus`` (default: every
+    step but the last, whose DDIM update draws no noise) and forked there into ``n_forks`` continuations with fresh
+    sampler noise (DDIM with ``eta``). The oracle reads each ending; per start, tau and factor the table holds the
+    plug-in entropy (bits) of the readings across the forks. All forks of all starts and taus go in one generate call
+    (chunks of a multiple of ``n_forks`` rows). Returns the tidy table (model, tau, timestep, factor, prompt, entropy,
+    normalised, distinct, mode_share, confidence, forks) and a record (summary with bootstrap CIs, commitment times,
+    settings, timing)."""
+    import time
+
+    from ..world.factors import FACTORS, SIZES, sample_factors
+    from ..world.oracle import read
+    from ..world.text import prompts_for
+
+    if isinstance(model, str):
+        from ..specs import load
+
+        model = load(model)
+    if n_prompts < 1 or n_forks < 2:
+        raise ConfigError(f"forking needs at least 1 start and 2 forks, got {n_prompts} and {n_forks}")
+    if not conditional:
+        gen_kwargs.setdefault("guidance_scale", 1.0)
+    cfg = model.config(eta=eta, **gen_kwargs)
+    steps = model.num_steps(cfg)
+    if steps < 2:
+        raise ConfigError(f"{model.spec}: forking needs a denoising model with at least 2 steps")
+    taus = list(range(steps - 1)) if taus is None else sorted({int(t) for t in taus})
+    plan = fork_plan(n_prompts, n_forks, taus, seed)
+    if conditional:
+        factors = sample_factors(n_prompts, seed + 101, split="test")
+        texts = prompts_for(factors)
+    else:
+        factors = None
+        texts = [""] * n_prompts
+    batch = max_batch or n_forks * max(1, model.default_max_batch * 2 // n_forks)
+    batch = max(n_forks, batch - batch % n_forks)
+    t0 = time.perf_counter()
+    res = model.generate([texts[p] for p in plan["prompt"]], plan["seed"].tolist(), fork_at=plan["tau"].tolist(),
+                         fork_seeds=plan["fork_seed"].tolist(), max_batch=batch, progress=progress, eta=eta,
+                         **gen_kwargs)
+    gen_seconds = time.perf_counter() - t0
+    reading = read(res.images)
+    sizes = [SIZES[f] for f in FACTORS]
+    table = fork_entropy_table(plan, reading.pred, reading.confidence, FACTORS, sizes)
+    all_t = [float(t) for t in res.timesteps]
+    table["timestep"] = table["tau"].map(lambda t: all_t[t] if all_t else np.nan)
+    table.insert(0, "model", model.spec)
+    table = table[["model", "tau", "timestep", "factor", "prompt", "entropy", "normalised", "distinct", "mode_share",
+                   "confidence", "forks"]]
+    summary = entropy_summary(table)
+    record: dict[str, Any] = {
+        "model": model.spec, "starts": n_prompts, "forks": n_forks, "taus": taus, "conditional": conditional,
+        "generations": len(plan), "seed": seed,
+        "settings": {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
+                     "eta": eta, "sampler": type(getattr(getattr(model, "pipe", None), "scheduler", None)).__name__},
+        "timesteps": [all_t[t] for t in taus] if all_t else [],
+        "entropy": "plug-in (maximum-likelihood) entropy of the oracle's readings across the forks of one start, "
+                   "bits; mean over starts with a 95% bootstrap CI",
+        "max_bits": {f: float(np.log2(min(n_forks, k))) for f, k in zip(FACTORS, sizes)},
+        "threshold_bits": COMMIT_BITS, "fraction": COMMIT_FRACTION,
+        "summary": summary.drop(columns=["model"]).to_dict(orient="records"),
+        "commitment": commitment_times(summary, COMMIT_BITS),
+        "commitment_relative": commitment_times(summary, fraction=COMMIT_FRACTION),
+        "oracle_confidence": dict(zip(FACTORS, [float(v) for v in reading.confidence.mean(0)])),
+        "generate_seconds": gen_seconds, "seconds_per_generation": gen_seconds / len(plan), "max_batch": batch,
+    }
+    if factors is not None:
+        agree = reading.pred == np.asarray(factors)[plan["prompt"].to_numpy()]
+        record["prompt_agreement"] = {f: float(agree[:, j].mean()) for j, f in enumerate(FACTORS)}
+    return table, record
