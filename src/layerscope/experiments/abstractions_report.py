@@ -120,15 +120,18 @@ def forking_sentence(model: str, record: dict[str, Any], probe_steps: dict[str, 
     text = (f"{model}: order of commitment (mean fork entropy at or below {record['threshold_bits']:g} bit from that "
             f"tau on): {_order(commit)}.")
     hues = max(t["floor_hue"], t["wall_hue"])
-    mid = max(t["object_hue"], t["shape"])
     late = min(t["scale"], t["orientation"])
-    if hues < late and mid < late:
+    mid_before = [f for f in ("object_hue", "shape") if t[f] < late]
+    mid_not = [f for f in ("object_hue", "shape") if t[f] >= late]
+    if hues < late and not mid_not:
         text += (" As Corallo et al. (2024) report, wall/floor hue, object hue and shape commit before scale and "
                  "orientation")
-        text += "." if hues <= min(t["object_hue"], t["shape"]) else             ", though not all of the large-extent hues before object hue and shape."
+        text += "." if hues <= min(t["object_hue"], t["shape"]) else \
+            ", though not all of the large-extent hues before object hue and shape."
     elif hues < late:
-        text += (" Partly the paper's order: wall and floor hue commit before scale and orientation, but object hue "
-                 "and shape do not.")
+        text += (" Partly the paper's order: wall and floor hue commit before scale and orientation"
+                 + (f", and so does {mid_before[0]}" if mid_before else "")
+                 + f", but {' and '.join(mid_not)} {'does' if len(mid_not) == 1 else 'do'} not.")
     else:
         text += (" Not the paper's order (large-extent hues first, scale and orientation last): scale or orientation "
                  "commits no later than wall and floor hue.")
