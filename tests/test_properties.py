@@ -88,13 +88,13 @@ def test_zoo_diffusion_rows_are_what_they_claim():
 
 def test_open_domain_pipeline_with_pixels_and_a_concept_prompt():
     sd = tiny("sd")
-    scores, details, strips, record = pr.run_properties(sd, ["text_eos", "mid_block"], n=4, pairs=2,
+    scores, details, strips, record = pr.run_properties(sd, ["text_eos", "mid_block", "vae_latent"], n=4, pairs=2,
                                                         num_inference_steps=2, n_boot=100)
     assert record["scorer"] == "pixel" and record["concept"] == pr.OPEN_CONCEPT
-    assert set(scores["space"]) == {"text_eos", "mid_block"}
+    assert set(scores["space"]) == {"text_eos", "mid_block", "vae_latent"}
     assert set(scores[scores["space"] == "mid_block"]["kind"]) == {"layer"}
     gain = details[details["metric"] == "concept_gain"]["value"]
-    assert len(gain) == 2 and ((gain >= 0) & (gain <= 1)).all()
+    assert len(gain) == 3 and ((gain >= 0) & (gain <= 1)).all()
 
 
 def test_errors_before_any_generation():

@@ -52,7 +52,7 @@ def test_run_quick_writes_tables_and_page(report):
         assert {"accuracy", "cross_entropy", "mi_bound"} == set(probes["metric"])
         assert "x_t" in set(probes["layer"])
     assert page.count("Reproduce: <code>layerscope properties zoo:") >= 3
-    assert "synthesis" in page and "Sanity generators built to fail" in page
+    assert "picture" in page and "Sanity generators built to fail" in page
     for spec in ("zoo_unet", "zoo_vae", "zoo_gan"):
         scores = pd.read_parquet(report / "properties" / spec / "properties.parquet")
         assert set(scores["property"]) == {"density", "smoothness", "organization", "relevance"}
