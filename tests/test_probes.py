@@ -51,6 +51,21 @@ def test_onset_of_a_linearly_coded_factor(onset_grid):
         grid.onset(0.9, order=[("late", 0)])
 
 
+def test_accuracy_and_onset_intervals(onset_grid):
+    from layerscope.experiments.abstractions import onset_intervals
+
+    grid = onset_grid
+    assert grid.test_correct.shape == (C, 2, grid.n_test)
+    assert torch.allclose(grid.test_correct.double().mean(-1), grid.accuracy)
+    lo, hi = grid.accuracy_ci()
+    assert bool((lo <= grid.accuracy + 1e-12).all() and (grid.accuracy <= hi + 1e-12).all())
+    width = (hi - lo)[:, 1]  # a chance-level factor on 150 held-out samples: about +-8 points
+    assert bool((width > 0.05).all() and (width < 0.25).all()), width
+    ci = onset_intervals(grid)  # keys are (layer, step), as the zoo's
+    assert ci["a"] == (ONSET, ONSET)  # a sharp onset: every resample finds the same step
+    assert ci["b"][0] <= ci["b"][1]  # never coded: the "onset" of noise wanders
+
+
 def test_mi_bound_tracks_information(onset_grid):
     grid = onset_grid
     h = grid.entropy

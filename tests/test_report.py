@@ -49,7 +49,7 @@ def test_run_quick_writes_tables_and_page(report):
     assert "Models" in page and "prompt agreement" in page  # model cards
     for spec in ("zoo_unet", "zoo_dit"):
         probes = pd.read_parquet(report / "abstractions" / spec / "probes.parquet")
-        assert {"accuracy", "cross_entropy", "mi_bound"} == set(probes["metric"])
+        assert {"accuracy", "cross_entropy", "mi_bound", "accuracy_low", "accuracy_high"} == set(probes["metric"])
         assert "x_t" in set(probes["layer"])
     assert page.count("Reproduce: <code>layerscope properties zoo:") >= 3
     assert "picture" in page and "Sanity generators built to fail" in page

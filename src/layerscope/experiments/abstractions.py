@@ -139,9 +139,19 @@ def labels_from_csv(path: str | Path) -> tuple[list[str], torch.Tensor, list[str
     return [r["prompt"] for r in rows], torch.tensor(codes, dtype=torch.long).T.contiguous(), factors, sizes
 
 
-def probe_table(grid: ProbeGrid, feats: Features, model: str) -> pd.DataFrame:
-    """The grid as a tidy table: model, layer, layer_index, step, timestep, factor, metric, value."""
+def probe_table(grid: ProbeGrid, feats: Features, model: str, n_boot: int = 200) -> pd.DataFrame:
+    """The grid as a tidy table: model, layer, layer_index, step, timestep, factor, metric, value; metrics
+    accuracy, cross_entropy, mi_bound and ``accuracy_low`` / ``accuracy_high``, the 95% percentile bootstrap interval
+    of the held-out accuracy (held-out samples resampled)."""
     t = grid.to_frame()
+    if grid.test_correct is not None:
+        lo, hi = grid.accuracy_ci(n_boot=n_boot)
+        c, f = lo.shape
+        extra = pd.DataFrame({"cell": [k for k in grid.keys for _ in range(2 * f)],
+                              "factor": [grid.factors[j] for _ in range(c) for j in range(f) for _ in range(2)],
+                              "metric": ["accuracy_low", "accuracy_high"] * (c * f),
+                              "value": torch.stack([lo, hi], dim=-1).reshape(-1).numpy()})
+        t = pd.concat([t, extra[t.columns]], ignore_index=True)
     layer_index = {name: i for i, name in enumerate(feats.layers)}
     tsteps = dict(zip(feats.steps, feats.timesteps))
     t["layer"] = [c[0] for c in t["cell"]]
@@ -184,7 +194,8 @@ def run_probes(model: "Generator | str", n: int = 320, *, seed: int = 0, steps: 
               "chance": dict(zip(FACTORS, [float(v) for v in grid.chance])),
               "oracle_confidence": dict(zip(FACTORS, [float(v) for v in conf.mean(0)])),
               "in_distribution": float((conf >= 0.9).all(1).mean()),
-              "fit_seconds": float(grid.seconds)}
+              "fit_seconds": float(grid.seconds),
+              "onset_ci": {f: list(v) for f, v in onset_intervals(grid).items()}}
     return table, record
 
 
@@ -220,8 +231,30 @@ def run_probes_csv(model: "Generator | str", labels_csv: str | Path, *, seed: in
               "timesteps": feats.timesteps, "layers": feats.layers,
               "entropy_bits": dict(zip(factors, [float(v) for v in grid.entropy])),
               "chance": dict(zip(factors, [float(v) for v in grid.chance])),
-              "fit_seconds": float(grid.seconds)}
+              "fit_seconds": float(grid.seconds),
+              "onset_ci": {f: list(v) for f, v in onset_intervals(grid).items()}}
     return table, record
+
+
+def onset_intervals(grid: ProbeGrid, frac: float = 0.5, confidence: float = 0.95, n_boot: int = 200, seed: int = 0,
+                    exclude: Sequence[str] = (BASELINE,)) -> dict[str, tuple[float, float]]:
+    """Per factor, a percentile bootstrap interval of the half-way step of :func:`relative_onsets` (the held-out
+    samples resampled, the probes kept): (low, high) steps, inf where a resample never rises above chance."""
+    keep = [i for i, k in enumerate(grid.keys) if k[0] not in exclude]
+    steps = np.array([int(grid.keys[i][1]) for i in keep])
+    uniq = np.unique(steps)
+    boot = grid.bootstrap_accuracy(n_boot, seed).numpy()[:, keep]  # (B, C', F)
+    best = np.stack([boot[:, steps == s].max(axis=1) for s in uniq], axis=1)  # (B, S, F)
+    top = best.max(axis=1)  # (B, F)
+    chance = grid.chance.numpy()[None, :]
+    level = chance + frac * (top - chance)
+    reached = best >= level[:, None, :]
+    first = np.where(reached.any(axis=1), uniq[reached.argmax(axis=1)], np.inf).astype(float)
+    first[top <= chance] = np.inf
+    q = (1 - confidence) / 2
+    return {f: (float(np.quantile(first[:, j], q, method="lower")), float(np.quantile(first[:, j], 1 - q,
+                                                                                      method="higher")))
+            for j, f in enumerate(grid.factors)}
 
 
 def relative_onsets(table: pd.DataFrame, chance: dict[str, float], frac: float = 0.5,

@@ -149,7 +149,8 @@ def forking_sentence(model: str, record: dict[str, Any], probe_steps: dict[str, 
 
 
 def curves_figure(table: pd.DataFrame, record: dict[str, Any], metric: str = "accuracy"):
-    """Per factor, the best layer's held-out ``metric`` at each step (solid) and the x_t baseline (dashed)."""
+    """Per factor, the best layer's held-out ``metric`` at each step (solid; accuracy with the best cell's 95%
+    bootstrap CI as a band) and the x_t baseline (dashed)."""
     import matplotlib.pyplot as plt
 
     factors = list(dict.fromkeys(table["factor"]))
@@ -160,6 +161,12 @@ def curves_figure(table: pd.DataFrame, record: dict[str, Any], metric: str = "ac
         layers = t[t["layer"] != ab.BASELINE]
         best = layers.groupby("step")["value"].max()
         ax.plot(best.index, best.values, "o-", ms=3, label="best layer")
+        if metric == "accuracy" and "accuracy_low" in set(table["metric"]):  # the best cell's 95% bootstrap CI
+            top = layers.loc[layers.groupby("step")["value"].idxmax(), ["layer", "step"]]
+            ci = table[(table["factor"] == f) & table["metric"].isin(["accuracy_low", "accuracy_high"])]
+            ci = ci.pivot_table(index=["layer", "step"], columns="metric", values="value")
+            band = ci.reindex(pd.MultiIndex.from_frame(top)).reset_index().sort_values("step")
+            ax.fill_between(band["step"], band["accuracy_low"], band["accuracy_high"], alpha=0.25, lw=0)
         base = t[t["layer"] == ab.BASELINE].sort_values("step")
         if len(base):
             ax.plot(base["step"], base["value"], "s--", ms=3, color="grey", label="x_t (projection)")
@@ -200,7 +207,10 @@ def onset_table(table: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for f, hit in rel.items():
         fin = table[(table["factor"] == f) & (table["step"] == last) & (table["layer"] != ab.BASELINE)]
+        ci = record.get("onset_ci", {}).get(f)
+        ci_text = "–" if ci is None else "[" + ", ".join("never" if not np.isfinite(v) else str(int(v)) for v in ci) + "]"
         rows.append({"factor": f, "half-way step (best layer)": hit["step"] if hit else "never",
+                     "95% CI": ci_text,
                      "at layer": hit["layer"] if hit else "–",
                      "x_t half-way step": base[f]["step"] if base.get(f) else "never",
                      f"first step >= {READABLE}": absolute[f]["step"] if absolute.get(f) else "never",

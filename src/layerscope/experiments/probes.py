@@ -160,6 +160,25 @@ class ProbeGrid:
     l2: float = 0.0
     tol: float = 0.0
     train_accuracy: torch.Tensor | None = field(default=None, repr=False)
+    test_correct: torch.Tensor | None = field(default=None, repr=False)  # (C, F, n_test) bool, held-out hits
+
+    def bootstrap_accuracy(self, n_boot: int = 200, seed: int = 0) -> torch.Tensor:
+        """(n_boot, C, F) held-out accuracies on bootstrap resamples of the held-out samples (one resample shared
+        by every cell and factor, so differences between cells keep their pairing)."""
+        if self.test_correct is None:
+            raise ValueError("this grid kept no per-sample held-out results")
+        n = self.test_correct.shape[-1]
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, n, (n_boot, n), generator=g)
+        w = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+        return torch.einsum("cfn,bn->bcf", self.test_correct.double(), w) / n
+
+    def accuracy_ci(self, confidence: float = 0.95, n_boot: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Percentile bootstrap interval (low, high), each (C, F), of the held-out accuracy."""
+        boot = self.bootstrap_accuracy(n_boot, seed)
+        q = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
+        lo, hi = torch.quantile(boot, q, dim=0)
+        return lo, hi
 
     @property
     def max_grad_norm(self) -> float:
@@ -651,12 +670,14 @@ def _prepare(x: torch.Tensor, cells: torch.Tensor, width: torch.Tensor, tr: torc
     return xs.index_select(2, tr), xs.index_select(2, te), fmask
 
 
-def _score(w: torch.Tensor, xt: torch.Tensor, y: torch.Tensor, seg: _Segments) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy in bits and accuracy, (c, F) each on the CPU, of weights (c, D, Kt) on features (c, D, n)."""
+def _score(w: torch.Tensor, xt: torch.Tensor, y: torch.Tensor, seg: _Segments
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy in bits, accuracy ((c, F) each) and per-sample hits ((c, F, n) bool), on the CPU, of weights
+    (c, D, Kt) on features (c, D, n)."""
     z = torch.bmm(w.transpose(1, 2), xt)  # (c, Kt, n)
     ce, _ = seg.softmax_stats(z, torch.empty_like(z), seg.true_index(y))
-    acc = (seg.argmax(z) == y.T.unsqueeze(0)).double().mean(-1)
-    return (ce / LN2).double().cpu(), acc.cpu()
+    hit = seg.argmax(z) == y.T.unsqueeze(0)
+    return (ce / LN2).double().cpu(), hit.double().mean(-1).cpu(), hit.cpu()
 
 
 def fit_probe_grid(
@@ -734,6 +755,7 @@ def fit_probe_grid(
 
     acc = torch.empty(C, F, dtype=torch.float64)
     acc_tr = torch.empty(C, F, dtype=torch.float64)
+    hits = torch.empty(C, F, n_test, dtype=torch.bool)
     ce = torch.empty(C, F, dtype=torch.float64)
     n_iter = torch.empty(C, F, dtype=torch.long)
     gnorm = torch.empty(C, F, dtype=torch.float64)
@@ -762,7 +784,7 @@ def fit_probe_grid(
             if out.numel():
                 cells = pool.cell[out].cpu()
                 w = pool.w.index_select(0, out)
-                ce[cells], acc[cells] = _score(w, pool.xte.index_select(0, out), pool.yte, seg)
+                ce[cells], acc[cells], hits[cells] = _score(w, pool.xte.index_select(0, out), pool.yte, seg)
                 acc_tr[cells] = _score(w, pool.xt.index_select(0, out), pool.ytr, seg)[1]
                 n_iter[cells] = pool.n_iter[out].cpu()
                 gnorm[cells] = pool.gn[out].double().cpu()
@@ -784,4 +806,4 @@ def fit_probe_grid(
     return ProbeGrid(accuracy=acc, cross_entropy=ce, entropy=entropy, mi_bound=(entropy - ce).clamp_min(0.0),
                      chance=chance, keys=keys, factors=names, seconds=time.perf_counter() - t0, n_iter=n_iter,
                      grad_norm=gnorm, converged=converged, n_train=n_train, n_test=n_test, l2=float(l2),
-                     tol=float(tol), train_accuracy=acc_tr)
+                     tol=float(tol), train_accuracy=acc_tr, test_correct=hits)
