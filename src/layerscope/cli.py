@@ -200,6 +200,16 @@ def world_render(
     console.print(f"wrote {path}")
 
 
+def _print_frame(frame, title: str) -> None:
+    """Print a DataFrame as a rich table (floats to 2 decimals)."""
+    t = Table(title=title)
+    for col in frame.columns:
+        t.add_column(str(col), overflow="fold")
+    for row in frame.itertuples(index=False):
+        t.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(t)
+
+
 def _list(text: Optional[str]) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -365,12 +375,7 @@ def abstractions(
         save_forks(folder, ftable, frecord)
         (folder / "forking.png").write_bytes(png_bytes(forking_figure(ftable, frecord)))
         ct = commitment_table(ftable, frecord, table, record["chance"] if record else None)
-        t = Table(title=f"{model}: when the generation commits to each factor (forking entropy)")
-        for col in ct.columns:
-            t.add_column(str(col), overflow="fold")
-        for row in ct.itertuples(index=False):
-            t.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row])
-        console.print(t)
+        _print_frame(ct, f"{model}: when the generation commits to each factor (forking entropy)")
         half = ab.relative_onsets(table, record["chance"]) if table is not None and labels is None else None
         console.print(forking_sentence(model, frecord, None if half is None else
                                        {f: (h["step"] if h else None) for f, h in half.items()}))
@@ -382,12 +387,7 @@ def abstractions(
     (folder / "mi_bound.png").write_bytes(png_bytes(curves_figure(table, record, "mi_bound")))
     (folder / "heatmap.png").write_bytes(png_bytes(heatmap_figure(table, model)))
     onsets = onset_table(table, record)
-    t = Table(title=f"{model}: when each factor becomes linearly readable")
-    for col in onsets.columns:
-        t.add_column(str(col), overflow="fold")
-    for row in onsets.itertuples(index=False):
-        t.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row])
-    console.print(t)
+    _print_frame(onsets, f"{model}: when each factor becomes linearly readable")
     console.print(order_sentence(model, table, record["chance"]))
     console.print(f"wrote {folder / ab.TABLE}, probes.json, accuracy.png, mi_bound.png, heatmap.png")
 
@@ -427,13 +427,8 @@ def properties(
     pr.save(folder, scores, details, strips, record)
     (folder / "scorecard.png").write_bytes(png_bytes(scorecard_figure(scores, model)))
     (folder / "strips.png").write_bytes(png_bytes(strips_figure(strips, record["strip_columns"], model)))
-    card = pr.scorecard(scores)
-    t = Table(title=f"{model}: latent-space properties (V >= {pr.FULL}, ~ >= {pr.PARTIAL}, X below; 95% CI)")
-    for col in ["space", *pr.PROPERTIES]:
-        t.add_column(col, overflow="fold")
-    for _, row in card.iterrows():
-        t.add_row(*(str(row[c]) for c in ["space", *pr.PROPERTIES]))
-    console.print(t)
+    _print_frame(pr.scorecard(scores).drop(columns="model"),
+                 f"{model}: latent-space properties (V >= {pr.FULL}, ~ >= {pr.PARTIAL}, X below; 95% CI)")
     console.print(f"wrote {folder}")
 
 
