@@ -33,6 +33,28 @@ def test_collect_features_layers_steps_and_baseline(dit):
     torch.testing.assert_close(again.cells[(ab.BASELINE, 0)], feats.cells[(ab.BASELINE, 0)])
 
 
+def test_features_stream_to_a_store_when_large(dit, tmp_path, monkeypatch):
+    kw = dict(steps=[0, 2], projection=16, guidance_scale=1.0, num_inference_steps=3)
+    mem = ab.collect_features(dit, [""] * 4, list(range(4)), **kw)
+    kept = ab.collect_features(dit, [""] * 4, list(range(4)), store=tmp_path / "f.zarr", **kw)
+    assert (tmp_path / "f.zarr" / "zarr.json").exists()
+    seen = []
+    real = ls.Generator.generate
+
+    def spy(self, *a, capture=None, **k):
+        seen.append(capture.store)
+        return real(self, *a, capture=capture, **k)
+
+    monkeypatch.setattr(type(dit), "capture_bytes", lambda self, cap, n, **k: cap.budget_bytes + 1)
+    monkeypatch.setattr(ls.Generator, "generate", spy)
+    auto = ab.collect_features(dit, [""] * 4, list(range(4)), **kw)  # "too large": a temporary store, then deleted
+    assert seen and seen[0] is not None and not seen[0].exists()
+    for feats in (kept, auto):
+        assert feats.cells.keys() == mem.cells.keys()
+        for key, x in mem.cells.items():
+            torch.testing.assert_close(feats.cells[key], x)
+
+
 def test_run_probes_table_on_the_zoo(dit):
     table, record = ab.run_probes(dit, n=48, num_inference_steps=3, layers="transformer_blocks.*")
     assert set(table["metric"]) == {"accuracy", "cross_entropy", "mi_bound", "accuracy_low", "accuracy_high"}

@@ -24,6 +24,8 @@ falls as tau grows, and the step from which it stays low is when the process has
 from __future__ import annotations
 
 import csv
+import dataclasses
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,11 +82,15 @@ def collect_features(
     baseline: bool = True,
     projection: int = 128,
     max_batch: int | None = None,
+    store: str | Path | None = None,
     progress: ProgressArg = None,
     **gen_kwargs: Any,
 ) -> Features:
     """Capture pooled features of ``layers`` (default: every layer) at ``steps`` (default: all), conditional branch,
-    and the ``x_t`` baseline (captured whole in the same generation, then randomly projected to ``projection`` dims)."""
+    and the ``x_t`` baseline (captured whole in the same generation, then randomly projected to ``projection`` dims).
+
+    ``store``: a zarr folder the capture streams to (read back one step at a time). Without one, a capture larger
+    than the engine's memory budget (``Capture.budget_bytes``) streams to a temporary store, deleted afterwards."""
     cfg = model.config(**gen_kwargs)
     if model.num_steps(cfg) == 0:
         raise ConfigError(f"{model.spec} generates in one pass: the probe grid needs a denoising model")
@@ -92,18 +98,26 @@ def collect_features(
     names = [e.name for e in lmap.layers] if layers is None else [e.name for e in lmap.select(layers)]
     # one generation: layers pooled, x_t whole (its spatial mean is only a mean colour) for the projection
     cap = Capture(names + ([BASELINE] if baseline else []), steps=steps, branches=["cond"], pooled=True,
-                  unpooled=[BASELINE])
-    res = model.generate(list(prompts), list(seeds), capture=cap, max_batch=max_batch, progress=progress,
-                         **gen_kwargs)
-    step_ids = [int(s) for s in res.capture.steps_of(names[0])]
-    cells = {(name, s): res.capture[name][:, k, 0].float() for name in names for k, s in enumerate(step_ids)}
-    order = list(names)
-    if baseline:
-        arr = res.capture[BASELINE][:, :, 0].float().flatten(2)  # (n, step, d_full)
-        proj = _projection(arr.shape[-1], min(projection, arr.shape[-1]))
-        for k, s in enumerate(step_ids):
-            cells[(BASELINE, s)] = arr[:, k] @ proj
-        order = [BASELINE] + order
+                  unpooled=[BASELINE], store=store)
+    with tempfile.TemporaryDirectory(prefix="layerscope-probes-") as tmp:
+        if store is None and model.capture_bytes(cap, len(prompts), **gen_kwargs) > cap.budget_bytes:
+            cap = dataclasses.replace(cap, store=Path(tmp) / "features.zarr")
+        res = model.generate(list(prompts), list(seeds), capture=cap, max_batch=max_batch, progress=progress,
+                             **gen_kwargs)
+
+        def at(name: str, k: int) -> torch.Tensor:  # (n, *feature) of one step, from memory or the store
+            return torch.as_tensor(np.asarray(res.capture[name][:, k, 0])).float()
+
+        step_ids = [int(s) for s in res.capture.steps_of(names[0])]
+        cells = {(name, s): at(name, k) for name in names for k, s in enumerate(step_ids)}
+        order = list(names)
+        if baseline:
+            proj = None
+            for k, s in enumerate(step_ids):
+                x = at(BASELINE, k).flatten(1)  # (n, d_full): one step at a time
+                proj = _projection(x.shape[-1], min(projection, x.shape[-1])) if proj is None else proj
+                cells[(BASELINE, s)] = x @ proj
+            order = [BASELINE] + order
     all_t = [float(t) for t in res.timesteps]
     return Features(cells, order, step_ids, [all_t[s] for s in step_ids] if all_t else [], res.images,
                     {"projection": projection if baseline else None, "settings": {
