@@ -55,6 +55,18 @@ def test_features_stream_to_a_store_when_large(dit, tmp_path, monkeypatch):
             torch.testing.assert_close(feats.cells[key], x)
 
 
+def test_layers_as_random_projections_of_the_whole_map(dit):
+    kw = dict(steps=[1], projection=8, guidance_scale=1.0, num_inference_steps=3, layers="transformer_blocks.0")
+    pooled = ab.collect_features(dit, [""] * 4, list(range(4)), **kw)
+    proj = ab.collect_features(dit, [""] * 4, list(range(4)), project_layers=True, **kw)
+    assert proj.cells[("transformer_blocks.0", 1)].shape == (4, 8)
+    torch.testing.assert_close(proj.cells[(ab.BASELINE, 1)], pooled.cells[(ab.BASELINE, 1)])
+    full = dit.generate([""] * 4, list(range(4)), capture=ls.Capture("transformer_blocks.0", steps=[1],
+                                                                     branches=["cond"]), guidance_scale=1.0,
+                        num_inference_steps=3).capture["transformer_blocks.0"][:, 0, 0].flatten(1)
+    torch.testing.assert_close(proj.cells[("transformer_blocks.0", 1)], full @ ab._projection(full.shape[1], 8))
+
+
 def test_run_probes_table_on_the_zoo(dit):
     table, record = ab.run_probes(dit, n=48, num_inference_steps=3, layers="transformer_blocks.*")
     assert set(table["metric"]) == {"accuracy", "cross_entropy", "mi_bound", "accuracy_low", "accuracy_high"}

@@ -325,6 +325,8 @@ def abstractions(
                                                     "non-zoo models; the prompts are generated, the labels probed)"),
     conditional: bool = typer.Option(False, help="zoo: sample held-out prompts instead of unconditionally (probes "
                                                  "and forks)"),
+    project_layers: bool = typer.Option(False, "--project-layers", help="probe a fixed random projection of each "
+                                        "layer's whole map (128 dims) instead of its spatial mean"),
     seed: int = typer.Option(0, help="first seed"),
     out: Optional[str] = typer.Option(None, help="output folder (default: probes-<model>)"),
     probes: bool = typer.Option(True, "--probes/--no-probes", help="run the probe grid (--no-probes: forking only)"),
@@ -362,9 +364,10 @@ def abstractions(
         gen = load(model)
         if probes and labels is None:
             table, record = ab.run_probes(gen, n=n, seed=seed, layers=layers, conditional=conditional,
-                                          progress=True, **gen_kw)
+                                          progress=True, project_layers=project_layers, **gen_kw)
         elif probes:
-            table, record = ab.run_probes_csv(gen, labels, seed=seed, layers=layers, progress=True, **gen_kw)
+            table, record = ab.run_probes_csv(gen, labels, seed=seed, layers=layers, progress=True,
+                                              project_layers=project_layers, **gen_kw)
         if forks:
             ftable, frecord = ab.run_forking(gen, fork_prompts, forks, fork_taus, seed=seed, conditional=conditional,
                                              eta=eta, progress=True, **gen_kw)

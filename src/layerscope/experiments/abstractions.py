@@ -81,6 +81,7 @@ def collect_features(
     steps: Any = None,
     baseline: bool = True,
     projection: int = 128,
+    project_layers: bool = False,
     max_batch: int | None = None,
     store: str | Path | None = None,
     progress: ProgressArg = None,
@@ -89,7 +90,9 @@ def collect_features(
     """Capture pooled features of ``layers`` (default: every layer) at ``steps`` (default: all), conditional branch,
     and the ``x_t`` baseline (captured whole in the same generation, then randomly projected to ``projection`` dims).
 
-    ``store``: a zarr folder the capture streams to (read back one step at a time). Without one, a capture larger
+    ``project_layers``: the layers too are captured whole and reduced by a fixed Gaussian random projection (seeded
+    per width) to ``projection`` dims instead of their spatial mean, which keeps where things are (memory: the whole
+    maps, so this usually streams to a store). ``store``: a zarr folder the capture streams to (read back one step at a time). Without one, a capture larger
     than the engine's memory budget (``Capture.budget_bytes``) streams to a temporary store, deleted afterwards."""
     cfg = model.config(**gen_kwargs)
     if model.num_steps(cfg) == 0:
@@ -98,7 +101,7 @@ def collect_features(
     names = [e.name for e in lmap.layers] if layers is None else [e.name for e in lmap.select(layers)]
     # one generation: layers pooled, x_t whole (its spatial mean is only a mean colour) for the projection
     cap = Capture(names + ([BASELINE] if baseline else []), steps=steps, branches=["cond"], pooled=True,
-                  unpooled=[BASELINE], store=store)
+                  unpooled=[BASELINE] + (names if project_layers else []), store=store)
     with tempfile.TemporaryDirectory(prefix="layerscope-probes-") as tmp:
         if store is None and model.capture_bytes(cap, len(prompts), **gen_kwargs) > cap.budget_bytes:
             cap = dataclasses.replace(cap, store=Path(tmp) / "features.zarr")
@@ -108,19 +111,26 @@ def collect_features(
         def at(name: str, k: int) -> torch.Tensor:  # (n, *feature) of one step, from memory or the store
             return torch.as_tensor(np.asarray(res.capture[name][:, k, 0])).float()
 
+        projections: dict[int, torch.Tensor] = {}
+
+        def projected(name: str, k: int) -> torch.Tensor:  # (n, projection): the whole map, one step at a time
+            x = at(name, k).flatten(1)
+            d = x.shape[-1]
+            if d not in projections:
+                projections[d] = _projection(d, min(projection, d))
+            return x @ projections[d]
+
         step_ids = [int(s) for s in res.capture.steps_of(names[0])]
-        cells = {(name, s): at(name, k) for name in names for k, s in enumerate(step_ids)}
+        cells = {(name, s): projected(name, k) if project_layers else at(name, k)
+                 for name in names for k, s in enumerate(step_ids)}
         order = list(names)
         if baseline:
-            proj = None
             for k, s in enumerate(step_ids):
-                x = at(BASELINE, k).flatten(1)  # (n, d_full): one step at a time
-                proj = _projection(x.shape[-1], min(projection, x.shape[-1])) if proj is None else proj
-                cells[(BASELINE, s)] = x @ proj
+                cells[(BASELINE, s)] = projected(BASELINE, k)
             order = [BASELINE] + order
     all_t = [float(t) for t in res.timesteps]
     return Features(cells, order, step_ids, [all_t[s] for s in step_ids] if all_t else [], res.images,
-                    {"projection": projection if baseline else None, "settings": {
+                    {"projection": projection if baseline else None, "project_layers": project_layers, "settings": {
                         "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale}})
 
 
