@@ -71,7 +71,8 @@ def test_run_probes_table_on_the_zoo(dit):
     table, record = ab.run_probes(dit, n=48, num_inference_steps=3, layers="transformer_blocks.*")
     assert set(table["metric"]) == {"accuracy", "cross_entropy", "mi_bound", "accuracy_low", "accuracy_high"}
     wide = table.pivot_table(index=["layer", "step", "factor"], columns="metric", values="value")
-    assert ((wide["accuracy_low"] <= wide["accuracy"] + 1e-9) & (wide["accuracy"] <= wide["accuracy_high"] + 1e-9)).all()
+    lo, acc, hi = wide["accuracy_low"], wide["accuracy"], wide["accuracy_high"]
+    assert ((lo <= acc + 1e-9) & (acc <= hi + 1e-9)).all()
     assert set(record["onset_ci"]) == set(record["chance"])
     assert set(table["factor"]) == {"floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation"}
     assert set(table["step"]) == {0, 1, 2} and ab.BASELINE in set(table["layer"])

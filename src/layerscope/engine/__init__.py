@@ -7,6 +7,7 @@ from .store import ActivationStore, CaptureResult
 from .sweep import SweepResult, injection_sweep
 
 __all__ = [
-    "ActivationStore", "Capture", "CaptureResult", "GenerationResult", "Intervention", "PerTarget", "SweepResult", "injection_sweep", "Row", "Stored", "add",
+    "ActivationStore", "Capture", "CaptureResult", "GenerationResult", "Intervention", "PerTarget", "SweepResult",
+    "injection_sweep", "Row", "Stored", "add",
     "blend", "estimate_bytes", "execute", "plan_capture", "replace", "resolve_steps", "trace_shapes", "window", "zero",
 ]

@@ -86,7 +86,8 @@ class Intervention:
 
     ``op``: replace (x = s), add (x = x + alpha*s), blend (x = (1-alpha)*x + alpha*s), zero (x = 0). ``source``: a
     :class:`Row` of the same batch, a :class:`Stored` capture, a tensor (per-sample shape, or a channel vector
-    broadcast over positions for add/blend), or :class:`PerTarget` tensors (one per target). ``targets`` are sample indices (None = every sample but the source row).
+    broadcast over positions for add/blend), or :class:`PerTarget` tensors (one per target). ``targets`` are sample
+    indices (None = every sample but the source row).
     """
 
     layer: str

@@ -92,7 +92,8 @@ def collect_features(
 
     ``project_layers``: the layers too are captured whole and reduced by a fixed Gaussian random projection (seeded
     per width) to ``projection`` dims instead of their spatial mean, which keeps where things are (memory: the whole
-    maps, so this usually streams to a store). ``store``: a zarr folder the capture streams to (read back one step at a time). Without one, a capture larger
+    maps, so this usually streams to a store). ``store``: a zarr folder the capture streams to (read back one step
+    at a time). Without one, a capture larger
     than the engine's memory budget (``Capture.budget_bytes``) streams to a temporary store, deleted afterwards."""
     cfg = model.config(**gen_kwargs)
     if model.num_steps(cfg) == 0:

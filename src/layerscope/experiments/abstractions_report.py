@@ -208,7 +208,8 @@ def onset_table(table: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
     for f, hit in rel.items():
         fin = table[(table["factor"] == f) & (table["step"] == last) & (table["layer"] != ab.BASELINE)]
         ci = record.get("onset_ci", {}).get(f)
-        ci_text = "–" if ci is None else "[" + ", ".join("never" if not np.isfinite(v) else str(int(v)) for v in ci) + "]"
+        ci_text = "–" if ci is None else (
+            "[" + ", ".join("never" if not np.isfinite(v) else str(int(v)) for v in ci) + "]")
         rows.append({"factor": f, "half-way step (best layer)": hit["step"] if hit else "never",
                      "95% CI": ci_text,
                      "at layer": hit["layer"] if hit else "–",

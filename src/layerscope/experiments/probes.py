@@ -173,7 +173,8 @@ class ProbeGrid:
         w = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
         return torch.einsum("cfn,bn->bcf", self.test_correct.double(), w) / n
 
-    def accuracy_ci(self, confidence: float = 0.95, n_boot: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def accuracy_ci(self, confidence: float = 0.95, n_boot: int = 200,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Percentile bootstrap interval (low, high), each (C, F), of the held-out accuracy."""
         boot = self.bootstrap_accuracy(n_boot, seed)
         q = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)

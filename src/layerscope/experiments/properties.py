@@ -28,7 +28,8 @@ of sample ``i`` when ``r * sigma * eps`` (``eps ~ N(0, I)``) is added to ``S``.
   the two values, switching once; scale and orientation: between the two, never stepping back; hues: the same along
   one of the two arcs of the colour circle); otherwise
   the Spearman correlation of ``d(I_a, I_0) - d(I_a, I_1)`` with ``a`` over the interior points. A path whose
-  endpoints read alike scores 0 (it shows no change to organise). *Distance*: per base sample, the Spearman
+  endpoints read alike (open domain: closer than 1% of ``d_far``) scores 0 (it shows no change to organise).
+  *Distance*: per base sample, the Spearman
   correlation between standardised distances in ``S`` and image distances to the other base samples.
 - **relevance**: the mean of *change*, ``mean_i min(1, sqrt(2) * c_i(1))`` (a 1-sigma move is 1/sqrt(2) of the
   typical distance between two independent points, so an output that moves in proportion scores 1), and, where a
@@ -70,6 +71,7 @@ RADII = SMOOTH_RADII + (UNIT_RADIUS,)
 INTERIOR = (1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6)
 FULL, PARTIAL = 0.67, 0.33
 IN_DIST_QUANTILE = 0.95
+STILL = 0.01  # open domain: endpoints closer than this share of d_far "read alike"
 CONCEPT = ("object_hue", 0)  # Shapes world: a red object
 OPEN_CONCEPT = "a dog"
 OPEN_PROMPTS = ("a photo of a cat", "a house by a lake", "a bowl of fruit on a table", "a city street at night",
@@ -384,7 +386,7 @@ def run_properties(model: "Generator | str", spaces: Any = None, *, n: int = 16,
         c = {r: change(r_rad[r]) for r in RADII}
         smooth_vals = np.mean([np.minimum(1.0, c[r]) for r in SMOOTH_RADII], axis=0)
         unit_vals = np.minimum(1.0, math.sqrt(2) * c[UNIT_RADIUS])
-        path_vals = _paths(plan, rd, r_path, base_read)
+        path_vals = _paths(plan, rd, r_path, base_read, d_far)
         rho_vals = _distance_rho(v, sd, dist)
         added = base_c = None
         if r_con:
@@ -488,7 +490,7 @@ def _concept_outcome(plan, rd, rows, concept_base, concept_feats, feats, fb):
     return np.clip(closed, 0.0, 1.0), None
 
 
-def _paths(plan: PropertiesPlan, rd: dict, rows: list[int], base_read: dict) -> np.ndarray:
+def _paths(plan: PropertiesPlan, rd: dict, rows: list[int], base_read: dict, d_far: float) -> np.ndarray:
     k = len(INTERIOR) + 1
     out = []
     for p, (a, _b) in enumerate(plan.pairs):
@@ -502,6 +504,9 @@ def _paths(plan: PropertiesPlan, rd: dict, rows: list[int], base_read: dict) -> 
             f0 = base_read["features"][a]
             f1 = rd["features"][seg[-1]]
             mid = rd["features"][seg[:-1]]
+            if float((f1 - f0).norm()) < STILL * d_far:  # the endpoints look alike: no change to organise
+                out.append(0.0)
+                continue
             diff = ((mid - f0).norm(dim=1) - (mid - f1).norm(dim=1)).numpy()
             out.append(_spearman(np.asarray(INTERIOR), diff))
     return np.asarray(out)
