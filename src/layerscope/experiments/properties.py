@@ -57,6 +57,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..engine.progress import progress_callback
 from ..engine.spec import Capture, Intervention, PerTarget
 from ..engine.steps import resolve_steps
 from ..errors import ConfigError
@@ -342,102 +343,89 @@ def run_properties(model: "Generator | str", spaces: Any = None, *, n: int = 16,
     d_far = float(np.median(dist[iu]))
     scores, details = [], []
     strips: dict[str, np.ndarray] = {}
-    bar = _bar(progress, len(plan.spaces), f"scoring {len(plan.spaces)} spaces of {gen.spec}")
-    for si, space in enumerate(plan.spaces):
-        info, v = infos[space], values[space]
-        branches = ["cond"] if (guided and space in _TEXT_SPACES) else None
-        rng = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(space.encode()))
-        mu, sd = v.mean(0), v.std(0)
-        eps = torch.randn(v.shape[:1] + v.shape[2:], generator=rng, dtype=torch.float64).unsqueeze(1)
-        eps2 = torch.randn(v.shape[:1] + v.shape[2:], generator=rng, dtype=torch.float64).unsqueeze(1)
-        rows_p, rows_s, ivs = [], [], []
+    desc = f"scoring {len(plan.spaces)} spaces of {gen.spec}"
+    with progress_callback(progress, desc) as report:
+        for si, space in enumerate(plan.spaces):
+            info, v = infos[space], values[space]
+            branches = ["cond"] if (guided and space in _TEXT_SPACES) else None
+            rng = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(space.encode()))
+            mu, sd = v.mean(0), v.std(0)
+            eps = torch.randn(v.shape[:1] + v.shape[2:], generator=rng, dtype=torch.float64).unsqueeze(1)
+            eps2 = torch.randn(v.shape[:1] + v.shape[2:], generator=rng, dtype=torch.float64).unsqueeze(1)
+            rows_p, rows_s, ivs = [], [], []
 
-        def block(k: int, prompts_idx: list[int]) -> list[int]:
-            start = len(rows_p)
-            rows_p.extend(plan.prompts[i] for i in prompts_idx)
-            rows_s.extend(plan.seeds[i] for i in prompts_idx)
-            return list(range(start, start + k))
+            def block(k: int, prompts_idx: list[int]) -> list[int]:
+                start = len(rows_p)
+                rows_p.extend(plan.prompts[i] for i in prompts_idx)
+                rows_s.extend(plan.seeds[i] for i in prompts_idx)
+                return list(range(start, start + k))
 
-        idx = list(range(n))
-        r_dens = block(n, idx)
-        ivs += _interventions(info, "replace", mu + sd * eps2, r_dens, plan.steps, branches)
-        r_rad = {}
-        for r in RADII:
-            r_rad[r] = block(n, idx)
-            ivs += _interventions(info, "add", r * sd * eps, r_rad[r], plan.steps, branches)
-        path_src = [a for (a, _b) in plan.pairs for _ in (*INTERIOR, 1.0)]
-        r_path = block(len(path_src), path_src)
-        alphas = torch.tensor([*INTERIOR, 1.0], dtype=torch.float64)
-        interp = torch.cat([(1 - alphas.view(-1, *[1] * (v.ndim - 1))) * v[a] + alphas.view(-1, *[1] * (v.ndim - 1))
-                            * v[b] for a, b in plan.pairs])
-        ivs += _interventions(info, "replace", interp, r_path, plan.steps, branches)
-        r_con: list[int] = []
-        if directions is not None and space in directions:
-            r_con = block(n, idx)
-            ivs += _interventions(info, "add", directions[space], r_con, plan.steps, branches, shared=True)
-        out = gen.generate(rows_p, rows_s, interventions=ivs, **kw)
-        rd = reader.read(out.images)
-        feats = rd["features"]
+            idx = list(range(n))
+            r_dens = block(n, idx)
+            ivs += _interventions(info, "replace", mu + sd * eps2, r_dens, plan.steps, branches)
+            r_rad = {}
+            for r in RADII:
+                r_rad[r] = block(n, idx)
+                ivs += _interventions(info, "add", r * sd * eps, r_rad[r], plan.steps, branches)
+            path_src = [a for (a, _b) in plan.pairs for _ in (*INTERIOR, 1.0)]
+            r_path = block(len(path_src), path_src)
+            alphas = torch.tensor([*INTERIOR, 1.0], dtype=torch.float64)
+            interp = torch.cat([(1 - alphas.view(-1, *[1] * (v.ndim - 1))) * v[a] + alphas.view(-1, *[1] * (v.ndim - 1))
+                                * v[b] for a, b in plan.pairs])
+            ivs += _interventions(info, "replace", interp, r_path, plan.steps, branches)
+            r_con: list[int] = []
+            if directions is not None and space in directions:
+                r_con = block(n, idx)
+                ivs += _interventions(info, "add", directions[space], r_con, plan.steps, branches, shared=True)
+            out = gen.generate(rows_p, rows_s, interventions=ivs, **kw)
+            rd = reader.read(out.images)
+            feats = rd["features"]
 
-        def change(rows: list[int]) -> np.ndarray:
-            d = (feats[rows] - fb).norm(dim=1).numpy()
-            return d / d_far if d_far > 0 else np.zeros_like(d)
+            def change(rows: list[int]) -> np.ndarray:
+                d = (feats[rows] - fb).norm(dim=1).numpy()
+                return d / d_far if d_far > 0 else np.zeros_like(d)
 
-        c = {r: change(r_rad[r]) for r in RADII}
-        smooth_vals = np.mean([np.minimum(1.0, c[r]) for r in SMOOTH_RADII], axis=0)
-        unit_vals = np.minimum(1.0, math.sqrt(2) * c[UNIT_RADIUS])
-        path_vals = _paths(plan, rd, r_path, base_read, d_far)
-        rho_vals = _distance_rho(v, sd, dist)
-        added = base_c = None
-        if r_con:
-            added, base_c = _concept_outcome(plan, rd, r_con, concept_base, concept_images, feats, fb)
-        boot = dict(n_boot=n_boot, seed=seed + si)
-        est = {
-            "density": bootstrap(_density, [rd["in_dist"][r_dens], base_read["in_dist"]], **boot),
-            "smoothness": bootstrap(_smoothness, [smooth_vals], **boot),
-            "organization": bootstrap(_organization, [path_vals, rho_vals], **boot),
-            "relevance": bootstrap(_relevance, [unit_vals] + [a for a in (added, base_c) if a is not None], **boot),
-        }
-        kind = info.kind if info.is_space else "layer"
-        for prop, (s, lo, hi) in est.items():
-            scores.append({"model": gen.spec, "space": space, "kind": kind, "property": prop, "score": s,
-                           "low": lo, "high": hi, "mark": mark(s)})
-        det = {f"change@{r:g}": float(np.mean(c[r])) for r in RADII}
-        det.update({f"in_dist@{r:g}": float(np.mean(rd["in_dist"][r_rad[r]])) for r in RADII})
-        det.update({"in_dist_base": float(np.mean(base_read["in_dist"])),
-                    "in_dist_resampled": float(np.mean(rd["in_dist"][r_dens])),
-                    "path": float(np.mean(path_vals)), "rho_distance": float(np.mean(rho_vals)),
-                    "unit_change": float(np.mean(unit_vals)), "d_far": d_far,
-                    "space_dims": int(np.prod(info.shape)), "rows": len(rows_p)})
-        if r_con and base_c is not None:  # Shapes world: shares of images read as the concept
-            det.update(concept_base=float(np.mean(base_c)), concept_added=float(np.mean(added)),
-                       concept_gain=_gain(added, base_c))
-        elif r_con:  # open domain: the share of the distance to the concept image closed
-            det["concept_gain"] = float(np.mean(added))
-        details += [{"model": gen.spec, "space": space, "metric": k, "value": val} for k, val in det.items()]
-        pick = [r_dens[0]] + [r_rad[r][0] for r in RADII] + r_path[:len(INTERIOR) + 1] + r_con[:1]
-        imgs = torch.cat([base.images[:1], out.images[pick]])
-        strips[space] = (imgs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        bar(si + 1)
+            c = {r: change(r_rad[r]) for r in RADII}
+            smooth_vals = np.mean([np.minimum(1.0, c[r]) for r in SMOOTH_RADII], axis=0)
+            unit_vals = np.minimum(1.0, math.sqrt(2) * c[UNIT_RADIUS])
+            path_vals = _paths(plan, rd, r_path, base_read, d_far)
+            rho_vals = _distance_rho(v, sd, dist)
+            added = base_c = None
+            if r_con:
+                added, base_c = _concept_outcome(plan, rd, r_con, concept_base, concept_images, feats, fb)
+            boot = dict(n_boot=n_boot, seed=seed + si)
+            est = {
+                "density": bootstrap(_density, [rd["in_dist"][r_dens], base_read["in_dist"]], **boot),
+                "smoothness": bootstrap(_smoothness, [smooth_vals], **boot),
+                "organization": bootstrap(_organization, [path_vals, rho_vals], **boot),
+                "relevance": bootstrap(_relevance, [unit_vals] + [a for a in (added, base_c) if a is not None], **boot),
+            }
+            kind = info.kind if info.is_space else "layer"
+            for prop, (s, lo, hi) in est.items():
+                scores.append({"model": gen.spec, "space": space, "kind": kind, "property": prop, "score": s,
+                               "low": lo, "high": hi, "mark": mark(s)})
+            det = {f"change@{r:g}": float(np.mean(c[r])) for r in RADII}
+            det.update({f"in_dist@{r:g}": float(np.mean(rd["in_dist"][r_rad[r]])) for r in RADII})
+            det.update({"in_dist_base": float(np.mean(base_read["in_dist"])),
+                        "in_dist_resampled": float(np.mean(rd["in_dist"][r_dens])),
+                        "path": float(np.mean(path_vals)), "rho_distance": float(np.mean(rho_vals)),
+                        "unit_change": float(np.mean(unit_vals)), "d_far": d_far,
+                        "space_dims": int(np.prod(info.shape)), "rows": len(rows_p)})
+            if r_con and base_c is not None:  # Shapes world: shares of images read as the concept
+                det.update(concept_base=float(np.mean(base_c)), concept_added=float(np.mean(added)),
+                           concept_gain=_gain(added, base_c))
+            elif r_con:  # open domain: the share of the distance to the concept image closed
+                det["concept_gain"] = float(np.mean(added))
+            details += [{"model": gen.spec, "space": space, "metric": k, "value": val} for k, val in det.items()]
+            pick = [r_dens[0]] + [r_rad[r][0] for r in RADII] + r_path[:len(INTERIOR) + 1] + r_con[:1]
+            imgs = torch.cat([base.images[:1], out.images[pick]])
+            strips[space] = (imgs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            if report is not None:
+                report(si + 1, len(plan.spaces))
     record = plan.record()
     record["strip_columns"] = (["sample", "density"] + [f"+{r:g} sd" for r in RADII]
                                + [f"a={a:.2f}" for a in INTERIOR] + ["a=1"] + (["+concept"] if directions else []))
     return pd.DataFrame.from_records(scores), pd.DataFrame.from_records(details), strips, record
-
-
-def _bar(progress: Any, total: int, desc: str) -> Callable[[int], None]:
-    if not progress:
-        return lambda done: None
-    from tqdm.auto import tqdm
-
-    t = tqdm(total=total, desc=desc, leave=False)
-
-    def update(done: int) -> None:
-        t.update(done - t.n)
-        if done >= total:
-            t.close()
-
-    return update
 
 
 def _concepts(gen, plan: PropertiesPlan, capture: Capture, base, values, base_read, reader: _Reader, kw):
