@@ -9,7 +9,8 @@ import torch
 import layerscope as ls
 from layerscope.models.latent import LatentGenerator
 from layerscope.world.oracle import WEIGHTS, read
-from layerscope.world.zoo.latent import DEFAULTS, load_latent, train_gan, train_vae
+from layerscope.world.factors import FACTORS, SIZES
+from layerscope.world.zoo.latent import CODE, DEFAULTS, Code, ConvGenerator, load_latent, train_gan, train_vae
 
 _CACHE: dict = {}
 LATENT = {"vae": 16, "gan": 32}
@@ -30,7 +31,7 @@ def test_shipped_weights_load_and_generate_deterministically(name):
     gen = shipped(name)
     assert gen.family == "latent"
     names = gen.layer_map().names()
-    assert names == ["fc", "net.0", "net.1", "net.2", "net.3", "z"]
+    assert names == ["code", "fc", "net.0", "net.1", "net.2", "net.3", "z"]
     seeds = list(range(100, 164))
     a = gen.generate([None] * 64, seeds=seeds, max_batch=64).images
     b = gen.generate([None] * 64, seeds=seeds, max_batch=64).images
@@ -93,8 +94,40 @@ def test_smoke_training_writes_everything_and_reloads(tmp_path, name, fn, tiny):
     assert torch.equal(images, b)
 
 
+def test_code_layer_is_one_hot_with_a_straight_through_gradient():
+    torch.manual_seed(0)
+    code = Code(8, [3, 5])
+    z = torch.randn(16, 8)
+    out = code(z)
+    assert out.shape == (16, 8)
+    a, b = out.detach().split([3, 5], dim=1)
+    for part in (a, b):  # exactly one-hot per group
+        assert torch.equal(part.sum(1), torch.ones(16)) and set(part.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(a.argmax(1), code.linear(z)[:, :3].argmax(1))
+    out[:, 1].sum().backward()  # the softmax's gradient reaches the logits' weights
+    assert code.linear.weight.grad.abs().sum() > 0
+    # the generator's image depends on z only through the codes: a latent nudged inside its cell is unchanged
+    gen = ConvGenerator(8, [16, 8, 8, 4], code=[3, 5]).eval()
+    with torch.no_grad():
+        z2 = z + 1e-4 * torch.randn_like(z)
+        same = (code(z) == code(z2)).all(1)
+        assert same.sum() >= 12
+        gen.code.load_state_dict(code.state_dict())
+        assert torch.equal(gen(z)[same], gen(z2)[same])
+
+
+def test_shipped_code_reads_the_world_factors():
+    assert CODE == [SIZES[f] for f in FACTORS]
+    for name in ("vae", "gan"):
+        assert load_latent(WEIGHTS / name).code.groups == CODE
+
+
 def test_bad_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         train_vae(tmp_path, {"stpes": 3}, show_progress=False)
+    with pytest.raises(ValueError, match="code must be"):
+        train_vae(tmp_path, {"code": [10, 10]}, show_progress=False)
+    with pytest.raises(ValueError, match="code_div"):
+        train_gan(tmp_path, {"code": [], "ac": 0.0}, show_progress=False)
     with pytest.raises(FileNotFoundError):
         load_latent(tmp_path)

@@ -35,8 +35,10 @@ MODELS: dict[str, ZooModel] = {
                      "cross-attention and skips, CLIPTextModel text encoder), classifier-free guidance"),
     "dit": ZooModel("dit", "diffusion", "text-conditioned pixel-space diffusion transformer (PixArtTransformer2DModel "
                     "blocks, CLIPTextModel text encoder), classifier-free guidance"),
-    "vae": ZooModel("vae", "latent", "convolutional VAE; the decoder maps a 16-d N(0, I) latent to an image"),
-    "gan": ZooModel("gan", "latent", "DCGAN-style generator mapping a 32-d N(0, I) latent to an image"),
+    "vae": ZooModel("vae", "latent", "convolutional VAE; the decoder reads a 16-d N(0, I) latent as one categorical "
+                    "code per factor and draws it"),
+    "gan": ZooModel("gan", "latent", "AC-GAN with a DCGAN-style generator that reads a 32-d N(0, I) latent as one "
+                    "categorical code per factor and draws it"),
 }
 TRAINABLE = (*MODELS, "oracle")
 
