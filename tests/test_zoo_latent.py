@@ -59,14 +59,13 @@ def test_shipped_samples_are_in_distribution(name):
         pytest.skip("no oracle weights")
     images = shipped(name).generate([None] * 64, seeds=list(range(5000, 5064)), max_batch=64).images
     r = read(images)
-    # The shipped VAE and GAN miss the bar (>= 90% of samples with max-probability >= 0.9 on every factor):
-    # measured 19.1% and 21.2% on 1,000 samples (quality.json). This checks the level they do reach, far above an
-    # untrained generator (0%): most samples confident on every single factor, about a fifth on all six at once.
+    # the bar: >= 90% of 1,000 samples with max-probability >= 0.9 on every factor (measured by `zoo eval`,
+    # kept in quality.json); this small check on 64 other samples asks >= 80%
     share = float((r.confidence >= 0.9).all(axis=1).mean())
-    assert share >= 0.08, share
-    assert (r.confidence.mean(axis=0) >= 0.75).all(), r.confidence.mean(axis=0)
+    assert share >= 0.8, share
+    assert json.loads((WEIGHTS / name / "quality.json").read_text())["in_distribution"] >= 0.9
     assert len(np.unique(r.pred[:, 4])) == 4  # every shape
-    assert len(np.unique(r.pred[:, 2])) >= 6  # many object hues
+    assert len(np.unique(r.pred[:, 2])) >= 8  # most object hues
 
 
 @pytest.mark.parametrize("name,fn,tiny", [

@@ -343,10 +343,9 @@ def train_vae(out: Path, config: dict | None = None, device: str | None = None, 
     Loss per image: summed Bernoulli NLL of the pixels + beta * KL (beta warmed up linearly over ``beta_warmup``
     steps), divided by the number of pixel values; with a code layer (``code``), plus ``sup`` * the code logits'
     cross-entropy against the factor labels (summed over factors) and minus ``code_div`` * the entropy of the code
-    usage of a batch of prior samples. With ``adv > 0`` (from step ``adv_start``) the decoder also gets a hinge adversarial loss on samples
-    from the prior, against a spectral-norm discriminator (a VAE-GAN), and with ``aux > 0`` the entropy terms of an
-    auxiliary classifier on those samples (see :func:`train_gan`).
-    """
+    usage of a batch of prior samples. With ``adv > 0`` (from step ``adv_start``) the decoder also gets a hinge
+    adversarial loss on samples from the prior, against a spectral-norm discriminator (a VAE-GAN), and with
+    ``aux > 0`` the entropy terms of an auxiliary classifier on those samples (see :func:`train_gan`)."""
     cfg = _config("vae", config)
     out = Path(out)
     dev = pick_device(device)
