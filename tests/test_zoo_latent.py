@@ -10,7 +10,8 @@ import layerscope as ls
 from layerscope.models.latent import LatentGenerator
 from layerscope.world.oracle import WEIGHTS, read
 from layerscope.world.factors import FACTORS, SIZES
-from layerscope.world.zoo.latent import CODE, DEFAULTS, Code, ConvGenerator, load_latent, train_gan, train_vae
+from layerscope.world.zoo.latent import (CODE, DEFAULTS, Code, ConvGenerator, Discriminator, load_latent, train_gan,
+                                         train_vae)
 
 _CACHE: dict = {}
 LATENT = {"vae": 16, "gan": 32}
@@ -130,5 +131,32 @@ def test_bad_configs_are_refused(tmp_path):
         train_vae(tmp_path, {"code": [10, 10]}, show_progress=False)
     with pytest.raises(ValueError, match="code_div"):
         train_gan(tmp_path, {"code": [], "ac": 0.0}, show_progress=False)
+    with pytest.raises(ValueError, match="code must be"):
+        train_gan(tmp_path, {"code": [], "ac": 0.0, "code_div": 0.0, "proj": True}, show_progress=False)
     with pytest.raises(FileNotFoundError):
         load_latent(tmp_path)
+
+
+def test_projection_discriminator_scores_an_image_with_its_codes(tmp_path):
+    torch.manual_seed(0)
+    D = Discriminator([4, 8, 8], aux=True, project=True)
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    with pytest.raises(ValueError, match="codes"):
+        D(x)
+    labels = torch.tensor([[0, 1, 2, 3, 0, 4]] * 5)
+    one_hot = torch.cat([torch.nn.functional.one_hot(labels[:, i], n) for i, n in enumerate(CODE)], 1).float()
+    plain = Discriminator([4, 8, 8], aux=True)
+    plain.load_state_dict({k: v for k, v in D.state_dict().items() if not k.startswith("embed")})
+    with torch.no_grad():
+        base = plain(x)
+        a, b = D(x, codes=one_hot), D(x, codes=one_hot.roll(1, dims=1))
+    assert not torch.allclose(a, b)  # the same image scores differently under another code
+    assert not torch.allclose(a, base)
+    score, logits = D(x, classify=True, codes=one_hot)
+    assert score.shape == (5,) and set(logits) == set(FACTORS)
+    # a GAN with a projection discriminator trains, and its discriminator is the larger for the embedding
+    tiny = dict(widths=[16, 8, 8, 4], d_widths=[4, 8, 8], bn_batches=2, steps=3, batch=8)
+    with_proj = train_gan(tmp_path / "p", dict(tiny, proj=True), device="cpu", show_progress=False)
+    without = train_gan(tmp_path / "n", tiny, device="cpu", show_progress=False)
+    assert with_proj["discriminator_params"] == without["discriminator_params"] + sum(CODE) * 8 * 4 * 4
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["training"]["proj"] is True

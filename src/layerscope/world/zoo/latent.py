@@ -61,7 +61,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "gan": dict(
         latent_dim=32, widths=[128, 64, 32, 16], d_widths=[64, 128, 256], norm="batch", output="tanh",
         code=CODE, steps=8000, batch=64, lr_g=2e-4, lr_d=2e-4, betas=[0.0, 0.9], loss="hinge", adv=1.0, aux=0.0,
-        aux_d=1.0, aux_fake=0.0, aux_div=1.0, ac=1.0, code_div=1.0, ema=0.999, bn_batches=40, seed=0, bf16="auto",
+        aux_d=1.0, aux_fake=0.0, aux_div=1.0, ac=1.0, proj=False, code_div=1.0, ema=0.999, bn_batches=40, seed=0, bf16="auto",
         size=SIZE,
     ),
 }
@@ -202,10 +202,13 @@ class Discriminator(nn.Module):
     """DCGAN discriminator with spectral norm: strided 4x4 convs 32 -> 16 -> 8 -> 4 (leaky ReLU), linear to a score.
 
     With ``aux=True`` it also carries one linear classifier head per world factor on the same features (an
-    auxiliary classifier trained on the labels of real renders, as in AC-GAN).
+    auxiliary classifier trained on the labels of real renders, as in AC-GAN). With ``project=True`` it is a
+    projection discriminator (Miyato & Koyama 2018): the score of an image given its codes (one one-hot per factor,
+    concatenated) adds the inner product of the features with one learned embedding per factor's code, so an image
+    is judged real or fake *as an image of that factor value*.
     """
 
-    def __init__(self, widths: list[int], aux: bool = False) -> None:
+    def __init__(self, widths: list[int], aux: bool = False, project: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = 3
@@ -216,13 +219,24 @@ class Discriminator(nn.Module):
         res = SIZE // 2 ** len(widths)
         self.head = spectral_norm(nn.Linear(cin * res * res, 1))
         self.classes = nn.ModuleDict({f: nn.Linear(cin * res * res, SIZES[f]) for f in FACTORS}) if aux else None
+        self.embed = spectral_norm(nn.Linear(sum(CODE), cin * res * res, bias=False)) if project else None
 
-    def forward(self, x: torch.Tensor, classify: bool = False):
+    def forward(self, x: torch.Tensor, classify: bool = False, codes: torch.Tensor | None = None):
         h = self.body(x)
         score = self.head(h).flatten()
+        if self.embed is not None:
+            if codes is None or codes.shape != (len(x), sum(CODE)):
+                raise ValueError(f"a projection discriminator scores images with their codes: one-hot "
+                                 f"(n, {sum(CODE)}), got {None if codes is None else tuple(codes.shape)}")
+            score = score + (self.embed(codes.to(h.dtype)) * h).sum(dim=1)
         if not classify:
             return score
         return score, {f: head(h).float() for f, head in self.classes.items()}
+
+
+def _one_hot(labels: torch.Tensor) -> torch.Tensor:
+    """Factor labels (n, 6) as the concatenated one-hot codes (n, sum(CODE)) a code layer outputs."""
+    return torch.cat([F.one_hot(labels[:, i], SIZES[f]) for i, f in enumerate(FACTORS)], dim=1).float()
 
 
 def _aux_real(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -275,9 +289,9 @@ def _config(name: str, config: dict | None) -> dict:
     cfg.update({k: v for k, v in (config or {}).items() if v is not None})
     if cfg["size"] != SIZE:
         raise ValueError(f"the latent zoo models are built for {SIZE}x{SIZE}, got size={cfg['size']}")
-    labelled = cfg.get("sup", 0) > 0 or cfg["ac"] > 0
+    labelled = cfg.get("sup", 0) > 0 or cfg["ac"] > 0 or bool(cfg.get("proj"))
     if labelled and list(cfg["code"] or []) != CODE:
-        raise ValueError(f"sup > 0 or ac > 0 read the code groups as the world's factors: code must be {CODE}, "
+        raise ValueError(f"sup, ac or proj read the code groups as the world's factors: code must be {CODE}, "
                          f"got {cfg['code']}")
     if cfg["code_div"] > 0 and not cfg["code"]:
         raise ValueError("code_div > 0 needs a code layer (code=[...])")
@@ -430,13 +444,16 @@ def train_vae(out: Path, config: dict | None = None, device: str | None = None, 
 
 # -- GAN -------------------------------------------------------------------------------------------------------------
 def _d_step(D: Discriminator, opt_d: torch.optim.Optimizer, real: torch.Tensor, labels: torch.Tensor,
-            fake: torch.Tensor, cfg: dict, dev: torch.device, bf16: bool) -> dict[str, float]:
+            fake: torch.Tensor, cfg: dict, dev: torch.device, bf16: bool,
+            fake_codes: torch.Tensor | None = None) -> dict[str, float]:
     """One discriminator update: hinge (or logistic) loss; with the auxiliary classifier, its cross-entropy on real
-    renders (weight ``aux_d``) and, CatGAN-style, its entropy on samples maximised (weight ``aux_fake``)."""
+    renders (weight ``aux_d``) and, CatGAN-style, its entropy on samples maximised (weight ``aux_fake``). A
+    projection discriminator scores real renders with their labels and samples with their codes ``fake_codes``."""
     aux = _classifies(cfg)
     n = len(real)
+    codes = torch.cat([_one_hot(labels), fake_codes]) if D.embed is not None else None
     with autocast(dev, bf16):
-        out = D(torch.cat([real, fake]), classify=aux)  # no batch statistics in D: one pass for both
+        out = D(torch.cat([real, fake]), classify=aux, codes=codes)  # no batch statistics in D: one pass for both
     score, logits = (out[0].float(), out[1]) if aux else (out.float(), None)
     d_real, d_fake = score[:n], score[n:]
     if cfg.get("loss", "hinge") == "hinge":
@@ -459,11 +476,13 @@ def _g_terms(D: Discriminator, fake: torch.Tensor, cfg: dict, dev: torch.device,
              gen_: ConvGenerator | None = None, z: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The generator's loss on its samples ``fake = gen_(z)``: adversarial (weight ``adv``), the aux classifier's
     entropy terms (weight ``aux``), AC-GAN's cross-entropy of that classifier against the sample's own codes
-    (weight ``ac``) and the entropy of the batch's code usage, maximised (weight ``code_div``)."""
+    (weight ``ac``) and the entropy of the batch's code usage, maximised (weight ``code_div``). A projection
+    discriminator scores each sample with its own code."""
     classify = _classifies(cfg)
+    codes = gen_.code(z).detach() if D.embed is not None else None
     D.requires_grad_(False)
     with autocast(dev, bf16):
-        out = D(fake, classify=classify)
+        out = D(fake, classify=classify, codes=codes)
     D.requires_grad_(True)
     score = (out[0] if classify else out).float()
     adv = -score.mean() if cfg.get("loss", "hinge") == "hinge" else F.softplus(-score).mean()
@@ -519,7 +538,7 @@ def train_gan(out: Path, config: dict | None = None, device: str | None = None, 
     gen = seed_everything(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"])
     G = build_generator(_architecture("gan", cfg)).to(dev).train()
-    D = Discriminator(cfg["d_widths"], aux=_classifies(cfg)).to(dev).train()
+    D = Discriminator(cfg["d_widths"], aux=_classifies(cfg), project=bool(cfg["proj"])).to(dev).train()
     ema = copy.deepcopy(G).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -542,7 +561,8 @@ def train_gan(out: Path, config: dict | None = None, device: str | None = None, 
             z = torch.randn((len(real), zdim), generator=gen).to(dev)
             with autocast(dev, bf16):
                 fake = G(z).float()
-            vals = _d_step(D, opt_d, real, y, fake.detach(), cfg, dev, bf16)
+            codes = G.code(z).detach() if D.embed is not None else None
+            vals = _d_step(D, opt_d, real, y, fake.detach(), cfg, dev, bf16, codes)
             loss_g, g_vals = _g_terms(D, fake, cfg, dev, bf16, G, z)
             vals.update(g_vals)
             opt_g.zero_grad(set_to_none=True)
