@@ -60,9 +60,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     ),
     "gan": dict(
         latent_dim=32, widths=[128, 64, 32, 16], d_widths=[64, 128, 256], norm="batch", output="tanh",
-        code=CODE, steps=8000, batch=64, lr_g=2e-4, lr_d=2e-4, betas=[0.0, 0.9], loss="hinge", adv=1.0, aux=0.0,
-        aux_d=1.0, aux_fake=0.0, aux_div=1.0, ac=1.0, proj=False, code_div=1.0, ema=0.999, bn_batches=40, seed=0, bf16="auto",
-        size=SIZE,
+        code=CODE, steps=12000, batch=64, lr_g=2e-4, lr_d=2e-4, betas=[0.0, 0.9], loss="hinge", adv=1.0, aux=0.0,
+        aux_d=1.0, aux_fake=0.0, aux_div=1.0, ac=1.0, proj=True, code_div=1.0, ema=0.999, bn_batches=40,
+        balance=200_000, seed=0, bf16="auto", size=SIZE,
     ),
 }
 
@@ -138,6 +138,35 @@ class Code(nn.Module):
 
     def logits(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(z).float().split(self.groups, dim=1)
+
+    @torch.no_grad()
+    def balance(self, z: torch.Tensor, steps: int = 600) -> list[tuple[float, float]]:
+        """Set each group's biases so that its classes take equal shares of the latents ``z`` (prior samples).
+
+        An argmax over linear logits cuts the latent space into cells (a power diagram); moving the biases moves the
+        cell borders without changing what any class decodes to. Equal cell masses are the optimum of a convex dual
+        (semi-discrete optimal transport): gradient descent on ``max_k(w_k z + b_k) - mean(b)``, whose gradient is
+        each class's share minus its target. Returns (max/min share before, after) per group.
+        """
+        logits = z.float() @ self.linear.weight.float().T
+        bias = self.linear.bias
+        out, start = [], 0
+        for k in self.groups:
+            part, b = logits[:, start:start + k], bias[start:start + k].float().clone()
+
+            def ratio(b_: torch.Tensor) -> tuple[torch.Tensor, float]:
+                share = torch.bincount((part + b_).argmax(1), minlength=k).float() / len(z)
+                return share, float(share.max() / share.min().clamp_min(1.0 / len(z)))
+
+            before = ratio(b)[1]
+            eta = 0.2 * float(part.std())  # steps in logit units, decaying linearly to zero
+            for step in range(steps):
+                share, _ = ratio(b)
+                b -= eta * (1.0 - step / steps) * k * (share - 1.0 / k)
+            bias[start:start + k] = b.to(bias.dtype)
+            out.append((before, ratio(b)[1]))
+            start += k
+        return out
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         parts = []
@@ -530,6 +559,9 @@ def train_gan(out: Path, config: dict | None = None, device: str | None = None, 
     classifies the six factors of real renders (weight ``aux_d``) and the generator minimises the classifier's
     per-sample entropy on its samples while maximising the entropy of its batch-mean prediction (weight ``aux_div``):
     samples that show one clear value of every factor, all values used (CatGAN's entropy terms, AC-GAN's classifier).
+    With ``ac > 0`` the generator's samples must instead be classified as their own codes (AC-GAN with classes from
+    the latent); with ``proj`` the discriminator is a projection discriminator that judges each image together with
+    its code. After training, :func:`finish_gan` balances the code layer and re-estimates batch norm.
     """
     cfg = _config("gan", config)
     out = Path(out)
@@ -577,6 +609,22 @@ def train_gan(out: Path, config: dict | None = None, device: str | None = None, 
                 log.write(step + 1, **run)
                 advance(every if (step + 1) % every == 0 else (step + 1) % every, **run)
     seconds = log.close()
-    _reestimate_bn(ema, cfg, gen, dev)
-    return _save("gan", out, ema, cfg, dev, seconds,
-                 {"discriminator_params": _n_params(D), "final": {k: round(v, 4) for k, v in run.items()}})
+    extra = {"discriminator_params": _n_params(D), "final": {k: round(v, 4) for k, v in run.items()}}
+    return _save("gan", out, ema, cfg, dev, seconds, {**extra, **finish_gan(ema, cfg)})
+
+
+def finish_gan(gen_: ConvGenerator, cfg: dict) -> dict:
+    """The trained (EMA) generator's last steps, seeded by ``cfg["seed"]`` alone: with ``balance`` > 0, its code
+    layer's biases set so every value of every factor takes an equal share of ``balance`` prior samples
+    (:meth:`Code.balance`); then its batch-norm statistics re-estimated on ``bn_batches`` prior batches."""
+    dev = next(gen_.parameters()).device
+    torch_gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+    info: dict = {}
+    if cfg.get("balance", 0) and gen_.code is not None:
+        z = torch.randn((int(cfg["balance"]), cfg["latent_dim"]), generator=torch_gen).to(dev)
+        ratios = gen_.code.balance(z)
+        names = FACTORS if gen_.code.groups == CODE else [f"group {i}" for i in range(len(ratios))]
+        info["code_balance"] = {f: {"max_min_share_before": round(a, 3), "after": round(b, 3)}
+                                for f, (a, b) in zip(names, ratios)}
+    _reestimate_bn(gen_, cfg, torch_gen, dev)
+    return info
