@@ -502,13 +502,13 @@ def _d_step(D: Discriminator, opt_d: torch.optim.Optimizer, real: torch.Tensor, 
 
 
 def _g_terms(D: Discriminator, fake: torch.Tensor, cfg: dict, dev: torch.device, bf16: bool,
-             gen_: ConvGenerator | None = None, z: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             gen_: ConvGenerator | None = None, z: torch.Tensor | None = None,
+             codes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The generator's loss on its samples ``fake = gen_(z)``: adversarial (weight ``adv``), the aux classifier's
     entropy terms (weight ``aux``), AC-GAN's cross-entropy of that classifier against the sample's own codes
     (weight ``ac``) and the entropy of the batch's code usage, maximised (weight ``code_div``). A projection
-    discriminator scores each sample with its own code."""
+    discriminator scores each sample with its own one-hot code ``codes``."""
     classify = _classifies(cfg)
-    codes = gen_.code(z).detach() if D.embed is not None else None
     D.requires_grad_(False)
     with autocast(dev, bf16):
         out = D(fake, classify=classify, codes=codes)
@@ -595,7 +595,7 @@ def train_gan(out: Path, config: dict | None = None, device: str | None = None, 
                 fake = G(z).float()
             codes = G.code(z).detach() if D.embed is not None else None
             vals = _d_step(D, opt_d, real, y, fake.detach(), cfg, dev, bf16, codes)
-            loss_g, g_vals = _g_terms(D, fake, cfg, dev, bf16, G, z)
+            loss_g, g_vals = _g_terms(D, fake, cfg, dev, bf16, G, z, codes)
             vals.update(g_vals)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
