@@ -37,24 +37,24 @@ def prompts_for(model: ls.Generator, texts: list[str]) -> list:
 
 
 class CountRuns:
-    """Counts generations of a model (wraps its _run)."""
+    """Counts generations of a model (wraps its run_batch)."""
 
     def __init__(self, model: ls.Generator) -> None:
         self.model = model
         self.calls: list[int] = []
 
     def __enter__(self):
-        orig = self.model._run
+        orig = self.model.run_batch
 
         def wrapped(prompts, seeds, cfg):
             self.calls.append(len(prompts))
             return orig(prompts, seeds, cfg)
 
-        self.model._run = wrapped
+        self.model.run_batch = wrapped
         return self
 
     def __exit__(self, *exc):
-        del self.model._run
+        del self.model.run_batch
 
 
 @pytest.fixture(scope="session")

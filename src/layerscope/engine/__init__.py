@@ -1,13 +1,22 @@
-"""The model-agnostic engine: capture, intervention, stores, batched injection sweeps."""
+"""The model-agnostic engine: capture, intervention, stores, batched injection sweeps.
 
-from .run import GenerationResult, estimate_bytes, execute, plan_capture, trace_shapes
+Phases: :mod:`.plan` (validate and size before any work), :mod:`.hooks` (the only code registering forward hooks)
+and :mod:`.paths` (tensors inside module inputs/outputs), :mod:`.handler` (what happens at a site in a step),
+:mod:`.execute` (chunks, stores, the shape trace). The engine talks to models only through :class:`.Backend`.
+"""
+
+from .backend import Backend
+from .execute import GenerationResult, execute, trace_shapes
+from .plan import estimate_bytes, plan_capture
+from .progress import ProgressArg, progress_callback
 from .spec import Capture, Intervention, PerTarget, Row, Stored, add, blend, replace, zero
-from .steps import resolve_steps, window
+from .steps import WINDOWS, StepSel, resolve_steps, window
 from .store import ActivationStore, CaptureResult
-from .sweep import SweepResult, injection_sweep
+from .sweep import SweepResult, injection_sweep, layer_sets
 
 __all__ = [
-    "ActivationStore", "Capture", "CaptureResult", "GenerationResult", "Intervention", "PerTarget", "SweepResult",
-    "injection_sweep", "Row", "Stored", "add",
-    "blend", "estimate_bytes", "execute", "plan_capture", "replace", "resolve_steps", "trace_shapes", "window", "zero",
+    "WINDOWS", "ActivationStore", "Backend", "Capture", "CaptureResult", "GenerationResult", "Intervention",
+    "PerTarget", "ProgressArg", "Row", "StepSel", "Stored", "SweepResult", "add", "blend", "estimate_bytes", "execute",
+    "injection_sweep", "layer_sets", "plan_capture", "progress_callback", "replace", "resolve_steps", "trace_shapes",
+    "window", "zero",
 ]

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError
-from .run import execute
+from .execute import execute
 from .spec import Intervention, Row
 from .progress import ProgressArg, progress_callback
 from .steps import StepSel
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..layers import LayerMap
-    from ..models.base import Generator
+    from .backend import Backend
 
 
 @dataclass
@@ -67,7 +67,7 @@ def layer_sets(lmap: "LayerMap", layers: str | Sequence[str | Sequence[str]] | N
 
 
 def injection_sweep(
-    model: "Generator",
+    model: "Backend",
     original: Any,
     edit: Any,
     layers: str | Sequence[str | Sequence[str]] | None = None,

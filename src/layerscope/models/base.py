@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..config import GenerationConfig
-from ..engine import run as _engine
+from ..engine.execute import GenerationResult, execute, trace_shapes
+from ..engine.plan import estimate_bytes, plan_capture
 from ..engine.progress import progress_callback
 from ..engine.spec import Capture, Intervention
 from ..errors import ConfigError
@@ -45,7 +46,7 @@ class Generator(ABC):
     """A generative image model seen through layerscope: layers, candidate spaces, generation with hooks.
 
     Subclasses set ``family`` and ``step_module`` (the module called once per denoising step, or None for
-    single-pass generators) and implement :meth:`_build_map`, :meth:`module`, :meth:`_run`.
+    single-pass generators) and implement :meth:`build_map`, :meth:`module`, :meth:`run_batch`.
     """
 
     family: str = ""
@@ -64,7 +65,7 @@ class Generator(ABC):
 
     # -- family-specific -------------------------------------------------------------------------------------------
     @abstractmethod
-    def _build_map(self) -> LayerMap:
+    def build_map(self) -> LayerMap:
         """Layers and spaces in forward order, without shapes."""
 
     @abstractmethod
@@ -72,7 +73,7 @@ class Generator(ABC):
         """The module a :class:`~layerscope.layers.Site` names."""
 
     @abstractmethod
-    def _run(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
+    def run_batch(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
         """Generate one batch: images (n, 3, H, W) in [0, 1] and meta (``timesteps``)."""
 
     def trace_inputs(self) -> list[Any]:
@@ -120,7 +121,7 @@ class Generator(ABC):
         cfg = self.config(height=height, width=width)
         key = (cfg.height, cfg.width)
         if key not in self._maps:
-            self._maps[key] = _engine.trace_shapes(self, self._build_map(), cfg)
+            self._maps[key] = trace_shapes(self, self.build_map(), cfg)
         return self._maps[key]
 
     def layers(self, pattern: str | Iterable[str] | None = None, **size: Any) -> list[LayerInfo]:
@@ -135,8 +136,8 @@ class Generator(ABC):
         """Bytes a capture of ``n_samples`` samples will occupy with these generation settings (no generation)."""
         cfg = self.config(**gen_kwargs)
         lmap = self.layer_map(cfg.height, cfg.width)
-        plan = _engine.plan_capture(capture, lmap, n_samples, self.num_steps(cfg), self.branch_labels(cfg))
-        return _engine.estimate_bytes(plan, capture.dtype)
+        plan = plan_capture(capture, lmap, n_samples, self.num_steps(cfg), self.branch_labels(cfg))
+        return estimate_bytes(plan, capture.dtype)
 
     @contextmanager
     def capture(self, layers: str | Sequence[str] = "*", **kw: Any) -> Iterator[CaptureHandle]:
@@ -172,7 +173,7 @@ class Generator(ABC):
         fork_at: int | Sequence[int] | None = None,
         fork_seeds: int | Sequence[int] | None = None,
         **gen_kwargs: Any,
-    ) -> _engine.GenerationResult:
+    ) -> GenerationResult:
         """Generate one image per prompt (seed i for prompt i; default seeds 0..n-1) with captures/interventions.
 
         ``gen_kwargs``: ``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ``negative_prompt`` or
@@ -202,7 +203,7 @@ class Generator(ABC):
         cap = capture if capture is not None else (handle.spec if handle is not None else None)
         ivs = list(self._pending_ivs) + list(interventions)
         with progress_callback(progress, f"generating {len(prompts)} samples") as report:
-            result = _engine.execute(self, prompts, list(seeds), cfg, cap, ivs, max_batch, report)
+            result = execute(self, prompts, list(seeds), cfg, cap, ivs, max_batch, report)
         if handle is not None:
             handle.result = result.capture
         return result

@@ -69,7 +69,7 @@ class LatentGenerator(Generator):
         walk("", self.net)
         return out
 
-    def _build_map(self) -> LayerMap:
+    def build_map(self) -> LayerMap:
         named = self._layer_names()
         entries = [
             LayerInfo(name, type(mod).__name__.lower(), f"depth {d}/{len(named)}",
@@ -83,7 +83,7 @@ class LatentGenerator(Generator):
     def trace_inputs(self) -> list[Any]:
         return [None]
 
-    def _run(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
+    def run_batch(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
         param = next(self.net.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None else torch.float32

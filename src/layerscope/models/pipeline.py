@@ -114,7 +114,7 @@ class PipelineGenerator(Generator):
             rows += [neg] * len(pos) if b == "uncond" else pos
         return torch.tensor(rows, dtype=torch.long)
 
-    # -- helpers for _run -----------------------------------------------------------------------------------------
+    # -- helpers for run_batch -----------------------------------------------------------------------------------------
     def _noise(self, seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
         noise = seeded_noise(seeds, shape, self.device, self.dtype)
         return self.taps["noise"](noise)

@@ -49,7 +49,7 @@ class TransformerPipelineGenerator(PipelineGenerator):
         return super().branch_labels(cfg)
 
     # -- map ------------------------------------------------------------------------------------------------------
-    def _build_map(self) -> LayerMap:
+    def build_map(self) -> LayerMap:
         tr = self.pipe.transformer
         stacks = [("transformer_blocks", len(tr.transformer_blocks))]
         if hasattr(tr, "single_transformer_blocks"):
@@ -86,7 +86,7 @@ class TransformerPipelineGenerator(PipelineGenerator):
         s = getattr(self.pipe.transformer.config, "sample_size", None) or getattr(self.pipe, "default_sample_size", 64)
         return (s * f, s * f)
 
-    def _run(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
+    def run_batch(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
         texts = self._check_prompts(prompts)
         f = self.vae_factor
         kw = self._common_kwargs(cfg, seeds)

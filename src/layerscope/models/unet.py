@@ -114,7 +114,7 @@ class UNetPipelineGenerator(PipelineGenerator):
         self.default_config.num_inference_steps = 20
 
     # -- map ------------------------------------------------------------------------------------------------------
-    def _build_map(self) -> LayerMap:
+    def build_map(self) -> LayerMap:
         layers, skips = unet_layer_entries(self.pipe.unet)
         spaces = [self._noise_space(),
                   self._denoiser_input("x_t", "x_t", ("sample",), "noisy latent entering the U-Net", kw_fallback=0)]
@@ -169,7 +169,7 @@ class UNetPipelineGenerator(PipelineGenerator):
             raise ConfigError(f"height and width must be multiples of {f} for this model, got {cfg.height}x{cfg.width}")
         return (c, cfg.height // f, cfg.width // f)
 
-    def _run(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
+    def run_batch(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
         latents = self._noise(seeds, self._latent_shape(cfg))
         kw = self._common_kwargs(cfg, seeds)
         if self.variant == "kandinsky22":

@@ -1,0 +1,243 @@
+"""Running a generation with captures and interventions: :func:`execute` (chunks, stores) and :func:`trace_shapes`.
+
+The engine knows nothing of model families: a :class:`~.backend.Backend` gives it a
+:class:`~layerscope.layers.LayerMap` (which module, where the tensor sits), the module called once per denoising
+step, the CFG branch labels and a function that generates a batch. Validation happens in :mod:`.plan` before the
+first generation; hooks are installed by :mod:`.hooks`; each site's work is done by :mod:`.handler`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._version import __version__
+from ..config import GenerationConfig
+from ..errors import BudgetError, ConfigError
+from ..layers import LayerMap
+from .backend import Backend
+from .handler import RunState, ShapeRecorder, SiteHandler
+from .hooks import installed_hooks, set_indices
+from .plan import estimate_bytes, fmt_bytes, plan_capture, plan_interventions
+from .spec import Capture, Intervention
+from .store import ActivationStore, CaptureResult, fingerprint
+
+
+@dataclass
+class GenerationResult:
+    """Images (sample, 3, H, W) in [0, 1], the capture (memory or store) and the scheduler's timesteps."""
+
+    images: torch.Tensor
+    capture: CaptureResult | ActivationStore | None = None
+    timesteps: list[float] = field(default_factory=list)
+
+
+
+def trace_shapes(gen: Backend, lmap: LayerMap, cfg: GenerationConfig) -> LayerMap:
+    """Run one 2-step generation of one sample (PixArt cannot run 1 step) and fill in every entry's per-sample shape."""
+    run = RunState(1, ["cond"])
+    recorders = {e.name: ShapeRecorder(e) for e in lmap}
+    trace_cfg = GenerationConfig(
+        num_inference_steps=2, guidance_scale=1.0, height=cfg.height, width=cfg.width,
+        negative_prompt=cfg.negative_prompt, extra=dict(cfg.extra),
+    )
+    inputs = gen.trace_inputs()
+    set_indices(gen, recorders, inputs, trace_cfg, ["cond"])
+    with torch.no_grad(), installed_hooks(gen, run, recorders, count_steps=False):  # type: ignore[arg-type]
+        gen.run_batch(inputs, [0], trace_cfg)
+    missing = [n for n, r in recorders.items() if r.shape is None]
+    if missing:
+        raise ConfigError(
+            f"layers never ran during a trace generation: {', '.join(missing[:6])}; the adapter's layer map does not "
+            "fit this model"
+        )
+    entries = []
+    for e in lmap:
+        r = recorders[e.name]
+        entries.append(e.with_shape(r.shape, r.in_shape))
+    return LayerMap(entries, model=lmap.model)
+
+
+
+def _chunks(ids: list[int], size: int) -> list[list[int]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def execute(
+    gen: Backend,
+    prompts: Sequence[Any],
+    seeds: Sequence[int],
+    cfg: GenerationConfig,
+    capture: Capture | None = None,
+    interventions: Sequence[Intervention] = (),
+    max_batch: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    experiment: dict | None = None,
+) -> GenerationResult:
+    """Generate ``prompts`` with ``seeds`` while capturing and intervening; chunks of at most ``max_batch`` samples.
+
+    All validation (names, steps, branches, shapes, byte budget, store compatibility) happens before the first
+    generation.
+    """
+    n = len(prompts)
+    if n == 0:
+        raise ConfigError("nothing to generate: give at least one prompt")
+    if len(seeds) != n:
+        raise ConfigError(f"got {n} prompts but {len(seeds)} seeds; give one seed per prompt")
+    max_batch = max_batch or gen.default_max_batch
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+    lmap = gen.layer_map(cfg.height, cfg.width)
+    branches = gen.branch_labels(cfg)
+    num_steps = gen.num_steps(cfg)
+
+    cap_plan = plan_capture(capture, lmap, n, num_steps, branches) if capture is not None else None
+    planned = plan_interventions(interventions, lmap, n, num_steps, branches)
+    if any(p.kind == "row" for p in planned) and n > max_batch:
+        raise ConfigError(
+            f"interventions with Row sources need their rows in one batch, but {n} samples exceed max_batch={max_batch}; "
+            "raise max_batch or use injection_sweep"
+        )
+
+    store: ActivationStore | None = None
+    todo = list(range(n))
+    if capture is not None:
+        total = estimate_bytes(cap_plan, capture.dtype)
+        if capture.store is None and total > capture.budget_bytes:
+            raise BudgetError(
+                f"this capture needs about {fmt_bytes(total)}, over the budget of {fmt_bytes(capture.budget_bytes)}; "
+                "stream it to disk with store='acts.zarr', capture pooled=True, or select fewer layers or steps"
+            )
+        per_batch = estimate_bytes(cap_plan, capture.dtype, min(n, max_batch))
+        if capture.store is not None and per_batch > capture.budget_bytes:
+            raise BudgetError(
+                f"one batch of {min(n, max_batch)} samples holds about {fmt_bytes(per_batch)} of captures before it is "
+                f"written, over the budget of {fmt_bytes(capture.budget_bytes)}; lower max_batch"
+            )
+        if capture.store is not None:
+            attrs = _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment)
+            store = ActivationStore.create_or_resume(
+                capture.store, attrs, list(cap_plan.specs.values()), max_batch, capture.dtype
+            )
+            todo = store.pending()
+
+    result_cap = CaptureResult() if capture is not None and store is None else None
+    images: list[tuple[list[int], torch.Tensor]] = []
+    timesteps: list[float] = []
+    done = n - len(todo)
+    # a store batch is written on a background thread while the next batch generates
+    writer = ThreadPoolExecutor(max_workers=1) if store is not None else None
+    pending: Future | None = None
+    try:
+        by_layer: dict[str, list[PlannedIntervention]] = {}
+        for p in planned:
+            by_layer.setdefault(p.info.name, []).append(p)
+        cap_names = {i.name for i in cap_plan.infos} if cap_plan else set()
+        for ids in _chunks(todo, max_batch):
+            run = RunState(len(ids), branches)
+            handlers: dict[str, SiteHandler] = {}
+            for info in lmap:
+                name = info.name
+                if name not in by_layer and name not in cap_names:
+                    continue
+                handlers[name] = SiteHandler(
+                    info, run, ids, by_layer.get(name, []),
+                    capture if name in cap_names else None, cap_plan if name in cap_names else None,
+                )
+            chunk_prompts = [prompts[i] for i in ids]
+            set_indices(gen, handlers, chunk_prompts, cfg, branches)
+            with torch.no_grad(), installed_hooks(gen, run, handlers):
+                imgs, meta = gen.run_batch(chunk_prompts, [seeds[i] for i in ids], cfg)
+            if gen.step_module is not None and run.step + 1 != num_steps:
+                raise ConfigError(
+                    f"the denoiser ran {run.step + 1} times for {num_steps} expected steps; this scheduler calls the "
+                    "model more than once per step, which layerscope does not support yet"
+                )
+            timesteps = [float(t) for t in meta.get("timesteps", [])]
+            images.append((ids, imgs.detach().float().cpu()))
+            if cap_plan is not None:
+                items = [(cap_plan.specs[(what, name)], data)
+                         for name, h in handlers.items() if name in cap_names for what, data in h.finish().items()]
+                if store is not None:
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(_write_and_mark, store, items, ids, timesteps)
+                else:
+                    for spec, data in items:
+                        result_cap._append(spec, data)
+            done += len(ids)
+            if progress is not None:
+                progress(done, n)
+    finally:
+        if writer is not None:
+            writer.shutdown(wait=True)  # a finished batch is kept even when a later one fails
+    if pending is not None:
+        pending.result()
+
+    out_images = _assemble(images, n) if images else torch.empty(0)
+    if result_cap is not None:
+        result_cap._finalize()
+        result_cap.timesteps = timesteps
+        result_cap.attrs = _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment)
+    return GenerationResult(out_images, store if store is not None else result_cap, timesteps)
+
+
+def _write_and_mark(store: ActivationStore, items: list, ids: list[int], timesteps: list[float]) -> None:
+    store.write_batch(items, ids)
+    store.mark_done(ids, timesteps)
+
+
+def _assemble(parts: list[tuple[list[int], torch.Tensor]], n: int) -> torch.Tensor:
+    first = parts[0][1]
+    have = sum(len(ids) for ids, _ in parts)
+    if have == n:
+        out = torch.empty((n,) + tuple(first.shape[1:]), dtype=first.dtype)
+        for ids, imgs in parts:
+            out[ids] = imgs
+        return out
+    # a resumed store run: only the newly generated samples have images
+    return torch.cat([imgs for _, imgs in parts])
+
+
+def _prompt_repr(p: Any) -> str:
+    if isinstance(p, torch.Tensor):
+        return f"tensor{tuple(p.shape)}:{float(p.double().sum()):.8g}"
+    return str(p)
+
+
+def _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment) -> dict:
+    exp = {
+        "layers": capture.layers if isinstance(capture.layers, str) else list(capture.layers),
+        "steps": capture.steps if isinstance(capture.steps, (int, str, type(None))) else str(capture.steps),
+        "branches": None if capture.branches is None else list(capture.branches),
+        "pooled": capture.pooled,
+        # only when used, so stores written before the option existed keep their fingerprint
+        **({"unpooled": [capture.unpooled] if isinstance(capture.unpooled, str) else list(capture.unpooled)}
+           if capture.unpooled else {}),
+        "update": capture.update,
+        "dtype": str(capture.dtype),
+        "interventions": [iv.describe() for iv in interventions],
+        **(experiment or {}),
+    }
+    attrs = {
+        "layerscope": {"schema": 1, "version": __version__},
+        "model": gen.spec,
+        "prompts": [_prompt_repr(p) for p in prompts],
+        "negative_prompt": cfg.negative_prompt,
+        "seeds": [int(s) for s in seeds],
+        "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": cfg.guidance_scale,
+        "height": cfg.height,
+        "width": cfg.width,
+        "generation": cfg.describe(),
+        "branches": list(branches),
+        "experiment": exp,
+        "timesteps": [],
+    }
+    attrs["fingerprint"] = fingerprint({k: v for k, v in attrs.items() if k not in ("timesteps", "layerscope")})
+    return attrs
+

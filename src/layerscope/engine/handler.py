@@ -1,0 +1,201 @@
+"""The per-site handler: what happens to one site's tensor in one chunk and step (interventions, then capture).
+
+Rows of a branched tensor are laid out as ``branch * n_samples + sample`` (diffusers concatenates the unconditional
+half first); :class:`RunState` counts the denoising steps of a chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..layers import LayerInfo
+from .plan import CapturePlan, PlannedIntervention, channel_view, resolve_branches
+from .spec import Capture, Stored
+
+
+class RunState:
+    def __init__(self, n: int, branches: Sequence[str]) -> None:
+        self.n = n
+        self.branches = list(branches)
+        self.step = -1
+
+    def rows(self, info: LayerInfo, samples: Sequence[int], branch_idx: Sequence[int]) -> list[int]:
+        if not info.branched:
+            return list(samples)
+        return [b * self.n + i for b in branch_idx for i in samples]
+
+
+
+class SiteHandler:
+    """Everything that happens at one site in one chunk: interventions, then capture."""
+
+    def __init__(
+        self,
+        info: LayerInfo,
+        run: RunState,
+        sample_ids: list[int],
+        ivs: list[PlannedIntervention],
+        cap: Capture | None,
+        cap_plan: CapturePlan | None,
+    ) -> None:
+        self.info = info
+        self.run = run
+        self.ivs = []
+        local = {g: k for k, g in enumerate(sample_ids)}
+        for p in ivs:
+            tl = [local[t] for t in p.targets if t in local]
+            src_local = local.get(p.iv.source.index) if p.kind == "row" else None
+            if p.kind == "row" and src_local is None and tl:
+                raise ConfigError(
+                    f"intervention at {info.name}: source row {p.iv.source.index} is not in the same batch as its "
+                    "targets; raise max_batch or use injection_sweep, which keeps sources and targets together"
+                )
+            if tl:
+                if p.kind == "per_target":  # the rows of the source that belong to this chunk's targets
+                    src_local = [k for k, t in enumerate(p.targets) if t in local]
+                self.ivs.append((p, tl, src_local))
+        self.cap = cap
+        self.cap_steps = set(cap_plan.steps) if cap_plan else set()
+        self.cap_specs = (
+            [s for (w, l), s in cap_plan.specs.items() if l == info.name] if cap_plan else []
+        )
+        self.cap_branch_idx = (
+            resolve_branches(info, cap.branches, run.branches, "capture") if cap is not None else []
+        )
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.filled: dict[str, int] = {}
+        self.calls_at: int | None = None
+        self._tensor_cache: dict[tuple, torch.Tensor] = {}
+
+    # -- called from the hooks --------------------------------------------------------------------------------------
+    def process(self, x: torch.Tensor, get_in: Callable[[], torch.Tensor] | None) -> torch.Tensor:
+        info, run = self.info, self.run
+        step = run.step if info.per_step else None
+        key = step if info.per_step else -99
+        if self.calls_at == key:
+            raise ConfigError(
+                f"{info.name} ran twice in {'step ' + str(step) if info.per_step else 'one generation'}; layerscope "
+                "needs each layer called once per denoiser call (is the module reused or true-CFG enabled?)"
+            )
+        self.calls_at = key
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError(f"{info.name}: expected a tensor at its site, found {type(x).__name__}")
+        expect_rows = run.n * len(run.branches) if info.branched else run.n
+        if x.shape[0] != expect_rows:
+            raise ConfigError(
+                f"{info.name}: its tensor has {x.shape[0]} rows but this batch lays out {expect_rows} "
+                f"({run.n} samples x {len(run.branches) if info.branched else 1} branches); the adapter's batch layout "
+                "does not fit this pipeline call"
+            )
+        active = [(p, tl, s) for (p, tl, s) in self.ivs if p.steps is None or step in p.steps]
+        if active:
+            orig = x
+            x = x.clone()
+            for p, tl, src_local in active:
+                self._apply(x, orig, p, tl, src_local, step)
+        if self.cap_specs and (step is None or step in self.cap_steps):
+            self._capture(x, get_in)
+        return x
+
+    def _apply(self, x, orig, p: PlannedIntervention, tl, src_local, step) -> None:
+        op, alpha = p.iv.op, p.iv.alpha
+        for b in p.branch_idx:
+            rows = self.run.rows(self.info, tl, [b])
+            if op == "zero":
+                x[rows] = 0
+                continue
+            if p.kind == "row":
+                src = orig[self.run.rows(self.info, [src_local], [b])[0]]
+            elif p.kind == "tensor":
+                src = self._cached(("t",), p.tensor, x)
+            elif p.kind == "per_target":
+                src = self._cached(("p", id(p)), p.tensor, x)[src_local]
+            else:
+                s: Stored = p.iv.source
+                layer = s.layer or self.info.name
+                t = s.capture.lookup(layer, s.what, s.sample, step, p.stored_branch[b])
+                src = channel_view(t, self.info).to(device=x.device, dtype=x.dtype)
+            cur = x[rows]
+            if op == "replace":
+                new = src.expand_as(cur)
+            elif op == "add":
+                new = cur + alpha * src
+            else:  # blend
+                new = (1 - alpha) * cur + alpha * src
+            x[rows] = new.to(x.dtype)
+
+    def _cached(self, key, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        k = key + (like.device, like.dtype, id(t))
+        if k not in self._tensor_cache:
+            self._tensor_cache[k] = t.to(device=like.device, dtype=like.dtype)
+        return self._tensor_cache[k]
+
+    def _take(self, x: torch.Tensor) -> torch.Tensor:
+        """The captured rows as a view (sample, branch, *feature), pooled if asked; no copy yet."""
+        info, run = self.info, self.run
+        if info.branched:
+            x = x.reshape((len(run.branches), run.n) + tuple(x.shape[1:]))
+            if len(self.cap_branch_idx) != len(run.branches):
+                x = x[self.cap_branch_idx]
+            x = x.transpose(0, 1)
+        else:
+            x = x.unsqueeze(1)
+        if self.cap.pools(info.name):
+            dims = [k + 2 for k, d in enumerate(info.dims) if d in ("h", "w", "token")]
+            if dims:
+                x = x.float().mean(dim=dims)
+        return x.detach()
+
+    def _capture(self, x: torch.Tensor, get_in) -> None:
+        for spec in self.cap_specs:
+            data = self._take(x if spec.what == "output" else x - get_in())
+            buf = self.buffers.get(spec.what)
+            if buf is None:  # one preallocated (sample, step, branch, *feature) buffer: a single copy per capture
+                buf = torch.empty((data.shape[0], len(spec.steps)) + tuple(data.shape[1:]), dtype=self.cap.dtype)
+                self.buffers[spec.what] = buf
+            k = self.filled.get(spec.what, 0)
+            if k >= len(spec.steps):
+                raise ConfigError(f"{self.info.name}: captured more steps than the {len(spec.steps)} planned")
+            buf[:, k].copy_(data)
+            self.filled[spec.what] = k + 1
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for spec in self.cap_specs:
+            got = self.filled.get(spec.what, 0)
+            if got != len(spec.steps):
+                raise ConfigError(
+                    f"{self.info.name}: captured {got} of {len(spec.steps)} expected steps; the layer did not run "
+                    "once per denoising step (is it skipped or cached by the pipeline?)"
+                )
+            out[spec.what] = self.buffers[spec.what]
+        return out
+
+
+
+class ShapeRecorder:
+    """Records per-sample output (and input) shapes of every site during a trace run."""
+
+    def __init__(self, info: LayerInfo) -> None:
+        self.info = info
+        self.shape: tuple[int, ...] | None = None
+        self.in_shape: tuple[int, ...] | None = None
+
+    def process(self, x, get_in):
+        if isinstance(x, torch.Tensor) and x.shape[0] != 1:
+            raise ConfigError(
+                f"{self.info.name}: the trace batch has 1 row but the tensor at this site has {x.shape[0]}; the "
+                "adapter's site does not point at the activation"
+            )
+        if self.shape is None and isinstance(x, torch.Tensor):
+            self.shape = tuple(x.shape[1:])
+            if get_in is not None:
+                inp = get_in()
+                if isinstance(inp, torch.Tensor):
+                    self.in_shape = tuple(inp.shape[1:])
+        return x
+

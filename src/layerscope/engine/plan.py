@@ -1,0 +1,232 @@
+"""Planning: everything that runs before any generation, so mistakes fail fast.
+
+A capture becomes a :class:`CapturePlan` (one :class:`~.store.ArraySpec` per recorded array) and each intervention a
+:class:`PlannedIntervention` (its site, steps, branches, target rows and validated source); names, steps, branches
+and shapes are checked here, and :func:`estimate_bytes` sizes a capture before the engine agrees to run it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError, ShapeError
+from ..layers import LayerInfo, LayerMap
+from .spec import OPS, Capture, Intervention, PerTarget, Row, Stored
+from .steps import resolve_steps
+from .store import ArraySpec
+
+
+@dataclass
+class PlannedIntervention:
+    iv: Intervention
+    info: LayerInfo
+    steps: frozenset[int] | None  # None: once-per-generation tensor, no step window
+    branch_idx: list[int]  # branch positions affected (unbranched sites: [0])
+    targets: list[int]  # global sample indices
+    kind: str  # row | stored | tensor | per_target | none
+    tensor: torch.Tensor | None = None
+    stored_branch: dict[int, str | None] = field(default_factory=dict)
+
+
+@dataclass
+class CapturePlan:
+    infos: list[LayerInfo]
+    steps: tuple[int, ...]
+    specs: dict[tuple[str, str], ArraySpec]
+
+
+def _feature_shape(info: LayerInfo, pooled: bool) -> tuple[int, ...]:
+    if not pooled:
+        return info.shape
+    return tuple(s for s, d in zip(info.shape, info.dims) if d not in ("h", "w", "token"))
+
+
+def _feature_dims(info: LayerInfo, pooled: bool) -> tuple[str, ...]:
+    if not pooled:
+        return info.dims
+    return tuple(d for d in info.dims if d not in ("h", "w", "token"))
+
+
+def _branch_labels(info: LayerInfo, branches: Sequence[str]) -> list[str]:
+    return list(branches) if info.branched else ["none"]
+
+
+def resolve_branches(
+    info: LayerInfo, wanted: Sequence[str] | None, branches: Sequence[str], what: str
+) -> list[int]:
+    labels = _branch_labels(info, branches)
+    if wanted is None or not info.branched:
+        return list(range(len(labels)))
+    bad = [b for b in wanted if b not in labels]
+    if bad:
+        raise ConfigError(
+            f"{what}: branch {bad[0]!r} does not exist in this run; valid branches: {', '.join(labels)}"
+            + (" (guidance_scale <= 1 disables the uncond branch)" if "uncond" not in labels else "")
+        )
+    return [labels.index(b) for b in wanted]
+
+
+def plan_capture(cap: Capture, lmap: LayerMap, n: int, num_steps: int, branches: Sequence[str]) -> CapturePlan:
+    infos = lmap.select(cap.layers)
+    steps = resolve_steps(cap.steps, num_steps) if num_steps else ()
+    if cap.update:
+        bad = [i.name for i in infos if i.in_shape != i.shape]
+        if bad:
+            raise ConfigError(
+                f"block update (output - input) is undefined where input and output shapes differ: {', '.join(bad[:6])}"
+                f"{' ...' if len(bad) > 6 else ''}; select other layers or capture with update=False"
+            )
+    specs: dict[tuple[str, str], ArraySpec] = {}
+    for info in infos:
+        bidx = resolve_branches(info, cap.branches, branches, f"capture of {info.name}")
+        labels = _branch_labels(info, branches)
+        st: list[int | None] = list(steps) if info.per_step else [None]
+        feat = _feature_shape(info, cap.pools(info.name))
+        for what in ("output", "update") if cap.update else ("output",):
+            specs[(what, info.name)] = ArraySpec(
+                layer=info.name,
+                what=what,
+                shape=(n, len(st), len(bidx)) + feat,
+                dims=("sample", "step", "branch") + _feature_dims(info, cap.pools(info.name)),
+                steps=st,
+                branches=[labels[b] for b in bidx],
+                attrs={"kind": info.kind, "stage": info.stage, "pooled": cap.pools(info.name)},
+            )
+    return CapturePlan(infos, steps, specs)
+
+
+def estimate_bytes(plan: CapturePlan, dtype: torch.dtype, n_samples: int | None = None) -> int:
+    """Bytes the planned capture occupies (for ``n_samples`` samples, default all)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for s in plan.specs.values():
+        per_sample = math.prod(s.shape[1:])
+        total += per_sample * (s.shape[0] if n_samples is None else n_samples) * item
+    return total
+
+
+def fmt_bytes(b: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if b < 1024 or unit == "TiB":
+            return f"{b:.1f} {unit}"
+        b /= 1024
+    return f"{b:.1f} TiB"
+
+
+def plan_interventions(
+    ivs: Sequence[Intervention], lmap: LayerMap, n: int, num_steps: int, branches: Sequence[str]
+) -> list[PlannedIntervention]:
+    planned = []
+    for iv in ivs:
+        if iv.op not in OPS:
+            raise ConfigError(f"unknown intervention op {iv.op!r}; valid ops: {', '.join(OPS)}")
+        info = lmap[iv.layer]
+        what = f"intervention {iv.op} at {iv.layer}"
+        steps = frozenset(resolve_steps(iv.steps, num_steps)) if (info.per_step and num_steps) else None
+        bidx = resolve_branches(info, iv.branches, branches, what)
+        src = iv.source
+        targets = list(range(n)) if iv.targets is None else [int(t) for t in iv.targets]
+        bad = [t for t in targets if not 0 <= t < n]
+        if bad:
+            raise ConfigError(f"{what}: target samples {bad} are outside this batch of {n} (valid: 0..{n - 1})")
+        if iv.op in ("blend",) and not 0.0 <= iv.alpha <= 1.0:
+            raise ConfigError(f"{what}: blend alpha must be in [0, 1], got {iv.alpha}")
+        p = PlannedIntervention(iv, info, steps, bidx, targets, "none")
+        if iv.op == "zero":
+            if src is not None:
+                raise ConfigError(f"{what}: zero takes no source")
+        elif src is None:
+            raise ConfigError(f"{what}: needs a source (Row, Stored or a tensor)")
+        elif isinstance(src, Row):
+            if not 0 <= src.index < n:
+                raise ConfigError(f"{what}: source row {src.index} is outside this batch of {n} (valid: 0..{n - 1})")
+            if iv.targets is None:
+                p.targets = [t for t in targets if t != src.index]
+            p.kind = "row"
+        elif isinstance(src, Stored):
+            p.kind = "stored"
+            _check_stored(p, src, info, branches, what)
+        elif isinstance(src, torch.Tensor):
+            p.kind = "tensor"
+            p.tensor = _shape_tensor(src, info, iv.op, what)
+        elif isinstance(src, PerTarget):
+            vals = src.values
+            if not isinstance(vals, torch.Tensor) or vals.ndim < 1 or vals.shape[0] != len(p.targets):
+                got = tuple(vals.shape) if isinstance(vals, torch.Tensor) else type(vals).__name__
+                raise ConfigError(f"{what}: PerTarget needs one value per target ({len(p.targets)} targets), got {got}")
+            if len(set(p.targets)) != len(p.targets):
+                raise ConfigError(f"{what}: PerTarget targets must be distinct samples")
+            p.kind = "per_target"
+            one = _shape_tensor(vals[0], info, iv.op, what)  # validates the per-sample shape
+            p.tensor = vals.detach().reshape((len(p.targets),) + tuple(one.shape))
+        else:
+            raise ConfigError(
+                f"{what}: source must be Row, Stored, PerTarget or a torch.Tensor, got {type(src).__name__}"
+            )
+        planned.append(p)
+    return planned
+
+
+def _fits(src_shape: tuple[int, ...], info: LayerInfo, op: str, what: str) -> None:
+    if tuple(src_shape) == tuple(info.shape):
+        return
+    if op in ("add", "blend"):
+        try:
+            if tuple(torch.broadcast_shapes(tuple(src_shape), info.shape)) == tuple(info.shape):
+                return
+        except RuntimeError:
+            pass
+    allowed = "exactly" if op == "replace" else "broadcastable to"
+    raise ShapeError(
+        f"{what}: source shape {tuple(src_shape)} does not fit the activation shape {info.shape} "
+        f"(dims {info.dims}); {op} needs a source {allowed} that shape"
+    )
+
+
+def channel_view(src: torch.Tensor, info: LayerInfo) -> torch.Tensor:
+    """A 1-D channel vector is broadcast over positions: (C,) -> (C,1,1) for maps, (1,C) for token sequences."""
+    if src.ndim == 1 and len(info.shape) > 1 and "channel" in info.dims:
+        shape = [1] * len(info.shape)
+        shape[info.dims.index("channel")] = src.shape[0]
+        return src.reshape(shape)
+    return src
+
+
+def _shape_tensor(src: torch.Tensor, info: LayerInfo, op: str, what: str) -> torch.Tensor:
+    src = channel_view(src.detach(), info)
+    _fits(tuple(src.shape), info, op, what)
+    return src
+
+
+def _check_stored(p: PlannedIntervention, src: Stored, info: LayerInfo, branches: Sequence[str], what: str) -> None:
+    cap = src.capture
+    layer = src.layer or info.name
+    cap.check_layer(layer, src.what)
+    if not 0 <= src.sample < cap.n_samples(layer, src.what):
+        raise ConfigError(f"{what}: stored sample {src.sample} is outside the capture's {cap.n_samples(layer, src.what)}")
+    feat = cap.feature_shape(layer, src.what)
+    view = (feat[0],) if len(feat) == 1 else feat
+    probe = channel_view(torch.empty(view, device="meta"), info)
+    _fits(tuple(probe.shape), info, p.iv.op, what)
+    stored_steps = cap.steps_of(layer, src.what)
+    if info.per_step and p.steps is not None and stored_steps != [None]:
+        missing = sorted(set(p.steps) - set(stored_steps))
+        if missing:
+            raise ConfigError(
+                f"{what}: the stored capture lacks steps {missing[:8]}; it holds steps {stored_steps[:8]}"
+                f"{'...' if len(stored_steps) > 8 else ''}"
+            )
+    stored_br = cap.branches_of(layer, src.what)
+    labels = _branch_labels(info, branches)
+    for b in p.branch_idx:
+        if len(stored_br) == 1:
+            p.stored_branch[b] = stored_br[0]
+        elif labels[b] in stored_br:
+            p.stored_branch[b] = labels[b]
+        else:
+            raise ConfigError(f"{what}: the stored capture has no branch {labels[b]!r}; it has {', '.join(stored_br)}")
+
