@@ -15,6 +15,13 @@ from .errors import LayerNameError, close_matches
 
 PathElem = int | str
 
+#: what an entry of the layer map is, for experiments that must decide without knowing the family:
+#: ``noise`` (initial noise x_T), ``denoiser_input`` (x_t entering the denoiser), ``condition`` (per-token or image
+#: conditioning the denoiser reads), ``pooled_condition`` (a pooled / end-of-sentence embedding input), ``skip`` (a
+#: U-Net skip tensor), ``bottleneck`` (a view of the bottleneck, e.g. h-space), ``latent`` (the one latent a
+#: generator or VAE decoder maps to the image), ``layer`` (a representational layer of the network)
+ROLES = ("noise", "denoiser_input", "condition", "pooled_condition", "skip", "bottleneck", "latent", "layer")
+
 
 @dataclass(frozen=True)
 class Site:
@@ -40,7 +47,8 @@ class LayerInfo:
 
     ``shape`` is the per-sample shape of one step's tensor (``()`` until traced). ``per_step``: the tensor is
     recomputed at every denoising step (False for the initial noise or the final VAE latent). ``branched``: the rows
-    of this tensor follow the classifier-free-guidance layout (uncond rows, then cond rows).
+    of this tensor follow the classifier-free-guidance layout (uncond rows, then cond rows). ``role``: one of
+    :data:`ROLES`, what the entry is whatever the family.
     """
 
     name: str
@@ -55,6 +63,11 @@ class LayerInfo:
     is_space: bool = False
     dims: tuple[str, ...] = ()
     note: str = ""
+    role: str = "layer"
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown layer role {self.role!r}; valid: {', '.join(ROLES)}")
 
     def with_shape(self, shape: Sequence[int], in_shape: Sequence[int] | None = None) -> "LayerInfo":
         shape = tuple(int(s) for s in shape)

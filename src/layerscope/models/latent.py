@@ -77,7 +77,7 @@ class LatentGenerator(Generator):
             for d, (name, mod) in enumerate(named)
         ]
         entries.append(LayerInfo("z", "latent", "input", Site("", "input", (0,)), per_step=False, branched=False,
-                                 is_space=True, note="the generator's latent vector"))
+                                 is_space=True, note="the generator's latent vector", role="latent"))
         return LayerMap(entries, model=self.spec)
 
     def trace_inputs(self) -> list[Any]:

@@ -66,7 +66,7 @@ class PipelineGenerator(Generator):
     # -- spaces shared by all families ----------------------------------------------------------------------------
     def _noise_space(self) -> LayerInfo:
         return LayerInfo("noise", "noise", "input", Site("taps.noise"), per_step=False, branched=False,
-                         is_space=True, note="initial latent noise x_T, one seeded generator per sample")
+                         is_space=True, note="initial latent noise x_T, one seeded generator per sample", role="noise")
 
     @property
     def pixel_space(self) -> bool:
@@ -80,12 +80,12 @@ class PipelineGenerator(Generator):
         if self.pixel_space:
             return []
         return [LayerInfo("vae_latent", "vae_latent", "output", Site("taps.vae_latent"), per_step=False, branched=False,
-                         is_space=True, note="final latent handed to the VAE decoder")]
+                         is_space=True, note="final latent handed to the VAE decoder", role="latent")]
 
     def _denoiser_input(self, name: str, kind: str, path: tuple, note: str, kw_fallback: int | None = None,
-                        dims: tuple[str, ...] = ()) -> LayerInfo:
+                        dims: tuple[str, ...] = (), role: str = "condition") -> LayerInfo:
         return LayerInfo(name, kind, "input", Site(self.denoiser_name, "input", path, kw_fallback=kw_fallback),
-                         is_space=True, note=note, dims=dims)
+                         is_space=True, note=note, dims=dims, role=role)
 
     # -- end-of-sentence token -------------------------------------------------------------------------------------
     eos_tokenizer: str | None = None  # pipeline attribute of the tokenizer whose tokens open encoder_hidden_states
@@ -96,7 +96,8 @@ class PipelineGenerator(Generator):
             return []
         return [LayerInfo("text_eos", "text_eos", "input",
                           Site(self.denoiser_name, "input", ("encoder_hidden_states",), index="eos"),
-                          is_space=True, note="text encoder state at each prompt's end-of-sentence token")]
+                          is_space=True, note="text encoder state at each prompt's end-of-sentence token",
+                          role="condition")]
 
     def _eos_positions(self, texts: Sequence[str]) -> list[int]:
         tok = getattr(self.pipe, self.eos_tokenizer)

@@ -69,14 +69,14 @@ class TransformerPipelineGenerator(PipelineGenerator):
         spaces = [
             self._noise_space(),
             self._denoiser_input("x_t", "x_t", ("hidden_states",), "noisy latent entering the transformer",
-                                 kw_fallback=0),
+                                 kw_fallback=0, role="denoiser_input"),
             self._denoiser_input("text_embeds", "text_embeds", ("encoder_hidden_states",),
                                  "per-token text encoder states", dims=("token", "channel")),
         ]
         spaces += self._eos_space()
         if self.variant in ("sd3", "flux"):
             spaces.append(self._denoiser_input("text_pooled", "text_pooled", ("pooled_projections",),
-                                               "pooled CLIP (end-of-sentence) embedding"))
+                                               "pooled CLIP (end-of-sentence) embedding", role="pooled_condition"))
         spaces += self._vae_space()
         return LayerMap(layers + spaces, model=self.spec)
 

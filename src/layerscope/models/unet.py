@@ -90,7 +90,7 @@ def unet_layer_entries(unet: Any, prefix: str = "unet") -> tuple[list[LayerInfo]
             skips.append(LayerInfo(
                 f"skip.up_blocks.{i}.resnets.{j}", "skip", "skip",
                 Site(f"{prefix}.up_blocks.{i}", "input", ("res_hidden_states_tuple", idx)),
-                is_space=True, note=f"skip tensor from {taken[idx]} into up_blocks.{i}.resnets.{j}",
+                is_space=True, note=f"skip tensor from {taken[idx]} into up_blocks.{i}.resnets.{j}", role="skip",
             ))
         if _has(block, "upsamplers"):
             add(f"up_blocks.{i}.upsamplers.0", "upsampler", "decoder")
@@ -117,7 +117,8 @@ class UNetPipelineGenerator(PipelineGenerator):
     def build_map(self) -> LayerMap:
         layers, skips = unet_layer_entries(self.pipe.unet)
         spaces = [self._noise_space(),
-                  self._denoiser_input("x_t", "x_t", ("sample",), "noisy latent entering the U-Net", kw_fallback=0)]
+                  self._denoiser_input("x_t", "x_t", ("sample",), "noisy latent entering the U-Net", kw_fallback=0,
+                                      role="denoiser_input")]
         if self.variant == "kandinsky22":
             spaces.append(self._denoiser_input("image_embeds", "image_embeds", ("added_cond_kwargs", "image_embeds"),
                                                "CLIP image embedding from the prior (the decoder's condition)"))
@@ -128,11 +129,12 @@ class UNetPipelineGenerator(PipelineGenerator):
             spaces += self._eos_space()
             if self.variant == "sdxl":
                 spaces.append(self._denoiser_input("text_pooled", "text_pooled", ("added_cond_kwargs", "text_embeds"),
-                                                   "pooled (end-of-sentence) embedding of the second text encoder"))
+                                                   "pooled (end-of-sentence) embedding of the second text encoder",
+                                                   role="pooled_condition"))
         mid = next((e for e in layers if e.name == "mid_block"), None)
         if mid is not None:
             spaces.append(LayerInfo("h_space", "h_space", "bottleneck", mid.site, is_space=True,
-                                    note="mid-block output (h-space)"))
+                                    note="mid-block output (h-space)", role="bottleneck"))
         spaces += skips
         spaces += self._vae_space()
         return LayerMap(layers + spaces, model=self.spec)
