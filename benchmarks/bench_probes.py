@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import CpuShare, cpu_model, git_head, mem_gib, n_cpus, replace_section  # noqa: E402
 
 import layerscope as ls
-from layerscope.experiments.probes import fit_probe_grid
+from layerscope.stats.probes import fit_probe_grid
 from layerscope.world.factors import FACTORS, SIZES, sample_factors
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

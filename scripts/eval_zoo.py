@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import layerscope as ls
 from layerscope.world import zoo
 from layerscope.world.quality import measure
 
@@ -24,8 +25,8 @@ def main() -> None:
     args = ap.parse_args()
     for name in args.names:
         kw = {}
+        model = ls.load(f"zoo:{name}")
         if zoo.MODELS[name].kind == "diffusion":
-            model = zoo.load(name)
             scores = {}
             for g in GUIDANCE:
                 q = measure(model, n=200, seed=10_000, num_inference_steps=args.steps, guidance_scale=g)
@@ -34,7 +35,7 @@ def main() -> None:
             best = max(scores, key=scores.get)
             kw = dict(num_inference_steps=args.steps, guidance_scale=best)
             print(name, "picked guidance", best, "(best worst-factor agreement on the selection run)")
-        q = zoo.evaluate(name, n=args.n, progress=False, **kw)
+        q = zoo.evaluate(model, name, n=args.n, progress=False, **kw)
         if kw:
             q["settings"]["selection"] = {"guidance_tried": list(GUIDANCE), "samples": 200, "seed": 10_000,
                                           "rule": "highest minimum prompt agreement over factors"}

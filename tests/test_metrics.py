@@ -14,10 +14,9 @@ from layerscope.metrics import (
     ClipEmbedder,
     clip_notice,
     injection_scores,
-    mean_ci,
-    median_ci,
     similarity,
 )
+from layerscope.stats import mean_ci, median_ci
 
 CHEAP = ("ssim", "sift", "hist", "lbp")
 

@@ -1,11 +1,11 @@
-"""The batched probe solver (layerscope.experiments.probes): onsets, MI bounds, padding, streaming, sklearn, errors."""
+"""The batched probe solver (layerscope.stats.probes): onsets, MI bounds, padding, streaming, sklearn, errors."""
 
 import math
 
 import pytest
 import torch
 
-from layerscope.experiments.probes import ProbeGrid, entropy_bits, fit_probe_grid, mi_lower_bound
+from layerscope.stats import ProbeGrid, entropy_bits, fit_probe_grid, mi_lower_bound
 
 N, D, C, ONSET = 600, 16, 8, 5
 

@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import layerscope as ls
+from layerscope.stats import bootstrap_ci
 from conftest import CountRuns, tiny
 from layerscope.cli import command
 from layerscope.experiments import properties as pr
@@ -59,9 +60,9 @@ def test_monotone_paths_per_factor_kind():
 def test_bootstrap_and_marks():
     rng = np.random.default_rng(0)
     x = rng.random(50)
-    est, lo, hi = pr.bootstrap(lambda a: float(np.mean(a)), [x])
+    est, lo, hi = bootstrap_ci(lambda a: float(np.mean(a)), [x])
     assert lo < est < hi and est == pytest.approx(x.mean())
-    est, lo, hi = pr.bootstrap(pr._density, [np.ones(20), np.r_[np.ones(10), np.zeros(10)]])
+    est, lo, hi = bootstrap_ci(pr._density, [np.ones(20), np.r_[np.ones(10), np.zeros(10)]])
     assert est == 1.0 and lo <= 1.0
     assert [pr.mark(v) for v in (0.9, 0.67, 0.5, 0.1, float("nan"))] == ["V", "V", "~", "X", "?"]
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-import layerscope.specs
+import layerscope.loading
 from conftest import CountRuns
 from layerscope.cli import command
 
@@ -67,7 +67,7 @@ def test_report_rebuilds_without_any_model(report, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("`layerscope report` must not load a model")
 
-    monkeypatch.setattr(layerscope.specs, "load", no_model)
+    monkeypatch.setattr(layerscope.loading, "load", no_model)
     res = invoke("report", report)
     assert res.exit_code == 0, res.output
     after = (report / "index.html").read_text()

@@ -39,7 +39,7 @@ def test_unsupported_pipeline_class_names_supported_ones():
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
     with pytest.raises(ls.SpecError, match="StableDiffusionPipeline.*FluxPipeline"):
-        ls.specs.adapter_for_pipeline(pipe, "x")
+        ls.load(pipe)
 
 
 def test_hf_local_folder_roundtrip(sd, tmp_path):

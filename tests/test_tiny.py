@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerscope.models.tiny import (
+from layerscope.testing.pipelines import (
     DEFAULT_SIZE,
     FAMILIES,
     KANDINSKY22_IMAGE_EMBED_DIM,

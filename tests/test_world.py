@@ -119,7 +119,7 @@ def test_world_render_cli_and_grid(tmp_path):
     from typer.testing import CliRunner
 
     from layerscope.cli import app
-    from layerscope.images import to_grid
+    from layerscope.image_files import to_grid
 
     g = to_grid(render(sample_factors(5, 0), 16), nrow=4)
     assert g.shape == (3, 2 * 17 + 1, 4 * 17 + 1)

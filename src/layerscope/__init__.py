@@ -35,12 +35,12 @@ from .errors import (
     StoreMismatchError,
 )
 from .layers import LayerInfo, LayerMap, Site
-from .models.base import Generator
-from .specs import load
+from .loading import Source, load, register_adapter, register_scheme
+from .models.base import Capabilities, Generator
 
 __all__ = [
-    "ActivationStore", "BudgetError", "Capture", "CaptureResult", "ConfigError", "GenerationConfig",
+    "ActivationStore", "BudgetError", "Capabilities", "Capture", "CaptureResult", "ConfigError", "GenerationConfig",
     "GenerationResult", "Generator", "Intervention", "LayerInfo", "LayerMap", "LayerNameError", "LayerscopeError",
-    "PerTarget", "Row", "ShapeError", "Site", "SpecError", "Stored", "StoreMismatchError", "SweepResult", "__version__", "add",
-    "blend", "injection_sweep", "load", "replace", "window", "zero",
+    "PerTarget", "Row", "ShapeError", "Site", "SpecError", "Source", "Stored", "StoreMismatchError", "SweepResult", "__version__",
+    "add", "blend", "injection_sweep", "load", "register_adapter", "register_scheme", "replace", "window", "zero",
 ]

@@ -53,7 +53,7 @@ def layers(
     width: Optional[int] = typer.Option(None, help="image width for the shapes (default: the model's)"),
 ) -> None:
     """Print the canonical layer map: name, kind, stage and per-step output shape."""
-    from .specs import load
+    from .loading import load
 
     try:
         gen = load(model)
@@ -164,7 +164,10 @@ def zoo_eval(
     if guidance is not None:
         kw["guidance_scale"] = guidance
     try:
-        q = zoo.evaluate(name, n=n, folder=folder, **kw)
+        from .loading import load
+
+        model = load(f"zoo:{name}", **({"folder": folder} if folder else {}))
+        q = zoo.evaluate(model, name, n=n, folder=folder, **kw)
     except LayerscopeError as exc:
         _fail(exc)
         return
@@ -185,7 +188,7 @@ def world_render(
     scale: int = typer.Option(2, help="upscale factor of the saved grid"),
 ) -> None:
     """Render random scenes to a PNG grid and print each one's factors and prompt."""
-    from .images import save_png
+    from .image_files import save_png
     from .world import render, sample_factors
     from .world.text import prompts_for
 
@@ -245,7 +248,7 @@ def sweep(
     from .experiments import injection as inj
     from .experiments.injection_report import grid_figure, heatmap_figure, metric_heatmap_figure, save_analysis
     from .report.figures import png_bytes
-    from .specs import load
+    from .loading import load
 
     raw_pairs = [tuple(json.loads(p)) for p in pair or []]  # each a JSON pair (see command())
     gen_kw = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance)) if v is not None}
@@ -343,7 +346,7 @@ def abstractions(
     from .experiments.abstractions_report import (commitment_table, curves_figure, forking_figure, forking_sentence,
                                                   heatmap_figure, onset_table, order_sentence, save, save_forks)
     from .report.figures import png_bytes
-    from .specs import load
+    from .loading import load
 
     folder = Path(out or f"probes-{model.replace(':', '_').replace('/', '_')}")
     gen_kw = {"num_inference_steps": steps} if steps else {}
@@ -415,7 +418,7 @@ def properties(
     from .experiments import properties as pr
     from .experiments.properties_report import scorecard_figure, strips_figure
     from .report.figures import png_bytes
-    from .specs import load
+    from .loading import load
 
     folder = Path(out or f"properties-{model.replace(':', '_').replace('/', '_')}")
     gen_kw = {"num_inference_steps": steps} if steps else {}

@@ -9,11 +9,11 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, TypeAlias, overload
 
 from .errors import LayerNameError, close_matches
 
-PathElem = int | str
+PathElem: TypeAlias = int | str
 
 #: what an entry of the layer map is, for experiments that must decide without knowing the family:
 #: ``noise`` (initial noise x_T), ``denoiser_input`` (x_t entering the denoiser), ``condition`` (per-token or image
@@ -99,7 +99,13 @@ class LayerMap(Sequence[LayerInfo]):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, key):  # type: ignore[override]
+    @overload
+    def __getitem__(self, key: int | str) -> LayerInfo: ...
+
+    @overload
+    def __getitem__(self, key: slice) -> list[LayerInfo]: ...
+
+    def __getitem__(self, key: int | str | slice) -> LayerInfo | list[LayerInfo]:
         if isinstance(key, str):
             if key not in self._by_name:
                 raise unknown_name(key, self.names())

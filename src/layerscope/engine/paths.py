@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ConfigError
-from ..layers import Site
+from ..layers import PathElem, Site
 
 
-def get_path(obj: Any, path: tuple) -> Any:
+def get_path(obj: Any, path: tuple[PathElem, ...]) -> Any:
     for p in path:
         if hasattr(obj, "to_tuple") and isinstance(p, int):  # diffusers BaseOutput
             obj = obj.to_tuple()
@@ -16,7 +16,7 @@ def get_path(obj: Any, path: tuple) -> Any:
     return obj
 
 
-def set_path(obj: Any, path: tuple, value: Any) -> Any:
+def set_path(obj: Any, path: tuple[PathElem, ...], value: Any) -> Any:
     """Return a copy of ``obj`` with ``value`` at ``path`` (tuples rebuilt, dicts shallow-copied)."""
     if not path:
         return value
@@ -25,11 +25,11 @@ def set_path(obj: Any, path: tuple, value: Any) -> Any:
         obj = obj.to_tuple()
     if isinstance(obj, tuple):
         items = list(obj)
-        items[head] = set_path(items[head], rest, value)
+        items[cast(int, head)] = set_path(items[cast(int, head)], rest, value)
         return tuple(items)
     if isinstance(obj, list):
         items = list(obj)
-        items[head] = set_path(items[head], rest, value)
+        items[cast(int, head)] = set_path(items[cast(int, head)], rest, value)
         return items
     if isinstance(obj, dict):
         new = dict(obj)
@@ -38,7 +38,9 @@ def set_path(obj: Any, path: tuple, value: Any) -> Any:
     raise ConfigError(f"cannot write into a {type(obj).__name__} at {head!r}")
 
 
-def _arg_slot(site: Site, args: tuple, kwargs: dict, path: tuple) -> tuple[str, int | str]:
+def _arg_slot(
+    site: Site, args: tuple[Any, ...], kwargs: dict[str, Any], path: tuple[PathElem, ...]
+) -> tuple[str, int | str]:
     head = path[0]
     if isinstance(head, int):
         return "args", head
@@ -52,18 +54,20 @@ def _arg_slot(site: Site, args: tuple, kwargs: dict, path: tuple) -> tuple[str, 
     )
 
 
-def get_input(site: Site, args: tuple, kwargs: dict, path: tuple) -> Any:
+def get_input(site: Site, args: tuple[Any, ...], kwargs: dict[str, Any], path: tuple[PathElem, ...]) -> Any:
     where, key = _arg_slot(site, args, kwargs, path)
-    base = args[key] if where == "args" else kwargs[key]
+    base = args[cast(int, key)] if where == "args" else kwargs[cast(str, key)]
     return get_path(base, path[1:])
 
 
-def set_input(site: Site, args: tuple, kwargs: dict, path: tuple, value: Any) -> tuple[tuple, dict]:
+def set_input(
+    site: Site, args: tuple[Any, ...], kwargs: dict[str, Any], path: tuple[PathElem, ...], value: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     where, key = _arg_slot(site, args, kwargs, path)
     if where == "args":
         items = list(args)
-        items[key] = set_path(items[key], path[1:], value)
+        items[cast(int, key)] = set_path(items[cast(int, key)], path[1:], value)
         return tuple(items), kwargs
     kwargs = dict(kwargs)
-    kwargs[key] = set_path(kwargs[key], path[1:], value)
+    kwargs[cast(str, key)] = set_path(kwargs[cast(str, key)], path[1:], value)
     return args, kwargs

@@ -176,7 +176,9 @@ def _fits(src_shape: tuple[int, ...], info: LayerInfo, op: str, what: str) -> No
         return
     if op in ("add", "blend"):
         try:
-            if tuple(torch.broadcast_shapes(tuple(src_shape), info.shape)) == tuple(info.shape):
+            # torch.broadcast_shapes has no annotations in torch
+            broadcast = torch.broadcast_shapes(tuple(src_shape), info.shape)  # type: ignore[no-untyped-call]
+            if tuple(broadcast) == tuple(info.shape):
                 return
         except RuntimeError:
             pass

@@ -98,7 +98,7 @@ class Intervention:
     branches: Sequence[str] | None = None
     alpha: float = 1.0
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         src = self.source
         if isinstance(src, Row):
             s = f"row:{src.index}"

@@ -26,7 +26,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from ..errors import ConfigError, LayerNameError, StoreMismatchError, close_matc
 SCHEMA = 1
 
 
-def fingerprint(payload: dict) -> str:
+def fingerprint(payload: dict[str, Any]) -> str:
     """A stable hash of an experiment description (what makes two runs the same experiment)."""
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -56,7 +56,7 @@ class ArraySpec:
     dims: tuple[str, ...]
     steps: list[int | None]
     branches: list[str]
-    attrs: dict = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 class _Lookup:
@@ -65,7 +65,7 @@ class _Lookup:
     def _arr(self, layer: str, what: str) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _meta(self, layer: str, what: str) -> dict:  # pragma: no cover - abstract
+    def _meta(self, layer: str, what: str) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def layer_names(self, what: str = "output") -> list[str]:  # pragma: no cover - abstract
@@ -95,7 +95,7 @@ class _Lookup:
         steps = self.steps_of(layer, what)
         si = 0 if steps == [None] else steps.index(step)
         branches = self.branches_of(layer, what)
-        bi = 0 if len(branches) == 1 else branches.index(branch)
+        bi = 0 if len(branches) == 1 else branches.index(cast(str, branch))
         data = self._arr(layer, what)[sample, si, bi]
         return data if isinstance(data, torch.Tensor) else torch.from_numpy(np.asarray(data))
 
@@ -106,16 +106,16 @@ class CaptureResult(_Lookup):
     def __init__(self) -> None:
         self.output: dict[str, torch.Tensor] = {}
         self.update: dict[str, torch.Tensor] = {}
-        self.meta: dict[tuple[str, str], dict] = {}
+        self.meta: dict[tuple[str, str], dict[str, Any]] = {}
         self.timesteps: list[float] = []
-        self.attrs: dict = {}
+        self.attrs: dict[str, Any] = {}
         self._parts: dict[tuple[str, str], list[torch.Tensor]] = {}
 
     def _arr(self, layer: str, what: str) -> torch.Tensor:
         self.check_layer(layer, what)
         return (self.output if what == "output" else self.update)[layer]
 
-    def _meta(self, layer: str, what: str) -> dict:
+    def _meta(self, layer: str, what: str) -> dict[str, Any]:
         self.check_layer(layer, what)
         return self.meta[(what, layer)]
 
@@ -158,12 +158,12 @@ class ActivationStore(_Lookup):
     def __init__(self, path: str | Path, group: zarr.Group) -> None:
         self.path = Path(path)
         self.group = group
-        self._handles: dict[tuple[str, str], zarr.Array] = {}
+        self._handles: dict[tuple[str, str], zarr.Array[Any]] = {}
 
-    def _array(self, what: str, layer: str) -> zarr.Array:
+    def _array(self, what: str, layer: str) -> zarr.Array[Any]:
         key = (what, layer)
         if key not in self._handles:  # each lookup would reread metadata from disk
-            self._handles[key] = self.group[what][layer]
+            self._handles[key] = cast("zarr.Array[Any]", cast(zarr.Group, self.group[what])[layer])
         return self._handles[key]
 
     # opening ----------------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ class ActivationStore(_Lookup):
 
     @classmethod
     def create_or_resume(
-        cls, path: str | Path, attrs: dict, specs: list[ArraySpec], chunk_samples: int, dtype: torch.dtype
+        cls, path: str | Path, attrs: dict[str, Any], specs: list[ArraySpec], chunk_samples: int, dtype: torch.dtype
     ) -> "ActivationStore":
         """Create a store for this experiment, or reopen it to resume; a different experiment is refused."""
         path = Path(path)
@@ -220,7 +220,7 @@ class ActivationStore(_Lookup):
 
     # writing ----------------------------------------------------------------------------------------------------
     def pending(self) -> list[int]:
-        done = np.asarray(self.group["done"][:])
+        done = np.asarray(cast("zarr.Array[Any]", self.group["done"])[:])
         return [int(i) for i in np.flatnonzero(~done)]
 
     def write_batch(self, items: list[tuple[ArraySpec, torch.Tensor]], samples: list[int]) -> None:
@@ -243,7 +243,7 @@ class ActivationStore(_Lookup):
         zarr_sync(put_all())
 
     def mark_done(self, samples: list[int], timesteps: list[float]) -> None:
-        done = self.group["done"]
+        done = cast("zarr.Array[Any]", self.group["done"])
         mask = np.asarray(done[:])
         mask[samples] = True
         done[:] = mask
@@ -252,7 +252,7 @@ class ActivationStore(_Lookup):
 
     # reading ----------------------------------------------------------------------------------------------------
     @property
-    def attrs(self) -> dict:
+    def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs)
 
     @property
@@ -262,17 +262,17 @@ class ActivationStore(_Lookup):
     def layer_names(self, what: str = "output") -> list[str]:
         if what not in self.group:
             return []
-        return sorted(name for name, _ in self.group[what].arrays())
+        return sorted(name for name, _ in cast(zarr.Group, self.group[what]).arrays())
 
-    def _arr(self, layer: str, what: str) -> zarr.Array:
+    def _arr(self, layer: str, what: str) -> zarr.Array[Any]:
         if (what, layer) not in self._handles:
             self.check_layer(layer, what)
         return self._array(what, layer)
 
-    def _meta(self, layer: str, what: str) -> dict:
+    def _meta(self, layer: str, what: str) -> dict[str, Any]:
         return dict(self._arr(layer, what).attrs)
 
-    def __getitem__(self, layer: str) -> zarr.Array:
+    def __getitem__(self, layer: str) -> zarr.Array[Any]:
         return self._arr(layer, "output")
 
     def dims(self, layer: str, what: str = "output") -> tuple[str, ...]:

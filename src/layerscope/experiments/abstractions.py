@@ -38,8 +38,9 @@ import torch
 from ..engine.progress import ProgressArg
 from ..engine.spec import Capture
 from ..errors import ConfigError
-from ..metrics.images import mean_ci
-from .probes import ProbeGrid, fit_probe_grid
+from ..stats.bootstrap import mean_ci
+from ..stats.entropy import plugin_entropy
+from ..stats.probes import ProbeGrid, fit_probe_grid
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import Generator
@@ -198,7 +199,7 @@ def run_probes(model: "Generator | str", n: int = 320, *, seed: int = 0, steps: 
     from ..world.text import prompts_for
 
     if isinstance(model, str):
-        from ..specs import load
+        from ..loading import load
 
         model = load(model)
     if conditional:
@@ -243,7 +244,7 @@ def run_probes_csv(model: "Generator | str", labels_csv: str | Path, *, seed: in
     """The probe grid on any text-to-image pipeline with the user's labels (:func:`labels_from_csv`): each prompt is
     generated once (seed ``seed + row``) and its features are probed for the CSV's label columns."""
     if isinstance(model, str):
-        from ..specs import load
+        from ..loading import load
 
         model = load(model)
     prompts, labels, factors, sizes = labels_from_csv(labels_csv)
@@ -306,16 +307,6 @@ def relative_onsets(table: pd.DataFrame, chance: dict[str, float], frac: float =
 
 
 # -- forking entropy -----------------------------------------------------------------------------------------------
-def plugin_entropy(values: Sequence[Any]) -> float:
-    """Plug-in (maximum-likelihood) entropy in bits of the empirical distribution of ``values``: 0 when all agree,
-    log2(k) for k equally frequent values. Biased low for few samples (at most log2(len(values)))."""
-    _, counts = np.unique(np.asarray(values), return_counts=True)
-    if counts.size == 0:
-        raise ValueError("the entropy of no values is undefined")
-    p = counts / counts.sum()
-    return float(max(0.0, -(p * np.log2(p)).sum()))
-
-
 def fork_plan(n_prompts: int, n_forks: int, taus: Sequence[int], seed: int = 0) -> pd.DataFrame:
     """One row per generation: tau, prompt (index), fork, seed (the start: initial noise and the noise before the
     fork) and fork_seed. Rows are grouped by (tau, prompt) so a batch of a multiple of ``n_forks`` rows keeps the forks
@@ -395,7 +386,7 @@ def run_forking(model: "Generator | str", n_prompts: int = 16, n_forks: int = 8,
     from ..world.text import prompts_for
 
     if isinstance(model, str):
-        from ..specs import load
+        from ..loading import load
 
         model = load(model)
     if n_prompts < 1 or n_forks < 2:

@@ -249,7 +249,7 @@ def order_sentence(model: str, table: pd.DataFrame, chance: dict[str, float]) ->
 
 
 def _run(ctx: RunContext) -> dict[str, Any]:
-    from ..specs import load as load_model
+    from ..loading import load as load_model
 
     st = QUICK if ctx.quick else FULL
     info: dict[str, Any] = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in st.items()},
@@ -281,7 +281,7 @@ def _render(folder: Path, page: Page) -> str:
         "samples of each zoo model (empty prompt, no guidance), every layer's output pooled over space (conditional "
         "branch) at every step, plus the noisy sample x_t itself (a fixed random projection of the whole map) as "
         "the baseline; labels are the oracle's reading of the final image. One multinomial logistic regression per "
-        "layer x step x factor, all solved together (layerscope.experiments.probes), held-out accuracy on a quarter "
+        "layer x step x factor, all solved together (layerscope.stats.probes), held-out accuracy on a quarter "
         "of the samples; MI bound = max(0, H(Y) - CE) in bits. Step 0 is the noisiest. Forking entropy: "
         "unconditional starts (as the probes') run to step tau and forked there into continuations with fresh "
         "sampler noise (DDIM with eta=1, DDPM-like; the forks share the initial noise and every step before tau); "

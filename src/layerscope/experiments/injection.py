@@ -11,7 +11,7 @@ replaces O's at every step of a window, for every layer in turn, in one batched 
   (shape), surface/colour (object, floor and wall hue).
 - **Open domain** (``scorer="images"``): SSIM, SIFT matches, HSV histogram and LBP texture correlation (and CLIP when
   a local checkpoint is configured), each baseline-subtracted: ``m_to_E = max(0, m(C, E) - m(O, E))``, see
-  :mod:`layerscope.metrics.images`.
+  :mod:`layerscope.metrics.similarity`.
 
 The result is a tidy table (one row per model, pair, seed, window, layer, factor, metric) saved as parquet. A sweep
 given an output folder keeps one file per cell (pair x seed x window) and an interrupted run resumes at the first
@@ -136,7 +136,7 @@ def plan_injection(
     if kind == "oracle":
         mets = ["transfer", "keep"]
     else:
-        from ..metrics.images import METRICS
+        from ..metrics.similarity import METRICS
 
         mets = list(metrics) if metrics else ["ssim", "sift", "hist", "lbp", "clip"]
         bad = [m for m in mets if m not in METRICS]
@@ -200,7 +200,7 @@ def run_injection(
     (oracle readings of the factor; NaN for image metrics).
     """
     if isinstance(model, str):
-        from ..specs import load
+        from ..loading import load
 
         model = load(model)
     plan = plan_injection(model, pairs, seeds=seeds, layers=layers, windows=windows, branches=branches,
@@ -267,7 +267,7 @@ def _oracle_scorer() -> Callable[..., pd.DataFrame]:
 
 def _image_scorer(plan: InjectionPlan, clip_path: str | Path | None,
                   notify: Callable[[str], None] | None) -> Callable[..., pd.DataFrame]:
-    from ..metrics.images import ClipEmbedder, clip_notice, injection_scores
+    from ..metrics.similarity import ClipEmbedder, clip_notice, injection_scores
 
     metrics = list(plan.metrics)
     clip = None
@@ -377,7 +377,7 @@ def summarize(table: pd.DataFrame, confidence: float = 0.95, seed: int = 0) -> p
     Columns: model, window, layer, layer_index, stage, level (factor / group / metric), target, metric, estimate,
     ci_low, ci_high, n.
     """
-    from ..metrics.images import mean_ci, median_ci
+    from ..stats.bootstrap import mean_ci, median_ci
 
     out = []
     keys = ["model", "window", "layer", "layer_index", "stage"]

@@ -175,7 +175,7 @@ def findings(model: str, labels: pd.DataFrame, window: str = "all", summary: pd.
 
 
 def _run(ctx: RunContext) -> dict[str, Any]:
-    from ..specs import load
+    from ..loading import load
 
     st = QUICK if ctx.quick else FULL
     pairs = inj.shapes_pairs(st["pairs"], seed=0)

@@ -61,6 +61,7 @@ from ..engine.progress import progress_callback
 from ..engine.spec import Capture, Intervention, PerTarget
 from ..engine.steps import resolve_steps
 from ..errors import ConfigError
+from ..stats.bootstrap import bootstrap_ci
 
 if TYPE_CHECKING:
     from ..models.base import Generator
@@ -239,23 +240,6 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def bootstrap(stat: Callable[..., float], arrays: Sequence[np.ndarray], n_boot: int = 1000, seed: int = 0,
-              confidence: float = 0.95) -> tuple[float, float, float]:
-    """(estimate, low, high): ``stat(*arrays)`` with a percentile CI, each array resampled independently."""
-    arrays = [np.asarray(a, dtype=float) for a in arrays]
-    point = float(stat(*arrays))
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n_boot):
-        vals.append(stat(*[a[rng.integers(0, len(a), len(a))] if len(a) else a for a in arrays]))
-    vals = np.asarray(vals, dtype=float)
-    vals = vals[np.isfinite(vals)]
-    if not np.isfinite(point) or len(vals) < n_boot // 2:
-        return point, math.nan, math.nan
-    q = (1 - confidence) / 2
-    return point, float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))
-
-
 def _density(resampled: np.ndarray, base: np.ndarray) -> float:
     b = base.mean() if len(base) else math.nan
     return min(1.0, resampled.mean() / b) if b > 0 else math.nan
@@ -315,7 +299,7 @@ def run_properties(model: "Generator | str", spaces: Any = None, *, n: int = 16,
     (uint8, (k, 3, H, W): base, a density sample, the radii, the interpolation path, the concept addition) and the
     settings.
     """
-    from ..specs import load
+    from ..loading import load
 
     gen = load(model) if isinstance(model, str) else model
     plan = plan_properties(gen, spaces, n=n, pairs=pairs, steps=steps, prompts=prompts, seed=seed, scorer=scorer,
@@ -395,10 +379,10 @@ def run_properties(model: "Generator | str", spaces: Any = None, *, n: int = 16,
                 added, base_c = _concept_outcome(plan, rd, r_con, concept_base, concept_images, feats, fb)
             boot = dict(n_boot=n_boot, seed=seed + si)
             est = {
-                "density": bootstrap(_density, [rd["in_dist"][r_dens], base_read["in_dist"]], **boot),
-                "smoothness": bootstrap(_smoothness, [smooth_vals], **boot),
-                "organization": bootstrap(_organization, [path_vals, rho_vals], **boot),
-                "relevance": bootstrap(_relevance, [unit_vals] + [a for a in (added, base_c) if a is not None], **boot),
+                "density": bootstrap_ci(_density, [rd["in_dist"][r_dens], base_read["in_dist"]], **boot),
+                "smoothness": bootstrap_ci(_smoothness, [smooth_vals], **boot),
+                "organization": bootstrap_ci(_organization, [path_vals, rho_vals], **boot),
+                "relevance": bootstrap_ci(_relevance, [unit_vals] + [a for a in (added, base_c) if a is not None], **boot),
             }
             kind = info.kind if info.is_space else "layer"
             for prop, (s, lo, hi) in est.items():
@@ -573,62 +557,3 @@ def save(folder: str | Path, scores: pd.DataFrame, details: pd.DataFrame, strips
 def load_strips(folder: str | Path) -> dict[str, np.ndarray]:
     with np.load(Path(folder) / STRIPS) as z:
         return {k.replace("__", "."): z[k] for k in z.files}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# sanity generators, built to fail (``torch:layerscope.experiments.properties:<factory>``)
-
-
-class _Sanity(nn.Module):
-    latent_dim = 16
-    output_range = (0.0, 1.0)
-    size = 32
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("pattern", torch.rand(3, self.size, self.size, generator=g))
-        self.body = nn.Linear(self.latent_dim, 3 * self.size * self.size, bias=False)
-        with torch.no_grad():
-            self.body.weight.copy_(torch.randn(self.body.weight.shape, generator=g) * 0.15 / math.sqrt(self.latent_dim))
-
-
-class IgnoresLatent(_Sanity):
-    """The same image whatever the latent: relevance must be ~0."""
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.pattern.expand(len(z), -1, -1, -1) + 0 * self.body(z).view(len(z), 3, self.size, self.size)
-
-
-class HashOfLatent(_Sanity):
-    """An unrelated random image for every distinct latent: smoothness and organization must be ~0."""
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = []
-        for row in z.detach().float().cpu():
-            g = torch.Generator().manual_seed(zlib.crc32(row.numpy().tobytes()))
-            out.append(torch.rand(3, self.size, self.size, generator=g))
-        return torch.stack(out).to(z.device) + 0 * self.body(z).view(len(z), 3, self.size, self.size)
-
-
-class LinearDecoder(_Sanity):
-    """image = 0.5 + W z: all four properties must be high."""
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return 0.5 + self.body(z).view(len(z), 3, self.size, self.size)
-
-
-def ignores_latent() -> nn.Module:
-    return IgnoresLatent()
-
-
-def hash_of_latent() -> nn.Module:
-    return HashOfLatent()
-
-
-def linear_decoder() -> nn.Module:
-    return LinearDecoder()
-
-
-SANITY = {"ignores_latent": "relevance ~0", "hash_of_latent": "smoothness and organization ~0",
-          "linear_decoder": "all four high"}

@@ -89,7 +89,7 @@ def synthesis_sentence(scores: pd.DataFrame) -> str:
 
 
 def _run(ctx: RunContext) -> dict[str, Any]:
-    from ..specs import load as load_model
+    from ..loading import load as load_model
 
     st = QUICK if ctx.quick else FULL
     info: dict[str, Any] = {"settings": st, "per_model": {}}

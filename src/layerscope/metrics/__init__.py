@@ -1,18 +1,15 @@
-"""Metrics of layerscope studies: open-domain image comparison for injection sweeps (see :mod:`.images`)."""
+"""Metrics of layerscope studies: open-domain image similarity for injection sweeps (see :mod:`.similarity`)."""
 
-from .images import (
+from .similarity import (
     CLIP_ENV,
     DEFAULT_METRICS,
     METRICS,
     ClipEmbedder,
     clip_notice,
     injection_scores,
-    mean_ci,
-    median_ci,
     similarity,
 )
 
 __all__ = [
-    "CLIP_ENV", "DEFAULT_METRICS", "METRICS", "ClipEmbedder", "clip_notice", "injection_scores", "mean_ci",
-    "median_ci", "similarity",
+    "CLIP_ENV", "DEFAULT_METRICS", "METRICS", "ClipEmbedder", "clip_notice", "injection_scores", "similarity",
 ]

@@ -42,26 +42,75 @@ class CaptureHandle:
         return self.result[layer]
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a generator is and can do, for experiments that decide from metadata (never from spec strings).
+
+    ``oracle``: the world whose oracle reads this model's images (``"shapes"`` for the zoo), None for open-domain
+    models; ``conditioning``: what a prompt is (``"text"``, ``"image_embeds"``, or ``"latent"`` for a generator
+    that maps a latent vector to an image); ``iterative``: it denoises in steps (False: one forward pass);
+    ``forkable``: it can fork a generation at a step (given a stochastic sampler configuration);
+    ``sampler``: the scheduler's class name (None without one).
+    """
+
+    oracle: str | None = None
+    conditioning: str = "text"
+    iterative: bool = True
+    forkable: bool = False
+    sampler: str | None = None
+
+    @property
+    def default_scorer(self) -> str:
+        """``"oracle"`` when an oracle reads the images, else ``"open"`` (open-domain image measures)."""
+        return "oracle" if self.oracle else "open"
+
+
 class Generator(ABC):
     """A generative image model seen through layerscope: layers, candidate spaces, generation with hooks.
 
-    Subclasses set ``family`` and ``step_module`` (the module called once per denoising step, or None for
-    single-pass generators) and implement :meth:`build_map`, :meth:`module`, :meth:`run_batch`.
+    Implements the engine's :class:`~layerscope.engine.backend.Backend`. Subclasses set ``family`` and
+    ``step_module`` (the module called once per denoising step, or None for single-pass generators) and implement
+    :meth:`build_map`, :meth:`module`, :meth:`run_batch`. ``defaults`` (generation settings), ``card`` (the model
+    card), ``oracle`` (see :class:`Capabilities`) and ``size`` (default height, width) come from the loader.
     """
 
     family: str = ""
     step_module: str | None = None
     default_max_batch: int = 16
     supports_fork: bool = False  # adapters that can fork a generation at a step (see :meth:`generate`)
+    conditioning: str = "text"
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, *, defaults: dict[str, Any] | None = None, card: dict[str, Any] | None = None,
+                 oracle: str | None = None, size: tuple[int, int] | None = None) -> None:
         self.spec = spec
         self.taps = nn.ModuleDict()
         self._maps: dict[tuple[int | None, int | None], LayerMap] = {}
         self._pending_capture: CaptureHandle | None = None
         self._pending_ivs: list[Intervention] = []
         self.default_config = GenerationConfig()
-        self.size_override: tuple[int, int] | None = None
+        self.size_override: tuple[int, int] | None = size
+        self.card: dict[str, Any] = dict(card) if card else {"name": spec}
+        self.oracle = oracle
+        self._loader_defaults = dict(defaults or {})
+
+    def _apply_loader_defaults(self) -> None:
+        """Called by each adapter at the end of its ``__init__``: the loader's defaults override the family's."""
+        known = set(GenerationConfig.__dataclass_fields__)
+        bad = sorted(set(self._loader_defaults) - known)
+        if bad:
+            raise ConfigError(f"unknown default generation setting(s) {bad}; valid: {', '.join(sorted(known))}")
+        for key, value in self._loader_defaults.items():
+            setattr(self.default_config, key, value)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this generator is and can do (see :class:`Capabilities`)."""
+        return Capabilities(oracle=self.oracle, conditioning=self.conditioning, iterative=self.step_module is not None,
+                            forkable=self.supports_fork, sampler=self.sampler_name())
+
+    def sampler_name(self) -> str | None:
+        """The scheduler's class name (None for single-pass generators)."""
+        return None
 
     # -- family-specific -------------------------------------------------------------------------------------------
     @abstractmethod

@@ -38,16 +38,18 @@ class LatentGenerator(Generator):
 
     family = "latent"
     step_module = None
+    conditioning = "latent"
 
     def __init__(self, module: nn.Module, spec: str, latent_dim: int | Sequence[int] | None = None,
-                 output_range: tuple[float, float] | None = None) -> None:
-        super().__init__(spec)
+                 output_range: tuple[float, float] | None = None, **opts: Any) -> None:
+        super().__init__(spec, **opts)
         if not isinstance(module, nn.Module):
             raise ConfigError(f"a latent generator must be a torch.nn.Module, got {type(module).__name__}")
         self.net = module.eval()
         self.latent_shape = _latent_shape(module, latent_dim)
         self.output_range = tuple(output_range or getattr(module, "output_range", (-1.0, 1.0)))
         self.default_config.guidance_scale = 1.0
+        self._apply_loader_defaults()
 
     def branch_labels(self, cfg: GenerationConfig) -> tuple[str, ...]:
         return ("none",)

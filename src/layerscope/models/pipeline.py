@@ -25,15 +25,15 @@ class PipelineGenerator(Generator):
     pixel_variants: tuple[str, ...] = ("shapes",)  # denoise images directly: no VAE, scale factor 1
     supports_fork = True  # with a stochastic sampler: per-row sampler-noise generators, re-seeded at the fork
 
-    def __init__(self, pipe: Any, spec: str) -> None:
+    def __init__(self, pipe: Any, spec: str, variant: str | None = None, **opts: Any) -> None:
         cls = type(pipe).__name__
-        if cls not in self.supported:
+        if variant is None and cls not in self.supported:
             raise ConfigError(
                 f"{cls} is not a supported {self.family_prefix} pipeline; supported: {', '.join(self.supported)}"
             )
-        self.variant = self.supported[cls]
+        self.variant = variant if variant is not None else self.supported[cls]
         self.family = f"{self.family_prefix}/{self.variant}"
-        super().__init__(spec)
+        super().__init__(spec, **opts)
         self.pipe = pipe
         self.taps["noise"] = Tap()
         self.taps["vae_latent"] = Tap()
@@ -41,6 +41,10 @@ class PipelineGenerator(Generator):
         self.default_config.guidance_scale = 5.0
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
+
+    def sampler_name(self) -> str | None:
+        sched = getattr(self.pipe, "scheduler", None)
+        return None if sched is None else type(sched).__name__
 
     @property
     def denoiser(self) -> nn.Module:

@@ -34,13 +34,14 @@ class TransformerPipelineGenerator(PipelineGenerator):
     supported = SUPPORTED
     family_prefix = "transformer"
 
-    def __init__(self, pipe: Any, spec: str) -> None:
-        super().__init__(pipe, spec)
+    def __init__(self, pipe: Any, spec: str, variant: str | None = None, **opts: Any) -> None:
+        super().__init__(pipe, spec, variant, **opts)
         # encoder_hidden_states opens with CLIP tokens in SD3, with T5 tokens in Flux and PixArt
         self.eos_tokenizer = {"sd3": "tokenizer", "flux": "tokenizer_2"}.get(self.variant, "tokenizer")
         self.eos_max_length = {"sd3": 77, "flux": 512, "pixart": 120, "shapes": 24}[self.variant]
         self.default_config.num_inference_steps = 20
         self.default_config.guidance_scale = {"sd3": 7.0, "flux": 3.5, "pixart": 4.5, "shapes": 3.0}[self.variant]
+        self._apply_loader_defaults()
 
     def branch_labels(self, cfg: GenerationConfig) -> tuple[str, ...]:
         if self.variant == "flux":

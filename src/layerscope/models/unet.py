@@ -108,10 +108,13 @@ class UNetPipelineGenerator(PipelineGenerator):
     supported = SUPPORTED
     family_prefix = "unet"
 
-    def __init__(self, pipe: Any, spec: str) -> None:
-        super().__init__(pipe, spec)
+    def __init__(self, pipe: Any, spec: str, variant: str | None = None, **opts: Any) -> None:
+        super().__init__(pipe, spec, variant, **opts)
         self.default_config.guidance_scale = {"kandinsky22": 4.0, "shapes": 3.0}.get(self.variant, 7.5)
         self.default_config.num_inference_steps = 20
+        if self.variant == "kandinsky22":
+            self.conditioning = "image_embeds"
+        self._apply_loader_defaults()
 
     # -- map ------------------------------------------------------------------------------------------------------
     def build_map(self) -> LayerMap:

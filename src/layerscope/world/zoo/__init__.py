@@ -49,29 +49,28 @@ def _entry(name: str) -> ZooModel:
     return MODELS[name]
 
 
-def load(name: str, spec: str | None = None, folder: str | Path | None = None) -> Any:
-    """Load ``zoo:<name>`` from its shipped weights (or from ``folder``) as a layerscope Generator."""
+def source(name: str, folder: str | Path | None = None) -> dict[str, Any]:
+    """``zoo:<name>`` from its shipped weights (or from ``folder``): the built pipeline or generator module, its
+    default sampling settings (those its shipped quality was measured at), its card, and the world's oracle.
+
+    ``layerscope.load("zoo:<name>")`` wraps this in the family's adapter."""
     entry = _entry(name)
     where = Path(folder) if folder else entry.folder
-    spec = spec or f"zoo:{name}"
     if not where.exists() or not any(where.glob("**/*.safetensors")):
         raise SpecError(f"zoo model {name!r} has no weights in {where}; train it with `layerscope zoo train {name}`")
+    defaults: dict[str, Any] = {}
     if entry.kind == "diffusion":
-        from ...specs import adapter_for_pipeline
         from .pipelines import load_pipeline
 
-        gen = adapter_for_pipeline(load_pipeline(where), spec)
-        # default sampling settings: those the shipped quality was measured at
+        model: Any = load_pipeline(where)
         if (where / "quality.json").exists():
             settings = read_json(where / "quality.json").get("settings", {})
-            for key in ("num_inference_steps", "guidance_scale"):
-                if key in settings:
-                    setattr(gen.default_config, key, settings[key])
-        return gen
-    from ...models.latent import LatentGenerator
-    from .latent import load_latent
+            defaults = {k: settings[k] for k in ("num_inference_steps", "guidance_scale") if k in settings}
+    else:
+        from .latent import load_latent
 
-    return LatentGenerator(load_latent(where), spec)
+        model = load_latent(where)
+    return {"model": model, "defaults": defaults, "card": card(name, where), "oracle": "shapes"}
 
 
 def train(name: str, out: str | Path | None = None, device: str | None = None, steps: int | None = None,
@@ -102,23 +101,24 @@ def train(name: str, out: str | Path | None = None, device: str | None = None, s
     return fn(folder, cfg, device=device, show_progress=show_progress)
 
 
-def evaluate(name: str, n: int = 1000, folder: str | Path | None = None, save: bool = True,
+def evaluate(model: Any, name: str, n: int = 1000, folder: str | Path | None = None, save: bool = True,
              progress: bool = True, **gen_kwargs: Any) -> dict:
-    """Measure a zoo model's quality with the oracle (see :mod:`layerscope.world.quality`); saved as quality.json."""
+    """Measure a loaded zoo model's quality with the oracle (see :mod:`layerscope.world.quality`); saved as
+    quality.json in ``folder`` (default: the shipped weights of ``name``)."""
     from ..quality import measure
 
-    model = load(name, folder=folder)
     q = measure(model, n=n, progress=progress, **gen_kwargs)
     if save:
         write_json(Path(folder or MODELS[name].folder) / "quality.json", q)
     return q
 
 
-def card(name: str) -> dict:
-    """Parameters, resolution, training steps and time, and measured quality of a shipped model."""
+def card(name: str, folder: str | Path | None = None) -> dict:
+    """Parameters, resolution, training steps and time, and measured quality of a zoo model (shipped, or in
+    ``folder``)."""
     entry = _entry(name)
     info: dict[str, Any] = {"name": f"zoo:{name}", "kind": entry.kind, "description": entry.description}
-    folder = entry.folder
+    folder = Path(folder) if folder else entry.folder
     if (folder / "training.json").exists():
         t = read_json(folder / "training.json")
         info.update(parameters=t.get("parameters") or t.get("params"), steps=t.get("steps"),

@@ -53,6 +53,8 @@ import torch
 
 from ..engine.progress import ProgressArg, progress_callback
 from ..errors import ConfigError
+from .bootstrap import percentile_interval, resample_weights
+from .entropy import entropy_bits, mi_lower_bound
 
 __all__ = ["ProbeGrid", "entropy_bits", "fit_probe_grid", "mi_lower_bound"]
 
@@ -70,61 +72,6 @@ CHUNK_BYTES = 16 << 20
 CURVATURE_SAMPLES = 1024
 #: below this many elements in a work buffer a CPU solve runs on one thread (see _single_thread)
 SMALL = 1 << 18
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# information helpers
-
-
-def entropy_bits(labels: torch.Tensor, n_classes: int | Sequence[int]) -> torch.Tensor:
-    """Entropy in bits of the empirical distribution of integer labels: (n,) -> scalar, (n, F) -> (F,).
-
-    ``n_classes`` is the number of classes (one int, or one per column); labels must lie in [0, n_classes).
-    Classes that never occur contribute nothing, so this is the plug-in entropy of what was observed, which is what
-    :func:`mi_lower_bound` subtracts the held-out cross-entropy from.
-    """
-    lab = torch.as_tensor(labels)
-    single = lab.ndim == 1
-    if single:
-        lab = lab[:, None]
-    if lab.ndim != 2 or lab.shape[0] == 0:
-        raise ConfigError(f"labels must have shape (n,) or (n, F) with n >= 1, got {tuple(lab.shape)}")
-    if lab.dtype.is_floating_point or lab.dtype == torch.bool or lab.is_complex():
-        raise ConfigError(f"labels must be an integer tensor, got dtype {lab.dtype}")
-    ks = [int(n_classes)] * lab.shape[1] if isinstance(n_classes, int) else [int(k) for k in n_classes]
-    if len(ks) != lab.shape[1]:
-        raise ConfigError(f"n_classes has {len(ks)} entries but labels have {lab.shape[1]} columns")
-    lab = lab.long().cpu()
-    out = torch.empty(lab.shape[1], dtype=torch.float64)
-    for f, k in enumerate(ks):  # F is a handful; bincount is per column
-        col = lab[:, f]
-        if int(col.min()) < 0 or int(col.max()) >= k:
-            raise ConfigError(f"labels of column {f} must lie in [0, {k}), got {int(col.min())}..{int(col.max())}")
-        p = torch.bincount(col, minlength=k).double() / col.numel()
-        p = p[p > 0]
-        out[f] = (-(p * p.log2()).sum()).clamp_min(0.0)  # not -0.0 for a constant column
-    return out[0] if single else out
-
-
-def mi_lower_bound(ce_bits: torch.Tensor | float, labels: torch.Tensor) -> torch.Tensor:
-    """Lower bound on I(Y; features) in bits: ``max(0, H(Y) - CE)``, H from the labels' empirical distribution.
-
-    ``ce_bits``: held-out cross-entropy of a probe in bits, a scalar or a tensor whose last axis matches the labels'
-    columns (e.g. (C, F) against labels (n, F)); ``labels``: the held-out labels the cross-entropy was measured on,
-    (n,) or (n, F). Any probe's cross-entropy is >= H(Y | features), hence the bound (Corallo et al. 2024); it is
-    clipped at 0 because a probe worse than the label prior says nothing.
-    """
-    lab = torch.as_tensor(labels)
-    if lab.ndim not in (1, 2):
-        raise ConfigError(f"labels must have shape (n,) or (n, F), got {tuple(lab.shape)}")
-    if lab.numel() and int(lab.min()) < 0:
-        raise ConfigError(f"labels must be >= 0, got {int(lab.min())}")
-    k = int(lab.max()) + 1 if lab.numel() else 1
-    h = entropy_bits(lab, k)
-    ce = torch.as_tensor(ce_bits, dtype=torch.float64)
-    if lab.ndim == 2 and ce.ndim and ce.shape[-1] != lab.shape[1]:
-        raise ConfigError(f"ce_bits' last axis has {ce.shape[-1]} entries but labels have {lab.shape[1]} columns")
-    return (h - ce).clamp_min(0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -168,18 +115,13 @@ class ProbeGrid:
         if self.test_correct is None:
             raise ValueError("this grid kept no per-sample held-out results")
         n = self.test_correct.shape[-1]
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randint(0, n, (n_boot, n), generator=g)
-        w = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+        w = resample_weights(n, n_boot, seed)
         return torch.einsum("cfn,bn->bcf", self.test_correct.double(), w) / n
 
     def accuracy_ci(self, confidence: float = 0.95, n_boot: int = 200,
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Percentile bootstrap interval (low, high), each (C, F), of the held-out accuracy."""
-        boot = self.bootstrap_accuracy(n_boot, seed)
-        q = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
-        lo, hi = torch.quantile(boot, q, dim=0)
-        return lo, hi
+        return percentile_interval(self.bootstrap_accuracy(n_boot, seed), confidence)
 
     @property
     def max_grad_norm(self) -> float:

@@ -16,7 +16,7 @@ image) computed with the field's libraries on images (n, 3, H, W) in [0, 1]:
   in [-1, 1], semantic content.
 
 Scores are baseline-subtracted (:func:`injection_scores`) and summarised with a bootstrap CI
-(:func:`median_ci`, :func:`mean_ci`, scipy's ``bootstrap``).
+(:func:`layerscope.stats.median_ci`, :func:`layerscope.stats.mean_ci`).
 """
 
 from __future__ import annotations
@@ -301,56 +301,3 @@ def clip_notice(embedder: ClipEmbedder | None) -> str | None:
     if configured:
         return f"CLIP metric skipped: {CLIP_ENV}={configured} is not a folder"
     return f"CLIP metric skipped: no local CLIP checkpoint (set {CLIP_ENV}=/path/to/clip-vit-base-patch32)"
-
-
-# --------------------------------------------------------------------------------------------- bootstrap CIs
-def _boot_ci(values: Any, stat: Callable[..., Any], confidence: float, n_resamples: int,
-             seed: int) -> tuple[float, float, float]:
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
-    x = np.asarray(values, dtype=np.float64).ravel()
-    x = x[~np.isnan(x)]
-    if x.size == 0:
-        return math.nan, math.nan, math.nan
-    point = float(stat(x, axis=-1))
-    if x.size < 2:
-        return point, math.nan, math.nan
-    if np.all(x == x[0]):  # no spread to resample (and the mean of equal floats can drift by an ulp)
-        v = float(x[0])
-        return v, v, v
-    from scipy import stats  # imported here: scipy.stats alone takes about a second to import
-
-    # bound the (batch, n) resample arrays (BCa's jackknife would otherwise hold n x n values)
-    batch = max(1, min(n_resamples, 4_000_000 // x.size))
-    kw: dict[str, Any] = dict(n_resamples=n_resamples, batch=batch, vectorized=True, confidence_level=confidence)
-    rng_key = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"  # scipy < 1.15
-    for method in ("BCa", "percentile"):
-        kw[rng_key] = np.random.default_rng(seed)
-        with warnings.catch_warnings():
-            # ties make BCa's jackknife degenerate (DegenerateDataWarning, nan bounds): try the next method
-            warnings.simplefilter("error", stats.DegenerateDataWarning)
-            warnings.simplefilter("error", RuntimeWarning)
-            try:
-                ci = stats.bootstrap((x,), stat, method=method, **kw).confidence_interval
-            except (Warning, ValueError, FloatingPointError):
-                continue
-        lo, hi = float(ci.low), float(ci.high)
-        if np.isfinite(lo) and np.isfinite(hi):
-            return point, lo, hi
-    with warnings.catch_warnings():  # last resort: percentile, whatever it warns about
-        warnings.simplefilter("ignore")
-        kw[rng_key] = np.random.default_rng(seed)
-        ci = stats.bootstrap((x,), stat, method="percentile", **kw).confidence_interval
-    return point, float(ci.low), float(ci.high)
-
-
-def median_ci(values: Any, confidence: float = 0.95, n_resamples: int = 2000,
-              seed: int = 0) -> tuple[float, float, float]:
-    """(median, low, high): the median with a bootstrap CI (scipy BCa, percentile on degenerate data); NaNs dropped."""
-    return _boot_ci(values, np.median, confidence, n_resamples, seed)
-
-
-def mean_ci(values: Any, confidence: float = 0.95, n_resamples: int = 2000,
-            seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): the mean (e.g. a share of 0/1 outcomes) with a bootstrap CI, as :func:`median_ci`."""
-    return _boot_ci(values, np.mean, confidence, n_resamples, seed)
