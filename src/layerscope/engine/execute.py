@@ -22,9 +22,9 @@ from ..layers import LayerMap
 from .backend import Backend
 from .handler import RunState, ShapeRecorder, SiteHandler
 from .hooks import installed_hooks, set_indices
-from .plan import estimate_bytes, fmt_bytes, plan_capture, plan_interventions
+from .plan import PlannedIntervention, estimate_bytes, fmt_bytes, plan_capture, plan_interventions
 from .spec import Capture, Intervention
-from .store import ActivationStore, CaptureResult, fingerprint
+from .store import ActivationStore, ArraySpec, CaptureResult, fingerprint
 
 
 @dataclass
@@ -47,7 +47,7 @@ def trace_shapes(gen: Backend, lmap: LayerMap, cfg: GenerationConfig) -> LayerMa
     )
     inputs = gen.trace_inputs()
     set_indices(gen, recorders, inputs, trace_cfg, ["cond"])
-    with torch.no_grad(), installed_hooks(gen, run, recorders, count_steps=False):  # type: ignore[arg-type]
+    with torch.no_grad(), installed_hooks(gen, run, recorders, count_steps=False):
         gen.run_batch(inputs, [0], trace_cfg)
     missing = [n for n, r in recorders.items() if r.shape is None]
     if missing:
@@ -58,6 +58,7 @@ def trace_shapes(gen: Backend, lmap: LayerMap, cfg: GenerationConfig) -> LayerMa
     entries = []
     for e in lmap:
         r = recorders[e.name]
+        assert r.shape is not None  # every recorder saw its site (checked above)
         entries.append(e.with_shape(r.shape, r.in_shape))
     return LayerMap(entries, model=lmap.model)
 
@@ -76,7 +77,7 @@ def execute(
     interventions: Sequence[Intervention] = (),
     max_batch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-    experiment: dict | None = None,
+    experiment: dict[str, Any] | None = None,
 ) -> GenerationResult:
     """Generate ``prompts`` with ``seeds`` while capturing and intervening; chunks of at most ``max_batch`` samples.
 
@@ -106,6 +107,7 @@ def execute(
     store: ActivationStore | None = None
     todo = list(range(n))
     if capture is not None:
+        assert cap_plan is not None
         total = estimate_bytes(cap_plan, capture.dtype)
         if capture.store is None and total > capture.budget_bytes:
             raise BudgetError(
@@ -131,7 +133,7 @@ def execute(
     done = n - len(todo)
     # a store batch is written on a background thread while the next batch generates
     writer = ThreadPoolExecutor(max_workers=1) if store is not None else None
-    pending: Future | None = None
+    pending: Future[None] | None = None
     try:
         by_layer: dict[str, list[PlannedIntervention]] = {}
         for p in planned:
@@ -163,10 +165,12 @@ def execute(
                 items = [(cap_plan.specs[(what, name)], data)
                          for name, h in handlers.items() if name in cap_names for what, data in h.finish().items()]
                 if store is not None:
+                    assert writer is not None
                     if pending is not None:
                         pending.result()
                     pending = writer.submit(_write_and_mark, store, items, ids, timesteps)
                 else:
+                    assert result_cap is not None
                     for spec, data in items:
                         result_cap._append(spec, data)
             done += len(ids)
@@ -180,13 +184,16 @@ def execute(
 
     out_images = _assemble(images, n) if images else torch.empty(0)
     if result_cap is not None:
+        assert capture is not None
         result_cap._finalize()
         result_cap.timesteps = timesteps
         result_cap.attrs = _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment)
     return GenerationResult(out_images, store if store is not None else result_cap, timesteps)
 
 
-def _write_and_mark(store: ActivationStore, items: list, ids: list[int], timesteps: list[float]) -> None:
+def _write_and_mark(
+    store: ActivationStore, items: list[tuple[ArraySpec, torch.Tensor]], ids: list[int], timesteps: list[float]
+) -> None:
     store.write_batch(items, ids)
     store.mark_done(ids, timesteps)
 
@@ -209,7 +216,16 @@ def _prompt_repr(p: Any) -> str:
     return str(p)
 
 
-def _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment) -> dict:
+def _store_attrs(
+    gen: Backend,
+    prompts: Sequence[Any],
+    seeds: Sequence[int],
+    cfg: GenerationConfig,
+    capture: Capture,
+    interventions: Sequence[Intervention],
+    branches: Sequence[str],
+    experiment: dict[str, Any] | None,
+) -> dict[str, Any]:
     exp = {
         "layers": capture.layers if isinstance(capture.layers, str) else list(capture.layers),
         "steps": capture.steps if isinstance(capture.steps, (int, str, type(None))) else str(capture.steps),

@@ -7,14 +7,14 @@ half first); :class:`RunState` counts the denoising steps of a chunk.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from ..errors import ConfigError
 from ..layers import LayerInfo
 from .plan import CapturePlan, PlannedIntervention, channel_view, resolve_branches
-from .spec import Capture, Stored
+from .spec import Capture, Row, Stored
 
 
 class RunState:
@@ -33,6 +33,8 @@ class RunState:
 class SiteHandler:
     """Everything that happens at one site in one chunk: interventions, then capture."""
 
+    index: torch.Tensor | None  # per-row token index of indexed sites, set by hooks.set_indices
+
     def __init__(
         self,
         info: LayerInfo,
@@ -44,15 +46,15 @@ class SiteHandler:
     ) -> None:
         self.info = info
         self.run = run
-        self.ivs = []
+        self.ivs: list[tuple[PlannedIntervention, list[int], int | list[int] | None]] = []
         local = {g: k for k, g in enumerate(sample_ids)}
         for p in ivs:
             tl = [local[t] for t in p.targets if t in local]
-            src_local = local.get(p.iv.source.index) if p.kind == "row" else None
+            src_local: int | list[int] | None = local.get(cast(Row, p.iv.source).index) if p.kind == "row" else None
             if p.kind == "row" and src_local is None and tl:
                 raise ConfigError(
-                    f"intervention at {info.name}: source row {p.iv.source.index} is not in the same batch as its "
-                    "targets; raise max_batch or use injection_sweep, which keeps sources and targets together"
+                    f"intervention at {info.name}: source row {cast(Row, p.iv.source).index} is not in the same batch "
+                    "as its targets; raise max_batch or use injection_sweep, which keeps sources and targets together"
                 )
             if tl:
                 if p.kind == "per_target":  # the rows of the source that belong to this chunk's targets
@@ -61,7 +63,7 @@ class SiteHandler:
         self.cap = cap
         self.cap_steps = set(cap_plan.steps) if cap_plan else set()
         self.cap_specs = (
-            [s for (w, l), s in cap_plan.specs.items() if l == info.name] if cap_plan else []
+            [s for (_, name), s in cap_plan.specs.items() if name == info.name] if cap_plan else []
         )
         self.cap_branch_idx = (
             resolve_branches(info, cap.branches, run.branches, "capture") if cap is not None else []
@@ -69,7 +71,7 @@ class SiteHandler:
         self.buffers: dict[str, torch.Tensor] = {}
         self.filled: dict[str, int] = {}
         self.calls_at: int | None = None
-        self._tensor_cache: dict[tuple, torch.Tensor] = {}
+        self._tensor_cache: dict[tuple[object, ...], torch.Tensor] = {}
 
     # -- called from the hooks --------------------------------------------------------------------------------------
     def process(self, x: torch.Tensor, get_in: Callable[[], torch.Tensor] | None) -> torch.Tensor:
@@ -101,7 +103,15 @@ class SiteHandler:
             self._capture(x, get_in)
         return x
 
-    def _apply(self, x, orig, p: PlannedIntervention, tl, src_local, step) -> None:
+    def _apply(
+        self,
+        x: torch.Tensor,
+        orig: torch.Tensor,
+        p: PlannedIntervention,
+        tl: list[int],
+        src_local: int | list[int] | None,
+        step: int | None,
+    ) -> None:
         op, alpha = p.iv.op, p.iv.alpha
         for b in p.branch_idx:
             rows = self.run.rows(self.info, tl, [b])
@@ -109,13 +119,15 @@ class SiteHandler:
                 x[rows] = 0
                 continue
             if p.kind == "row":
-                src = orig[self.run.rows(self.info, [src_local], [b])[0]]
+                src = orig[self.run.rows(self.info, [cast(int, src_local)], [b])[0]]
             elif p.kind == "tensor":
+                assert p.tensor is not None
                 src = self._cached(("t",), p.tensor, x)
             elif p.kind == "per_target":
+                assert p.tensor is not None
                 src = self._cached(("p", id(p)), p.tensor, x)[src_local]
             else:
-                s: Stored = p.iv.source
+                s = cast(Stored, p.iv.source)
                 layer = s.layer or self.info.name
                 t = s.capture.lookup(layer, s.what, s.sample, step, p.stored_branch[b])
                 src = channel_view(t, self.info).to(device=x.device, dtype=x.dtype)
@@ -128,7 +140,7 @@ class SiteHandler:
                 new = (1 - alpha) * cur + alpha * src
             x[rows] = new.to(x.dtype)
 
-    def _cached(self, key, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _cached(self, key: tuple[object, ...], t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         k = key + (like.device, like.dtype, id(t))
         if k not in self._tensor_cache:
             self._tensor_cache[k] = t.to(device=like.device, dtype=like.dtype)
@@ -144,15 +156,18 @@ class SiteHandler:
             x = x.transpose(0, 1)
         else:
             x = x.unsqueeze(1)
+        assert self.cap is not None
         if self.cap.pools(info.name):
             dims = [k + 2 for k, d in enumerate(info.dims) if d in ("h", "w", "token")]
             if dims:
                 x = x.float().mean(dim=dims)
         return x.detach()
 
-    def _capture(self, x: torch.Tensor, get_in) -> None:
+    def _capture(self, x: torch.Tensor, get_in: Callable[[], torch.Tensor] | None) -> None:
+        assert self.cap is not None
         for spec in self.cap_specs:
-            data = self._take(x if spec.what == "output" else x - get_in())
+            # plan_capture allows "update" only on sites that have an input (get_in is set there)
+            data = self._take(x if spec.what == "output" else x - cast("Callable[[], torch.Tensor]", get_in)())
             buf = self.buffers.get(spec.what)
             if buf is None:  # one preallocated (sample, step, branch, *feature) buffer: a single copy per capture
                 buf = torch.empty((data.shape[0], len(spec.steps)) + tuple(data.shape[1:]), dtype=self.cap.dtype)
@@ -180,12 +195,14 @@ class SiteHandler:
 class ShapeRecorder:
     """Records per-sample output (and input) shapes of every site during a trace run."""
 
+    index: torch.Tensor | None  # per-row token index of indexed sites, set by hooks.set_indices
+
     def __init__(self, info: LayerInfo) -> None:
         self.info = info
         self.shape: tuple[int, ...] | None = None
         self.in_shape: tuple[int, ...] | None = None
 
-    def process(self, x, get_in):
+    def process(self, x: Any, get_in: Callable[[], Any] | None) -> Any:
         if isinstance(x, torch.Tensor) and x.shape[0] != 1:
             raise ConfigError(
                 f"{self.info.name}: the trace batch has 1 row but the tensor at this site has {x.shape[0]}; the "

@@ -4,19 +4,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ..config import GenerationConfig
+from ..layers import LayerInfo, Site
 from .backend import Backend
 from .handler import RunState
 from .paths import get_input, get_path, set_input, set_path
 
 
-def process_site(handler: Any, x: Any, get_in: Callable[[], torch.Tensor] | None) -> Any:
+class SiteProcessor(Protocol):
+    """What the hooks drive at a site: :class:`~.handler.SiteHandler` or :class:`~.handler.ShapeRecorder`."""
+
+    info: LayerInfo
+    index: torch.Tensor | None
+
+    def process(self, x: Any, get_in: Callable[[], Any] | None) -> Any: ...
+
+
+def process_site(handler: SiteProcessor, x: Any, get_in: Callable[[], torch.Tensor] | None) -> Any:
     """Run a handler on the site's tensor; for indexed sites on the per-row selected token only."""
     idx = getattr(handler, "index", None)
     if idx is None or not isinstance(x, torch.Tensor):
@@ -32,7 +42,7 @@ def process_site(handler: Any, x: Any, get_in: Callable[[], torch.Tensor] | None
     return out
 
 
-def set_indices(gen: Backend, handlers: dict, prompts: Sequence[Any], cfg: GenerationConfig,
+def set_indices(gen: Backend, handlers: Mapping[str, SiteProcessor], prompts: Sequence[Any], cfg: GenerationConfig,
                  branches: Sequence[str]) -> None:
     for h in handlers.values():
         key = h.info.site.index
@@ -41,12 +51,14 @@ def set_indices(gen: Backend, handlers: dict, prompts: Sequence[Any], cfg: Gener
 
 
 @contextmanager
-def installed_hooks(gen: Backend, run: RunState, handlers: dict[str, Any], count_steps: bool = True):
+def installed_hooks(
+    gen: Backend, run: RunState, handlers: Mapping[str, SiteProcessor], count_steps: bool = True
+) -> Iterator[None]:
     handles = []
     try:
         if count_steps and gen.step_module is not None:
 
-            def count(_mod, _args):
+            def count(_mod: Any, _args: Any) -> None:
                 run.step += 1
 
             handles.append(gen.module(gen.step_module).register_forward_pre_hook(count))
@@ -55,9 +67,16 @@ def installed_hooks(gen: Backend, run: RunState, handlers: dict[str, Any], count
             mod = gen.module(site.module)
             if site.hook == "output":
 
-                def fwd(_mod, args, kwargs, out, _h=handler, _s=site):
+                def fwd(
+                    _mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
+                    _h: SiteProcessor = handler, _s: Site = site,
+                ) -> Any:
                     x = get_path(out, _s.path)
-                    get_in = (lambda: get_input(_s, args, kwargs, _s.in_path)) if _s.in_path is not None else None
+                    get_in = (  # mypy checks the lambda body also without the `is not None` narrowing
+                        (lambda: get_input(_s, args, kwargs, _s.in_path))  # type: ignore[arg-type]
+                        if _s.in_path is not None
+                        else None
+                    )
                     new = process_site(_h, x, get_in)
                     if new is not x:
                         return set_path(out, _s.path, new)
@@ -66,7 +85,10 @@ def installed_hooks(gen: Backend, run: RunState, handlers: dict[str, Any], count
                 handles.append(mod.register_forward_hook(fwd, with_kwargs=True))
             else:
 
-                def pre(_mod, args, kwargs, _h=handler, _s=site):
+                def pre(
+                    _mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    _h: SiteProcessor = handler, _s: Site = site,
+                ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
                     x = get_input(_s, args, kwargs, _s.path)
                     new = process_site(_h, x, None)
                     if new is not x:

@@ -7,7 +7,7 @@ batched generation rather than k+1 generations. Rows are chunked by ``max_batch`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,11 +15,12 @@ import torch
 
 from ..errors import ConfigError
 from .execute import execute
-from .spec import Intervention, Row
 from .progress import ProgressArg, progress_callback
+from .spec import Intervention, Row
 from .steps import StepSel
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..config import GenerationConfig
     from ..layers import LayerMap
     from .backend import Backend
 
@@ -48,7 +49,7 @@ def layer_sets(lmap: "LayerMap", layers: str | Sequence[str | Sequence[str]] | N
     is one combination (all patched in the same row). Duplicates are dropped, order kept.
     """
     if layers is None or isinstance(layers, str):
-        sets = [(e.name,) for e in lmap.select(layers)]
+        sets: list[tuple[str, ...]] = [(e.name,) for e in lmap.select(layers)]
     else:
         sets = []
         for entry in layers:
@@ -97,7 +98,18 @@ def injection_sweep(
         return _sweep_chunks(model, original, edit, sets, (s_o, s_e), per_chunk, cfg, steps, branches, report)
 
 
-def _sweep_chunks(model, original, edit, sets, seeds, per_chunk, cfg, steps, branches, report) -> SweepResult:
+def _sweep_chunks(
+    model: "Backend",
+    original: Any,
+    edit: Any,
+    sets: list[tuple[str, ...]],
+    seeds: tuple[int, int],
+    per_chunk: int,
+    cfg: "GenerationConfig",
+    steps: StepSel,
+    branches: Sequence[str] | None,
+    report: Callable[[int, int], None] | None,
+) -> SweepResult:
     s_o, s_e = seeds
     result: SweepResult | None = None
     total = len(sets)
