@@ -217,6 +217,29 @@ def _list(text: Optional[str]) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def _finish(section, result, folder: Path) -> None:
+    """Save a Result into ``folder``, write the section's figures next to it, print what the section says."""
+    from .report.figures import png_bytes
+
+    result.save(folder)
+    figs = section.figures(result, folder) if hasattr(section, "figures") else {}
+    for name, fig in figs.items():
+        (folder / name).write_bytes(png_bytes(fig))
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    for item in section.console(result) if hasattr(section, "console") else []:
+        if isinstance(item, tuple):
+            _print_frame(item[1], item[0])
+        else:
+            console.print(item)
+    tables = ", ".join(f"{t}.parquet" for t in result.tables)
+    console.print(f"wrote {folder}: {tables}" + (f" and {', '.join(figs)}" if figs else ""))
+
+
+def _folder(out: Optional[str], prefix: str, model: str) -> Path:
+    return Path(out or f"{prefix}-{model.replace(':', '_').replace('/', '_')}")
+
+
 @app.command()
 def sweep(
     model: str = typer.Argument(..., help="model spec: zoo:unet, hf:/path/to/pipeline, tiny:sd, ..."),
@@ -246,76 +269,29 @@ def sweep(
 ) -> None:
     """Inject E into O at each layer, score the images, save the table and figures, print the per-layer labels."""
     from .experiments import injection as inj
-    from .experiments.injection_report import grid_figure, heatmap_figure, metric_heatmap_figure, save_analysis
-    from .report.figures import png_bytes
     from .loading import load
+    from .report.sections import injection as section
 
-    raw_pairs = [tuple(json.loads(p)) for p in pair or []]  # each a JSON pair (see command())
-    gen_kw = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance)) if v is not None}
     try:
-        if random_pairs < 0:
-            raise LayerscopeError(f"--random-pairs must be >= 0, got {random_pairs}")
-        if random_pairs and not model.startswith("zoo:"):
-            raise LayerscopeError("--random-pairs makes Shapes-world prompts, for zoo: models only; give --pair O E")
-        if not raw_pairs and not random_pairs:
-            raise LayerscopeError("give at least one --pair ORIGINAL EDIT (or --random-pairs N for zoo: models)")
         try:
-            seed_list = [int(s) for s in _list(seeds) or []]
+            seed_list = tuple(int(s) for s in _list(seeds) or [])
         except ValueError:
             raise LayerscopeError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+        sel = list(layers or []) + [tuple(_list(c) or []) for c in combine or []]
+        settings = inj.Settings(
+            pairs=tuple(tuple(json.loads(p)) for p in pair or []), random_pairs=random_pairs, pair_seed=pair_seed,
+            seeds=seed_list, layers=sel or None, spaces=spaces, windows=tuple(_list(windows) or []),
+            branches=tuple(_list(branches)) if branches else None, scorer=scorer,
+            metrics=tuple(_list(metrics)) if metrics else None, steps=steps, guidance=guidance, max_batch=max_batch,
+            clip_path=clip)
         gen = load(model)
-        sel: list = list(layers or [])
-        sel += [tuple(_list(c) or []) for c in combine or []]
-        if not sel:
-            sel = inj.default_layers(gen, spaces=spaces, **_size(gen, gen_kw))
-        elif spaces:
-            raise LayerscopeError("--spaces adds the candidate spaces to the default layers; with --layers, name "
-                                  "the spaces in the globs instead")
-        all_pairs = raw_pairs + inj.shapes_pairs(random_pairs, seed=pair_seed)
-        folder = Path(out or f"sweep-{model.replace(':', '_').replace('/', '_')}")
-        plan = inj.plan_injection(gen, all_pairs, seeds=seed_list, layers=sel, windows=_list(windows) or [],
-                                  branches=_list(branches), scorer=scorer, metrics=_list(metrics), **gen_kw)
-        console.print(f"{model}: {len(plan.layer_sets)} layer sets x {len(all_pairs)} pairs x {len(seed_list)} "
-                      f"seeds x {len(plan.windows)} windows -> {folder}")
-        table = inj.run_injection(gen, all_pairs, seeds=seed_list, layers=sel, windows=plan.windows,
-                                  branches=plan.branches, scorer=scorer, metrics=_list(metrics), out=folder,
-                                  max_batch=max_batch, progress=True, clip_path=clip,
-                                  notify=lambda m: console.print(f"[yellow]note:[/] {m}"), **gen_kw)
+        folder = _folder(out, "sweep", model)
+        console.print(f"{model}: injection sweep -> {folder}")
+        result = inj.run(gen, settings, out=folder, progress=True)
     except LayerscopeError as exc:
         _fail(exc)
         return
-    summary, labels = save_analysis(folder, table)
-    figs = {"grid.png": grid_figure(folder), "transfer_groups.png": heatmap_figure(summary, labels, model),
-            "transfer_factors.png": heatmap_figure(summary, labels, model, level="factor"),
-            "metrics.png": metric_heatmap_figure(summary, labels, model)}
-    for name, fig in figs.items():
-        if fig is not None:
-            (folder / name).write_bytes(png_bytes(fig))
-    _print_labels(summary, labels, model)
-    if plan.scorer == "oracle":
-        from .experiments.injection_report import findings
-
-        for w in plan.windows:
-            console.print(findings(model, labels, window=w, summary=summary))
-    console.print(f"wrote {folder / inj.TABLE}, summary.parquet, labels.parquet and figures "
-                  f"({', '.join(n for n, f in figs.items() if f is not None)})")
-
-
-def _size(gen, gen_kw: dict) -> dict:
-    cfg = gen.config(**gen_kw)
-    return {"height": cfg.height, "width": cfg.width}
-
-
-def _print_labels(summary, labels, model: str) -> None:
-    table = Table(title=f"{model}: per-layer specialization (transfer of E into O)")
-    cols = [c for c in labels.columns if c.startswith("transfer_")]
-    for col in ["window", "layer", *[c.replace("transfer_", "") for c in cols], "label"]:
-        table.add_column(col, overflow="fold")
-    for r in labels.itertuples(index=False):
-        d = r._asdict()
-        table.add_row(d["window"], d["layer"], *[f"{d[c]:.2f}" if d[c] == d[c] else "-" for c in cols], d["label"])
-    out = console if console.is_terminal else Console(width=max(console.width, 160))
-    out.print(table)
+    _finish(section, result, folder)
 
 
 @app.command()
@@ -446,11 +422,11 @@ def run_main(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),
 ) -> None:
     """The main job: run every registered experiment on the zoo and write a self-contained HTML report."""
-    from .report import run_all
+    from .main_job import run_main_job
 
     t0 = time.perf_counter()
     try:
-        page = run_all(out, quick=quick, only=_list(only), progress=progress, log=console.print)
+        page = run_main_job(out, quick=quick, only=_list(only), progress=progress, log=console.print)
     except LayerscopeError as exc:
         _fail(exc)
         return

@@ -31,19 +31,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..engine.progress import ProgressArg, progress_callback
-from ..engine.steps import WINDOWS
-from ..engine.sweep import injection_sweep, layer_sets
+from ..engine import WINDOWS, ProgressArg, injection_sweep, layer_sets, progress_callback
 from ..errors import ConfigError, StoreMismatchError
+from .base import Job, Result, generation_kwargs, settings_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import Generator
 
+NAME = "injection"
 TABLE = "injection.parquet"
 META = "injection.json"
-#: spaces that are not worth a row in the default sweep: ``x_t`` at every step is E's whole trajectory, and
-#: ``h_space`` is the mid-block output, already a layer
-_SKIP_SPACES = ("x_t", "h_space")
 #: the specialization rule's thresholds (fixed before any result was seen; see :func:`specialize`)
 INERT_BELOW = 0.2
 MARGIN = 0.2
@@ -77,11 +74,16 @@ class InjectionPlan:
 
 
 def default_layers(model: "Generator", spaces: bool = True, **size: Any) -> list[str]:
-    """Every layer of the map in forward order, then the candidate spaces that injection can patch."""
+    """Every layer of the map in forward order, then the candidate spaces that injection can patch.
+
+    Left out: the denoiser's input (role ``denoiser_input``: ``x_t`` at every step is E's whole trajectory) and
+    spaces that sit at a layer's own site (e.g. ``h_space``, the mid-block's output, already a layer)."""
     lmap = model.layer_map(size.get("height"), size.get("width"))
     names = [e.name for e in lmap.layers]
     if spaces:
-        names += [e.name for e in lmap.spaces if e.name not in _SKIP_SPACES and e.name not in names]
+        layer_sites = {e.site for e in lmap.layers}
+        names += [e.name for e in lmap.spaces
+                  if e.role != "denoiser_input" and e.site not in layer_sites and e.name not in names]
     return names
 
 
@@ -93,7 +95,7 @@ def _layer_sets(model: "Generator", layers: Any, cfg) -> list[tuple[str, ...]]:
 
 def _scorer(model: "Generator", scorer: str) -> str:
     if scorer == "auto":
-        return "oracle" if model.spec.startswith("zoo:") else "images"
+        return "oracle" if model.capabilities.default_scorer == "oracle" else "images"
     if scorer not in ("oracle", "images"):
         raise ConfigError(f"unknown scorer {scorer!r}; valid: auto, oracle, images")
     return scorer
@@ -173,7 +175,7 @@ def _as_text(p: Any) -> str:
 
 
 def run_injection(
-    model: "Generator | str",
+    model: "Generator",
     pairs: Sequence[tuple[str, str]],
     *,
     seeds: Sequence[int] = (0,),
@@ -199,10 +201,6 @@ def run_injection(
     Columns: model, pair, seed, window, layer, layer_index, stage, factor, metric, value, o_value, e_value, c_value
     (oracle readings of the factor; NaN for image metrics).
     """
-    if isinstance(model, str):
-        from ..loading import load
-
-        model = load(model)
     plan = plan_injection(model, pairs, seeds=seeds, layers=layers, windows=windows, branches=branches,
                           scorer=scorer, metrics=metrics, **gen_kwargs)
     folder = Path(out) if out is not None else None
@@ -476,3 +474,93 @@ def sanity(model: "Generator", pair: tuple[str, str], seed: int = 0, **gen_kwarg
     return {"no_layer_vs_O": float((res.original - plain).abs().max()),
             "every_layer_vs_E": float((res.injected["+".join(every)] - res.edit).abs().max()),
             "O_vs_E": float((res.original - res.edit).abs().max())}
+
+
+# -- the experiment: settings -> run -> Result ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """An injection study. ``pairs``: (original, edit) prompts; ``random_pairs``: add this many held-out Shapes-world
+    pairs differing in every factor (models the Shapes oracle reads); ``layers``: None = every layer (with
+    ``spaces``: also the candidate spaces, :func:`default_layers`), or globs / names / tuples of names for
+    combinations; ``sanity``: also run :func:`sanity` on the first pair. Generation: ``steps``, ``guidance`` (None:
+    the model's) and ``generation`` (other keywords for ``generate``)."""
+
+    pairs: tuple[tuple[str, str], ...] = ()
+    random_pairs: int = 0
+    pair_seed: int = 0
+    seeds: tuple[int, ...] = (0,)
+    layers: Any = None
+    spaces: bool = False
+    windows: tuple[str, ...] = ("all",)
+    branches: tuple[str, ...] | None = None
+    scorer: str = "auto"
+    metrics: tuple[str, ...] | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    max_batch: int | None = None
+    clip_path: str | None = None
+    sanity: bool = False
+    generation: dict[str, Any] = field(default_factory=dict)
+
+
+def _pairs(model: "Generator", st: Settings) -> list[tuple[str, str]]:
+    if st.random_pairs < 0:
+        raise ConfigError(f"random_pairs must be >= 0, got {st.random_pairs}")
+    if st.random_pairs and model.capabilities.oracle != "shapes":
+        raise ConfigError(f"random pairs are Shapes-world prompts, for models the Shapes oracle reads; {model.spec} "
+                          "is open-domain: give pairs (--pair O E)")
+    pairs = [tuple(p) for p in st.pairs] + shapes_pairs(st.random_pairs, seed=st.pair_seed)
+    if not pairs:
+        raise ConfigError("give at least one (original, edit) prompt pair (or random_pairs for Shapes-world models)")
+    return pairs  # type: ignore[return-value]
+
+
+def _selection(model: "Generator", st: Settings, gen_kw: dict[str, Any]) -> Any:
+    if st.layers is None:
+        if not st.spaces:
+            return None
+        cfg = model.config(**gen_kw)
+        return default_layers(model, spaces=True, height=cfg.height, width=cfg.width)
+    if st.spaces:
+        raise ConfigError("spaces=True adds the candidate spaces to the default layers; with layers, name the "
+                          "spaces in the globs instead")
+    return st.layers if isinstance(st.layers, str) else [l if isinstance(l, str) else tuple(l) for l in st.layers]
+
+
+def run(model: "Generator", settings: Settings, out: str | Path | None = None,
+        progress: ProgressArg = None) -> Result:
+    """The injection study on a loaded model: tables ``injection`` (one row per pair, seed, window, layer, factor,
+    metric), ``summary`` (:func:`summarize`) and ``labels`` (:func:`specialize`); the record holds the plan, the
+    sanity anchors (if asked) and notes. ``out``: each finished cell is saved there and a rerun resumes."""
+    st = settings
+    gen_kw = generation_kwargs(st.steps, st.guidance, st.generation)
+    pairs = _pairs(model, st)
+    sel = _selection(model, st, gen_kw)
+    notes: list[str] = []
+    table = run_injection(model, pairs, seeds=st.seeds, layers=sel, windows=st.windows,
+                          branches=list(st.branches) if st.branches is not None else None, scorer=st.scorer,
+                          metrics=list(st.metrics) if st.metrics else None, out=out, max_batch=st.max_batch,
+                          progress=progress, clip_path=st.clip_path, notify=notes.append, **gen_kw)
+    summary = summarize(table)
+    labels = specialize(summary)
+    plan = plan_injection(model, pairs, seeds=st.seeds, layers=sel, windows=st.windows,
+                          branches=list(st.branches) if st.branches is not None else None, scorer=st.scorer,
+                          metrics=list(st.metrics) if st.metrics else None, **gen_kw)
+    record: dict[str, Any] = {"model": model.spec, "settings": settings_dict(st),
+                              "plan": json.loads(json.dumps(plan.key())), "layer_info": plan.layer_info,
+                              "notes": notes}
+    if st.sanity:
+        record["sanity"] = sanity(model, pairs[0], seed=st.seeds[0], **gen_kw)
+    return Result(NAME, {"injection": table, "summary": summary, "labels": labels}, record)
+
+
+#: the main job's settings: (full, quick)
+MAIN_MODELS = ("zoo:unet", "zoo:dit")
+FULL = Settings(random_pairs=8, spaces=True, windows=("all", "early", "middle", "late"), steps=10, sanity=True)
+QUICK = Settings(random_pairs=2, spaces=True, windows=("all", "late"), steps=6, sanity=True)
+
+
+def main_job(quick: bool = False) -> list[Job]:
+    """The injection sweep on the zoo's diffusion models (every layer and space, 8 held-out pairs)."""
+    return [Job(spec, QUICK if quick else FULL) for spec in MAIN_MODELS]

@@ -12,7 +12,6 @@ from typing import Any
 import pandas as pd
 
 from .._version import __version__
-from ..errors import ConfigError
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;
@@ -71,14 +70,12 @@ class Page:
         return f"<p>{self.esc(text)}</p>"
 
 
-def _model_cards(models: list[str], page: Page) -> str:
-    cards = []
-    for spec in models:
-        rows = [f"<h4>{page.esc(spec)}</h4>"]
-        if spec.startswith("zoo:"):
-            from ..world import zoo
-
-            c = zoo.card(spec[4:])
+def _model_cards(cards: list[dict[str, Any]], page: Page) -> str:
+    """Model cards as the main job wrote them into run.json (no model or weights are read here)."""
+    out = []
+    for c in cards:
+        rows = [f"<h4>{page.esc(c.get('name', '?'))}</h4>"]
+        if c.get("description"):
             rows.append(f"<p>{page.esc(c['description'])}</p><ul>")
             if c.get("parameters"):
                 rows.append(f"<li>{c['parameters'] / 1e6:.2f}M parameters, {c['resolution']}x{c['resolution']} "
@@ -96,44 +93,43 @@ def _model_cards(models: list[str], page: Page) -> str:
                 if q.get("settings"):
                     rows.append(f"<li>sampling: {page.esc(json.dumps(q['settings']))}</li>")
             rows.append("</ul>")
-        cards.append(f'<div class="card">{"".join(rows)}</div>')
-    return f'<div class="cards">{"".join(cards)}</div>'
+        out.append(f'<div class="card">{"".join(rows)}</div>')
+    return f'<div class="cards">{"".join(out)}</div>'
 
 
 def build(folder: Path) -> Path:
-    """Assemble ``folder/index.html`` from the sections' saved outputs (see :mod:`layerscope.report`)."""
-    from . import PAGE, RUN_FILE, sections
+    """Assemble ``folder/index.html`` from the sections' saved Results (see :mod:`layerscope.report`)."""
+    from . import PAGE, SectionRun, read_run
+    from .sections import SECTIONS
 
-    run_file = folder / RUN_FILE
-    if not run_file.exists():
-        raise ConfigError(f"{folder} is not a layerscope report folder ({RUN_FILE} is missing); "
-                          "create one with `layerscope run`")
-    record = json.loads(run_file.read_text())
+    record = read_run(folder)
     page = Page(folder)
-    body, toc, models = [], [], []
-    for s in sections():
-        info = record["sections"].get(s.key)
-        if info is None or not (folder / s.key).exists():
+    body, toc = [], []
+    cards: dict[str, dict[str, Any]] = {}
+    for sec in SECTIONS:
+        info = record["sections"].get(sec.KEY)
+        if info is None or not (folder / sec.KEY).exists():
             continue
-        for m in info.get("models", []):
-            if m not in models:
-                models.append(m)
+        for job in info.get("jobs", []):
+            if job.get("part", "model") == "model" and job["spec"] not in cards:
+                cards[job["spec"]] = job.get("card") or {"name": job["spec"]}
         notes = "".join(page.note(n) for n in info.get("notes", []))
-        frag = s.render(folder / s.key, page)
+        frag = sec.render(SectionRun(sec.KEY, folder / sec.KEY, info), page)
         secs = f"<p><i>computed in {info.get('seconds', '?')} s</i></p>"
-        body.append(f'<section id="{s.key}"><h2>{page.esc(s.title)}</h2>{secs}{notes}{frag}</section>')
-        toc.append(f'<li><a href="#{s.key}">{page.esc(s.title)}</a></li>')
-    cards = (f'<section id="models"><h2>Models</h2>{_model_cards(models, page)}</section>' if models else "")
+        body.append(f'<section id="{sec.KEY}"><h2>{page.esc(sec.TITLE)}</h2>{secs}{notes}{frag}</section>')
+        toc.append(f'<li><a href="#{sec.KEY}">{page.esc(sec.TITLE)}</a></li>')
+    card_html = (f'<section id="models"><h2>Models</h2>{_model_cards(list(cards.values()), page)}</section>'
+                 if cards else "")
     mode = "quick mode (small settings, for tests)" if record.get("quick") else "full run"
     head = (f"<h1>layerscope report</h1><p>layerscope {page.esc(record.get('version', __version__))}, "
             f"{page.esc(mode)}, run {page.esc(record.get('started', '?'))}; page built "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}. Rebuild from the saved tables: "
             f"<code>layerscope report {page.esc(folder)}</code>.</p>")
-    if cards:
+    if card_html:
         toc.append('<li><a href="#models">Models</a></li>')
     nav = f"<nav><ul>{''.join(toc)}</ul></nav>"
     doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>layerscope report</title>'
-           f"<style>{CSS}</style></head><body>{head}{nav}{''.join(body)}{cards}</body></html>")
+           f"<style>{CSS}</style></head><body>{head}{nav}{''.join(body)}{card_html}</body></html>")
     out = folder / PAGE
     out.write_text(doc, encoding="utf-8")
     return out

@@ -1,48 +1,28 @@
-"""The injection study's figures and its section of the main job's report (run on the zoo's diffusion models)."""
+"""The injection study's section of the report: figures, tables and findings from its saved Results."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..engine.steps import WINDOWS
-from ..report import Page, RunContext, Section, model_folders, register, section_record
-from . import injection as inj
+from ...engine import WINDOWS
+from ...experiments import injection as inj
+from ...experiments.base import Result
+from .. import Page, SectionRun
 
+EXPERIMENT = inj
+KEY = "injection"
+TITLE = "Injection sweep: where structure, content and surface live"
 GROUP_ORDER = ("structure", "content", "surface")
-#: main-job settings: (full, quick)
-FULL = dict(models=("zoo:unet", "zoo:dit"), pairs=8, windows=("all", "early", "middle", "late"), steps=10)
-QUICK = dict(models=("zoo:unet", "zoo:dit"), pairs=2, windows=("all", "late"), steps=6)
-SUMMARY = "summary.parquet"
-LABELS_FILE = "labels.parquet"
-SANITY = "sanity.json"
 
 
 def sweep_command(spec: str, settings: dict[str, Any], out: str) -> str:
     """The CLI command that reproduces a main-job sweep (table, figures) into ``out``."""
-    return (f"layerscope sweep {spec} --random-pairs {settings['pairs']} --spaces "
+    return (f"layerscope sweep {spec} --random-pairs {settings['random_pairs']} --spaces "
             f"--windows {','.join(settings['windows'])} --steps {settings['steps']} --out {out}")
-
-
-def save_analysis(folder: Path, table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Summary (CIs) and labels of a sweep table, saved next to it."""
-    summary = inj.summarize(table)
-    labels = inj.specialize(summary)
-    summary.to_parquet(folder / SUMMARY, index=False)
-    labels.to_parquet(folder / LABELS_FILE, index=False)
-    return summary, labels
-
-
-def load_analysis(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Table, summary and labels of a sweep folder (summary and labels recomputed if they were not saved)."""
-    table = pd.read_parquet(folder / inj.TABLE)
-    if (folder / SUMMARY).exists() and (folder / LABELS_FILE).exists():
-        return table, pd.read_parquet(folder / SUMMARY), pd.read_parquet(folder / LABELS_FILE)
-    return (table, *save_analysis(folder, table))
 
 
 def _layer_order(summary: pd.DataFrame) -> list[str]:
@@ -55,11 +35,11 @@ def _windows(frame: pd.DataFrame) -> list[str]:
     return [w for w in WINDOWS if w in present]
 
 
-def grid_figure(folder: Path, pairs: int = 3, window: str = "all"):
-    """Layer grid: per pair, O, E and the image injected at each layer in architectural order."""
-    from ..report.figures import image_grid
+def grid_figure(folder: Path, plan: dict[str, Any], pairs: int = 3, window: str = "all"):
+    """Layer grid: per pair, O, E and the image injected at each layer in architectural order (from the cell
+    images saved in ``folder``; ``plan``: the result's ``record["plan"]``)."""
+    from ..figures import image_grid
 
-    plan = inj.load_plan(folder)["key"]
     seed = plan["seeds"][0]
     rows, labels = [], []
     for p in range(min(pairs, len(plan["pairs"]))):
@@ -76,7 +56,7 @@ def grid_figure(folder: Path, pairs: int = 3, window: str = "all"):
 
 def heatmap_figure(summary: pd.DataFrame, labels: pd.DataFrame, model: str, level: str = "group"):
     """Transfer share per layer x factor group (or factor), one panel per step window; labels beside the rows."""
-    from ..report.figures import heatmaps
+    from ..figures import heatmaps
 
     s = summary[(summary["level"] == level) & (summary["metric"] == "transfer")]
     if s.empty:
@@ -99,7 +79,7 @@ def heatmap_figure(summary: pd.DataFrame, labels: pd.DataFrame, model: str, leve
 
 def metric_heatmap_figure(summary: pd.DataFrame, labels: pd.DataFrame, model: str):
     """Open-domain metrics: median baseline-subtracted similarity to E per layer x metric, per window."""
-    from ..report.figures import heatmaps
+    from ..figures import heatmaps
 
     s = summary[(summary["level"] == "metric") & summary["metric"].str.endswith("_to_E")]
     if s.empty:
@@ -174,31 +154,29 @@ def findings(model: str, labels: pd.DataFrame, window: str = "all", summary: pd.
     return text
 
 
-def _run(ctx: RunContext) -> dict[str, Any]:
-    from ..loading import load
-
-    st = QUICK if ctx.quick else FULL
-    pairs = inj.shapes_pairs(st["pairs"], seed=0)
-    info: dict[str, Any] = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in st.items()},
-                            "per_model": {}}
-    for spec in st["models"]:
-        model = load(spec)
-        folder = ctx.folder / spec.replace(":", "_")
-        ctx.log(f"injection sweep on {spec}: {len(pairs)} pairs x {len(st['windows'])} windows")
-        table = inj.run_injection(model, pairs, seeds=(0,), layers=inj.default_layers(model),
-                                  windows=st["windows"], out=folder, progress=ctx.progress,
-                                  num_inference_steps=st["steps"])
-        save_analysis(folder, table)
-        sanity = inj.sanity(model, pairs[0], seed=0, num_inference_steps=st["steps"])
-        (folder / SANITY).write_text(json.dumps(sanity, indent=1))
-        ctx.models.append(spec)
-        info["per_model"][spec] = {"folder": folder.name, "sanity": sanity}
-    return info
+def figures(result: Result, folder: Path) -> dict[str, Any]:
+    """The figures of one sweep (the CLI writes them next to the tables): layer grid and heatmaps."""
+    summary, labels, spec = result["summary"], result["labels"], result.record["model"]
+    figs = {"grid.png": grid_figure(folder, result.record["plan"]), "transfer_groups.png": heatmap_figure(summary, labels, spec),
+            "transfer_factors.png": heatmap_figure(summary, labels, spec, level="factor"),
+            "metrics.png": metric_heatmap_figure(summary, labels, spec)}
+    return {k: v for k, v in figs.items() if v is not None}
 
 
-def _render(folder: Path, page: Page) -> str:
-    record = section_record(folder)
-    settings = record.get("settings", FULL)
+def console(result: Result) -> list[Any]:
+    """What the CLI prints after a sweep: the per-layer labels and, with the oracle, the findings per window."""
+    labels, spec = result["labels"], result.record["model"]
+    cols = [c for c in labels.columns if c.startswith("transfer_")]
+    frame = pd.DataFrame({"window": labels["window"], "layer": labels["layer"],
+                          **{c.replace("transfer_", ""): [f"{v:.2f}" if v == v else "-" for v in labels[c]]
+                             for c in cols}, "label": labels["label"]})
+    items: list[Any] = [(f"{spec}: per-layer specialization (transfer of E into O)", frame)]
+    if result.record["plan"]["scorer"] == "oracle":
+        items += [findings(spec, labels, window=w, summary=result["summary"]) for w in result.record["plan"]["windows"]]
+    return items
+
+
+def render(run: SectionRun, page: Page) -> str:
     out = [page.p(
         "Schaerf (2025) generates an original O and an edit E in parallel and puts E's representation at one layer "
         "into O's generation at every step of a window; what moves tells what the layer carries. Here O and E are "
@@ -211,15 +189,14 @@ def _render(folder: Path, page: Page) -> str:
                f"no group's transfer reaches {inj.INERT_BELOW}; otherwise the strongest group when it leads the "
                f"second by at least {inj.MARGIN}; otherwise mixed (several groups move together, including layers "
                f"that move everything).")]
-    subs = model_folders(folder, record, inj.TABLE)
-    for sub in subs:
-        table, summary, labels = load_analysis(sub)
-        spec = inj.load_plan(sub)["key"]["model"]
-        cmd = sweep_command(spec, settings, f"sweep-{sub.name}")
+    for job, result in run.results():
+        sub = run.folder / job["folder"]
+        summary, labels = result["summary"], result["labels"]
+        spec = result.record["model"]
+        cmd = sweep_command(spec, job["settings"], f"sweep-{sub.name}")
         out.append(f"<h3>{page.esc(spec)}</h3>")
-        san_path = sub / SANITY
-        if san_path.exists():
-            s = json.loads(san_path.read_text())
+        s = result.record.get("sanity")
+        if s is not None:
             ok = s["no_layer_vs_O"] < 1e-5 and s["every_layer_vs_E"] < 1e-4
             out.append(page.p(
                 f"Sanity ({'passed' if ok else 'FAILED'}): the O row of the batched sweep differs from a plain "
@@ -227,7 +204,7 @@ def _render(folder: Path, page: Page) -> str:
                 f"step 0 differs from E by at most {s['every_layer_vs_E']:.2g} (O and E differ by up to "
                 f"{s['O_vs_E']:.2f})."))
         out.append(page.finding(findings(spec, labels, summary=summary)))
-        g = grid_figure(sub)
+        g = grid_figure(sub, result.record["plan"])
         if g is not None:
             out.append(page.figure(g, f"{spec}: layer grid, pairs 0-2, injection at all steps. Columns: O, E, then "
                                       "O with E injected at each layer (architectural order, spaces last).", cmd))
@@ -241,11 +218,6 @@ def _render(folder: Path, page: Page) -> str:
         out.append(page.table(transfer_table(summary, labels),
                               f"{spec}: transfer per layer (all steps), estimate [95% CI], n = "
                               f"{int(summary['n'].max())} pairs per cell at most"))
-        for w in [w for w in settings.get("windows", []) if w != "all"]:
+        for w in [w for w in job["settings"].get("windows", []) if w != "all"]:
             out.append(page.finding(findings(spec, labels, window=w, summary=summary)))
     return "".join(out)
-
-
-@register
-def _section() -> Section:
-    return Section("injection", "Injection sweep: where structure, content and surface live", _run, _render)

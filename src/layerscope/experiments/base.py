@@ -1,0 +1,138 @@
+"""The one shape of every experiment: frozen settings -> ``run(model, settings, out=None, progress=None) -> Result``.
+
+An experiment module declares
+
+- ``NAME``: its key (folder and report-section name);
+- ``Settings``: a frozen dataclass of everything that defines a run (validated by ``run`` before any generation);
+- ``run(model, settings, out=None, progress=None) -> Result``: the caller passes a loaded model (experiments never
+  load one); ``out`` is a folder for per-cell parts where the experiment has cells, so an interrupted run resumes;
+- ``main_job(quick) -> list[Job]``: what ``layerscope run`` runs for it on the embedded default.
+
+A :class:`Result` holds tidy tables (DataFrames), a record (JSON-able dict: settings, notes, timings, derived
+numbers) and artifacts (named bundles of arrays, e.g. images), with one persistence convention: ``save(dir)`` writes
+``<table>.parquet``, ``<artifact>.npz`` and last ``result.json`` (which marks the result complete); ``load(dir)``
+reads them back. Report sections and CLI commands consume Results only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._version import __version__
+from ..errors import ConfigError
+
+RESULT_FILE = "result.json"
+
+
+def _escape(key: str) -> str:  # npz member names: keep dots out of them
+    return key.replace(".", "__")
+
+
+def _unescape(key: str) -> str:
+    return key.replace("__", ".")
+
+
+@dataclass
+class Result:
+    """What an experiment returns: ``tables`` (name -> DataFrame), ``record`` (a JSON-able dict) and ``artifacts``
+    (name -> {key: array}), for one model."""
+
+    experiment: str
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        if name not in self.tables:
+            raise KeyError(f"this {self.experiment} result has no table {name!r}; it has: {', '.join(self.tables)}")
+        return self.tables[name]
+
+    @property
+    def notes(self) -> list[str]:
+        """Notices the run raised (e.g. a metric skipped), also kept in the record."""
+        return list(self.record.get("notes", []))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write every table as ``<name>.parquet``, every artifact as ``<name>.npz``, then ``result.json``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, table in self.tables.items():
+            table.to_parquet(folder / f"{name}.parquet", index=False)
+        for name, arrays in self.artifacts.items():
+            np.savez_compressed(folder / f"{name}.npz", **{_escape(k): v for k, v in arrays.items()})
+        meta = {"experiment": self.experiment, "layerscope": __version__, "tables": list(self.tables),
+                "artifacts": list(self.artifacts), "record": self.record}
+        tmp = folder / (RESULT_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=1, default=_json_default))
+        tmp.replace(folder / RESULT_FILE)  # written last: a folder with result.json holds a whole result
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Result:
+        """Read a result :meth:`save` wrote (no model is loaded)."""
+        folder = Path(folder)
+        path = folder / RESULT_FILE
+        if not path.exists():
+            raise ConfigError(f"{folder} holds no saved result ({RESULT_FILE} is missing)")
+        meta = json.loads(path.read_text())
+        tables = {name: pd.read_parquet(folder / f"{name}.parquet") for name in meta["tables"]}
+        artifacts = {}
+        for name in meta["artifacts"]:
+            with np.load(folder / f"{name}.npz") as z:
+                artifacts[name] = {_unescape(k): z[k] for k in z.files}
+        return cls(meta["experiment"], tables, meta["record"], artifacts)
+
+    @staticmethod
+    def exists(folder: str | Path) -> bool:
+        return (Path(folder) / RESULT_FILE).exists()
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, (np.ndarray,)):
+        return v.tolist()
+    if isinstance(v, (set, frozenset, tuple)):
+        return list(v)
+    return str(v)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the main job: a model spec, the settings, the folder name, and its part in the study (``model``,
+    or ``sanity`` for a generator built to fail, with ``note`` saying what it must show)."""
+
+    spec: str
+    settings: Any
+    folder: str = ""
+    part: str = "model"
+    note: str = ""
+
+    def folder_name(self) -> str:
+        return self.folder or self.spec.replace(":", "_").replace("/", "_")
+
+
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """A settings dataclass as a JSON-able dict (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(settings), default=_json_default))
+
+
+def generation_kwargs(steps: int | None = None, guidance: float | None = None,
+                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``model.generate`` from a settings object's generation fields (None: the model's)."""
+    kw: dict[str, Any] = dict(extra or {})
+    if steps is not None:
+        kw["num_inference_steps"] = steps
+    if guidance is not None:
+        kw["guidance_scale"] = guidance
+    return kw

@@ -1,0 +1,66 @@
+"""The main job (``layerscope run``): every report section's experiment on its main-job models, then the page.
+
+For each section of :data:`layerscope.report.sections.SECTIONS`, the experiment's ``main_job(quick)`` names the
+jobs (model spec, settings); each model is loaded once per section, run, and its Result saved under
+``<out>/<section>/<model>/``. ``run.json`` records per section the settings, notes, timings and each model's card
+(written here, at run time, so the report is rebuilt from files alone). Experiments with cells resume from the
+parts they saved: rerunning the same command after an interruption redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .errors import ConfigError
+from .experiments.base import settings_dict
+from .loading import load
+from .models.base import Generator
+
+
+def run_main_job(out: str | Path, quick: bool = False, only: list[str] | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print) -> Path:
+    """Run every section's experiment (or ``only`` these section keys), save the Results, build the HTML page."""
+    from .report import RUN_FILE, build_report
+    from .report.sections import SECTIONS
+
+    out = Path(out)
+    keys = [s.KEY for s in SECTIONS]
+    if only:
+        bad = [k for k in only if k not in keys]
+        if bad:
+            raise ConfigError(f"unknown report section(s) {bad}; valid: {', '.join(keys)}")
+    secs = [s for s in SECTIONS if not only or s.KEY in only]
+    jobs = {s.KEY: s.EXPERIMENT.main_job(quick) for s in secs}  # settings are built (and checked) before any run
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"version": __version__, "quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "sections": {}}
+    for sec in secs:
+        t0 = time.perf_counter()
+        models: dict[str, Generator] = {}
+        notes: list[str] = []
+        done = []
+        for job in jobs[sec.KEY]:
+            if job.spec not in models:
+                models[job.spec] = load(job.spec)
+            model = models[job.spec]
+            folder = out / sec.KEY / job.folder_name()
+            log(f"{sec.KEY}: {job.spec}" + (f" ({job.part}: {job.note})" if job.part != "model" else ""))
+            t1 = time.perf_counter()
+            result = sec.EXPERIMENT.run(model, job.settings, out=folder, progress=progress)
+            result.save(folder)
+            for n in result.notes:
+                if n not in notes:
+                    notes.append(n)
+                    log(n)
+            done.append({"spec": job.spec, "folder": folder.name, "part": job.part, "note": job.note,
+                         "settings": settings_dict(job.settings), "seconds": round(time.perf_counter() - t1, 1),
+                         "card": model.card})
+        record["sections"][sec.KEY] = {"seconds": round(time.perf_counter() - t0, 1), "notes": notes,
+                                       "models": [j["spec"] for j in done if j["part"] == "model"], "jobs": done}
+    (out / RUN_FILE).write_text(json.dumps(record, indent=1, default=str))
+    return build_report(out)
