@@ -4,9 +4,8 @@ import base64
 import io
 
 import numpy as np
-from PIL import Image
-
 from browser import page_report
+from PIL import Image
 
 
 def _png_data_uri() -> str:

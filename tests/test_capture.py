@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import GEN
 
 import layerscope as ls
-from conftest import GEN
 
 
 def test_capture_shapes_and_branch_labels(sd):

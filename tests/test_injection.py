@@ -4,10 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import CountRuns, tiny
 
 import layerscope as ls
-from conftest import CountRuns, tiny
 from layerscope.experiments import injection as inj
+from layerscope.experiments.base import Result
 
 STEPS = dict(num_inference_steps=4)
 
@@ -38,9 +39,10 @@ def test_shapes_pairs_differ_in_every_factor():
         assert (factors_from_prompt(o) != factors_from_prompt(e)).all()
 
 
-def test_oracle_table_and_summary(dit, pairs):
-    layers = ["transformer_blocks.0", "transformer_blocks.5", "text_embeds", "noise"]
-    table = inj.run_injection(dit, pairs, layers=layers, windows=("all", "late"), **STEPS)
+def test_oracle_table_and_summary(dit, pairs, tmp_path):
+    layers = ("transformer_blocks.0", "transformer_blocks.5", "text_embeds", "noise")
+    result = inj.run(dit, inj.Settings(pairs=tuple(pairs), layers=layers, windows=("all", "late"), steps=4))
+    table = result["injection"]
     assert set(table.columns) >= {"model", "pair", "seed", "window", "layer", "layer_index", "stage", "factor",
                                   "metric", "value", "o_value", "e_value", "c_value"}
     assert len(table) == 2 * 2 * len(layers) * 6 * 2  # pairs x windows x layers x factors x (transfer, keep)
@@ -51,14 +53,22 @@ def test_oracle_table_and_summary(dit, pairs):
     # a text-conditioned model follows its prompt: E's text embeddings at every step carry every factor over
     te = table[(table["layer"] == "text_embeds") & (table["window"] == "all") & (table["metric"] == "transfer")]
     assert te["value"].mean() >= 0.8
-    summary = inj.summarize(table)
+    summary = result["summary"]
+    pd.testing.assert_frame_equal(summary, inj.summarize(table))
     grp = summary[(summary["level"] == "group") & (summary["metric"] == "transfer")]
     assert set(grp["target"]) == {"structure", "content", "surface"}
     ok = grp.dropna(subset=["ci_low"])
     assert ((ok["ci_low"] <= ok["estimate"] + 1e-9) & (ok["estimate"] <= ok["ci_high"] + 1e-9)).all()
-    labels = inj.specialize(summary)
+    labels = result["labels"]
     assert set(labels["label"]) <= set(inj.LABELS)
     assert labels.set_index(["window", "layer"]).loc[("all", "text_embeds"), "label"] == "mixed"  # moves everything
+    # one persistence convention: the Result saves and loads back whole, with its record
+    back = Result.load(result.save(tmp_path / "saved"))
+    assert back.experiment == "injection" and list(back.tables) == ["injection", "summary", "labels"]
+    for name in result.tables:
+        pd.testing.assert_frame_equal(back[name], result[name])
+    assert back.record["plan"]["layer_sets"] == [[name] for name in layers]
+    assert back.record["settings"]["windows"] == ["all", "late"]
 
 
 def test_resume_per_cell_and_refuse_other_settings(dit, pairs, tmp_path, monkeypatch):
@@ -93,7 +103,14 @@ def test_resume_per_cell_and_refuse_other_settings(dit, pairs, tmp_path, monkeyp
 
 
 def test_bad_inputs_fail_before_generation(dit, pairs):
-    with CountRuns(dit) as runs:
+    sd = tiny("sd")
+    with CountRuns(dit) as runs, CountRuns(sd) as sd_runs:
+        with pytest.raises(ls.ConfigError, match="open-domain"):  # Shapes prompts for a model no oracle reads
+            inj.run(sd, inj.Settings(random_pairs=2, steps=2))
+        with pytest.raises(ls.ConfigError, match="at least one"):
+            inj.run(dit, inj.Settings(steps=2))
+        with pytest.raises(ls.ConfigError, match="spaces=True"):
+            inj.run(dit, inj.Settings(random_pairs=1, layers=("noise",), spaces=True, steps=2))
         with pytest.raises(ls.ConfigError, match="valid windows"):
             inj.run_injection(dit, pairs, windows=("sometimes",), **STEPS)
         with pytest.raises(ls.ConfigError, match="CFG branch"):
@@ -104,7 +121,7 @@ def test_bad_inputs_fail_before_generation(dit, pairs):
             inj.run_injection(dit, [], **STEPS)
         with pytest.raises(ls.ConfigError, match="valid: ssim"):
             inj.run_injection(dit, pairs, scorer="images", metrics=["psnr"], **STEPS)
-    assert runs.calls == []
+    assert runs.calls == [] and sd_runs.calls == []
 
 
 def test_label_rule():
@@ -149,3 +166,16 @@ def test_injection_rows_match_engine_sweep(dit, pairs):
     got = table[table["metric"] == "transfer"].sort_values("factor", key=lambda c: c.map(
         {f: i for i, f in enumerate(["floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation"])}))
     assert list(got["c_value"]) == list(pred)
+
+
+def test_default_layers_skip_the_denoiser_input_and_layer_aliases():
+    """Decided from metadata: x_t (role denoiser_input) and h_space (the mid-block's own site) are left out."""
+    sd = tiny("sd")
+    names = inj.default_layers(sd, spaces=True)
+    lmap = sd.layer_map()
+    assert names[:len(lmap.layers)] == [e.name for e in lmap.layers]
+    spaces = names[len(lmap.layers):]
+    assert "x_t" not in spaces and "h_space" not in spaces
+    assert {"noise", "text_embeds", "text_eos", "vae_latent"} <= set(spaces)
+    assert any(s.startswith("skip.") for s in spaces)
+    assert inj.default_layers(sd, spaces=False) == [e.name for e in lmap.layers]

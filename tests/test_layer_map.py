@@ -1,9 +1,9 @@
 """Layer maps of every supported family: names in diffusers terms, kinds, stages, shapes, spaces, selection."""
 
 import pytest
+from conftest import tiny
 
 import layerscope as ls
-from conftest import tiny
 
 FAMILIES = ["sd", "sd2", "sdxl", "kandinsky22", "sd3", "flux", "pixart"]
 

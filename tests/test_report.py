@@ -7,10 +7,11 @@ import re
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import CountRuns
 
 import layerscope.loading
-from conftest import CountRuns
 from layerscope.cli import command
+from layerscope.experiments.base import Result
 
 runner = CliRunner()
 
@@ -37,7 +38,7 @@ def test_run_quick_writes_tables_and_page(report):
         assert {"transfer", "keep"} == set(table["metric"])
         labels = pd.read_parquet(folder / "labels.parquet")
         assert set(labels["label"]) <= {"structure", "content", "surface", "mixed", "inert"}
-        sanity = json.loads((folder / "sanity.json").read_text())
+        sanity = Result.load(folder).record["sanity"]
         assert sanity["no_layer_vs_O"] < 1e-5 and sanity["every_layer_vs_E"] < 1e-5
     # every figure is embedded and says how to reproduce it
     n_img = page.count('<img src="data:image/png;base64,')
@@ -57,8 +58,15 @@ def test_run_quick_writes_tables_and_page(report):
         scores = pd.read_parquet(report / "properties" / spec / "properties.parquet")
         assert set(scores["property"]) == {"density", "smoothness", "organization", "relevance"}
         assert scores["score"].between(0, 1).all()
-    sanity = pd.read_parquet(report / "properties" / "sanity.parquet").set_index(["model", "property"])["score"]
+    jobs = record["sections"]["properties"]["jobs"]
+    sane = [j for j in jobs if j["part"] == "sanity"]
+    assert len(sane) == 3 and all(j["note"] for j in sane)
+    sanity = pd.concat([Result.load(report / "properties" / j["folder"])["properties"] for j in sane])
+    sanity = sanity.set_index(["model", "property"])["score"]
     assert sanity.xs("relevance", level="property").min() < 0.05  # the generator that ignores its latent
+    # model cards are written into the run record at run time (the page is built from files only)
+    cards = {j["spec"]: j["card"] for j in record["sections"]["injection"]["jobs"]}
+    assert cards["zoo:unet"]["parameters"] > 0 and "quality" in cards["zoo:unet"]
 
 
 def test_report_rebuilds_without_any_model(report, monkeypatch):
@@ -91,8 +99,8 @@ def test_report_renders_in_headless_chromium(report, browser):
 
 def test_cli_errors_are_one_sentence_before_any_compute():
     cases = [
-        (["sweep", "zoo:dit"], "give at least one --pair"),
-        (["sweep", "tiny:sd", "--random-pairs", "2"], "for zoo: models only"),
+        (["sweep", "zoo:dit"], "give at least one (original, edit) prompt pair"),
+        (["sweep", "tiny:sd", "--random-pairs", "2"], "random pairs are Shapes-world prompts"),
         (["sweep", "zoo:dit", "--random-pairs", "1", "--windows", "all,sometimes"], "valid windows"),
         (["sweep", "zoo:dit", "--random-pairs", "1", "--layers", "transformer_block.*"], "closest valid names"),
         (["sweep", "zoo:dit", "--random-pairs", "1", "--seeds", "a,b"], "comma-separated integers"),
@@ -134,11 +142,11 @@ def test_cli_sweep_writes_table_figures_and_labels(tmp_path):
         counted.runs = CountRuns(counted.model).__enter__()
         return counted.model
 
-    layerscope.specs.load, saved = counted, layerscope.specs.load
+    layerscope.loading.load, saved = counted, layerscope.loading.load
     try:
         again = invoke(*args)
     finally:
-        layerscope.specs.load = saved
+        layerscope.loading.load = saved
     assert again.exit_code == 0, again.output
     assert counted.runs.calls == []
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import GEN
 from typer.testing import CliRunner
 
 import layerscope as ls
-from conftest import GEN
 from layerscope.cli import app
 
 runner = CliRunner()

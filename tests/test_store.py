@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 import zarr
+from conftest import GEN, CountRuns
 
 import layerscope as ls
-from conftest import GEN, CountRuns
 
 PROMPTS = ["a red cube", "a blue ball", "a green cone", "a small cat", "a big dog"]
 LAYERS = ["mid_block", "up_blocks.1.resnets.0", "noise", "text_embeds"]

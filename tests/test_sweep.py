@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import GEN, CountRuns, prompts_for, tiny
 
 import layerscope as ls
-from conftest import GEN, CountRuns, prompts_for, tiny
 
 FAMILIES = ["sd", "sd2", "sdxl", "kandinsky22", "sd3", "flux", "pixart"]
 

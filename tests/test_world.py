@@ -6,9 +6,23 @@ import numpy as np
 import pytest
 import torch
 
-from layerscope.world import (FACTORS, N_COMBINATIONS, SIZES, VALUES, ShapesDataset, encode, factors_from_prompt,
-                              from_index, is_held_out, prompt_for, prompts_for, render, sample_factors, to_index,
-                              tokenizer)
+from layerscope.world import (
+    FACTORS,
+    N_COMBINATIONS,
+    SIZES,
+    VALUES,
+    ShapesDataset,
+    encode,
+    factors_from_prompt,
+    from_index,
+    is_held_out,
+    prompt_for,
+    prompts_for,
+    render,
+    sample_factors,
+    to_index,
+    tokenizer,
+)
 from layerscope.world.render import BASE_Y, HEIGHT
 
 

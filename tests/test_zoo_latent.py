@@ -8,10 +8,18 @@ import torch
 
 import layerscope as ls
 from layerscope.models.latent import LatentGenerator
-from layerscope.world.oracle import WEIGHTS, read
 from layerscope.world.factors import FACTORS, SIZES
-from layerscope.world.zoo.latent import (CODE, DEFAULTS, Code, ConvGenerator, Discriminator, load_latent, train_gan,
-                                         train_vae)
+from layerscope.world.oracle import WEIGHTS, read
+from layerscope.world.zoo.latent import (
+    CODE,
+    DEFAULTS,
+    Code,
+    ConvGenerator,
+    Discriminator,
+    load_latent,
+    train_gan,
+    train_vae,
+)
 
 _CACHE: dict = {}
 LATENT = {"vae": 16, "gan": 32}

@@ -8,7 +8,7 @@ and :mod:`.paths` (tensors inside module inputs/outputs), :mod:`.handler` (what 
 from .backend import Backend
 from .execute import GenerationResult, execute, trace_shapes
 from .plan import estimate_bytes, plan_capture
-from .progress import ProgressArg, progress_callback
+from ..progress import ProgressArg, progress_callback
 from .spec import Capture, Intervention, PerTarget, Row, Stored, add, blend, replace, zero
 from .steps import WINDOWS, StepSel, resolve_steps, window
 from .store import ActivationStore, CaptureResult

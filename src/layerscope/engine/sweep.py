@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from .execute import execute
-from .progress import ProgressArg, progress_callback
+from ..progress import ProgressArg, progress_callback
 from .spec import Intervention, Row
 from .steps import StepSel
 

@@ -508,11 +508,12 @@ def _pairs(model: "Generator", st: Settings) -> list[tuple[str, str]]:
     if st.random_pairs < 0:
         raise ConfigError(f"random_pairs must be >= 0, got {st.random_pairs}")
     if st.random_pairs and model.capabilities.oracle != "shapes":
-        raise ConfigError(f"random pairs are Shapes-world prompts, for models the Shapes oracle reads; {model.spec} "
-                          "is open-domain: give pairs (--pair O E)")
+        raise ConfigError(f"random pairs are Shapes-world prompts, for models the Shapes oracle reads (zoo: models); "
+                          f"{model.spec} is open-domain: give pairs (--pair O E)")
     pairs = [tuple(p) for p in st.pairs] + shapes_pairs(st.random_pairs, seed=st.pair_seed)
     if not pairs:
-        raise ConfigError("give at least one (original, edit) prompt pair (or random_pairs for Shapes-world models)")
+        raise ConfigError("give at least one (original, edit) prompt pair (--pair O E), or random pairs for "
+                          "Shapes-world models (--random-pairs N)")
     return pairs  # type: ignore[return-value]
 
 
@@ -525,7 +526,7 @@ def _selection(model: "Generator", st: Settings, gen_kw: dict[str, Any]) -> Any:
     if st.spaces:
         raise ConfigError("spaces=True adds the candidate spaces to the default layers; with layers, name the "
                           "spaces in the globs instead")
-    return st.layers if isinstance(st.layers, str) else [l if isinstance(l, str) else tuple(l) for l in st.layers]
+    return st.layers if isinstance(st.layers, str) else [x if isinstance(x, str) else tuple(x) for x in st.layers]
 
 
 def run(model: "Generator", settings: Settings, out: str | Path | None = None,

@@ -21,11 +21,8 @@ Scores are baseline-subtracted (:func:`injection_scores`) and summarised with a 
 
 from __future__ import annotations
 
-import inspect
 import json
-import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any

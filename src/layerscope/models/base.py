@@ -17,12 +17,10 @@ import torch
 from torch import nn
 
 from ..config import GenerationConfig
-from ..engine.execute import GenerationResult, execute, trace_shapes
-from ..engine.plan import estimate_bytes, plan_capture
-from ..engine.progress import progress_callback
-from ..engine.spec import Capture, Intervention
+from ..engine import Capture, GenerationResult, Intervention, estimate_bytes, execute, plan_capture, trace_shapes
 from ..errors import ConfigError
 from ..layers import LayerInfo, LayerMap
+from ..progress import progress_callback
 
 
 class Tap(nn.Identity):

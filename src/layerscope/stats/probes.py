@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from ..engine.progress import ProgressArg, progress_callback
 from ..errors import ConfigError
+from ..progress import ProgressArg, progress_callback
 from .bootstrap import percentile_interval, resample_weights
 from .entropy import entropy_bits, mi_lower_bound
 

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 
-
 class _Sanity(nn.Module):
     latent_dim = 16
     output_range = (0.0, 1.0)

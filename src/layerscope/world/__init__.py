@@ -7,7 +7,18 @@ factors off images (:mod:`.oracle`), quality measures (:mod:`.quality`) and the 
 """
 
 from .data import ShapesDataset
-from .factors import FACTORS, GROUPS, N_COMBINATIONS, SHAPES, SIZES, VALUES, from_index, is_held_out, sample_factors, to_index
+from .factors import (
+    FACTORS,
+    GROUPS,
+    N_COMBINATIONS,
+    SHAPES,
+    SIZES,
+    VALUES,
+    from_index,
+    is_held_out,
+    sample_factors,
+    to_index,
+)
 from .render import render
 from .text import encode, factors_from_prompt, prompt_for, prompts_for, tokenizer, vocabulary
 

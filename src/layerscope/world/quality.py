@@ -42,7 +42,7 @@ def measure(model: Any, n: int = 1000, seed: int = 0, batch: int = 250, progress
             **gen_kwargs: Any) -> dict:
     """Quality numbers of a loaded :class:`~layerscope.models.base.Generator` (text-conditioned or latent)."""
     oracle = load_oracle()
-    text = model.family != "latent"
+    text = model.capabilities.conditioning == "text"
     seeds = list(range(seed, seed + n))
     if text:
         asked = sample_factors(n, seed + 7, split="test")
