@@ -30,8 +30,8 @@ def sd() -> ls.Generator:
 
 def prompts_for(model: ls.Generator, texts: list[str]) -> list:
     """Kandinsky's decoder takes image embeddings; everything else takes text."""
-    if getattr(model, "variant", "") == "kandinsky22":
-        dim = model._embed_dim()
+    if model.capabilities.conditioning == "image_embeds":
+        dim = model.layer_map()["image_embeds"].shape[0]
         return [torch.randn(dim, generator=torch.Generator().manual_seed(hash(t) % 2**31)) for t in texts]
     return texts
 

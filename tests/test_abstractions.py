@@ -1,16 +1,22 @@
-"""The probe grid on real captures: features per layer x step (+ projected x_t), oracle labels, user CSV labels."""
+"""The probe grid on real captures: features per layer x step (+ projected x_t), oracle labels, user CSV labels;
+forking entropy; the experiment's shape (Settings -> run -> Result) and its section."""
+
+import copy
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny
 
 import layerscope as ls
-from layerscope.stats import plugin_entropy
-from conftest import tiny
 from layerscope.cli import command
 from layerscope.experiments import abstractions as ab
+from layerscope.experiments.base import Result
+from layerscope.stats import plugin_entropy
+
+X_T = "x_t"  # the zoo's denoiser input (role denoiser_input): the probes' baseline
 
 
 @pytest.fixture(scope="module")
@@ -18,20 +24,26 @@ def dit():
     return ls.load("zoo:dit")
 
 
+def test_the_baseline_is_the_denoiser_input_by_role(dit):
+    assert ab.baseline_layer(dit.layer_map()) == X_T
+    assert ab.baseline_layer(tiny("sd").layer_map()) == X_T
+    assert ab.baseline_layer(ls.load("zoo:vae").layer_map()) is None  # no denoiser: no baseline
+
+
 def test_collect_features_layers_steps_and_baseline(dit):
     feats = ab.collect_features(dit, [""] * 6, list(range(6)), steps=[0, 2], projection=16, guidance_scale=1.0,
                                 num_inference_steps=3)
     n_layers = len(dit.layer_map().layers)
-    assert feats.layers[0] == ab.BASELINE and len(feats.layers) == n_layers + 1
+    assert feats.layers[0] == feats.baseline == X_T and len(feats.layers) == n_layers + 1
     assert feats.steps == [0, 2] and len(feats.timesteps) == 2 and feats.timesteps[0] > feats.timesteps[1]
     assert len(feats.cells) == (n_layers + 1) * 2
-    assert feats.cells[(ab.BASELINE, 0)].shape == (6, 16)
+    assert feats.cells[(X_T, 0)].shape == (6, 16)
     width = dit.layer_map()["transformer_blocks.0"].shape[-1]
     assert feats.cells[("transformer_blocks.0", 2)].shape == (6, width)  # pooled over tokens
     # the baseline at step 0 is a projection of the initial noise: independent of the model, fixed by the seeds
     again = ab.collect_features(dit, [""] * 6, list(range(6)), steps=[0], layers="transformer_blocks.0",
                                 projection=16, guidance_scale=1.0, num_inference_steps=3)
-    torch.testing.assert_close(again.cells[(ab.BASELINE, 0)], feats.cells[(ab.BASELINE, 0)])
+    torch.testing.assert_close(again.cells[(X_T, 0)], feats.cells[(X_T, 0)])
 
 
 def test_features_stream_to_a_store_when_large(dit, tmp_path, monkeypatch):
@@ -61,7 +73,7 @@ def test_layers_as_random_projections_of_the_whole_map(dit):
     pooled = ab.collect_features(dit, [""] * 4, list(range(4)), **kw)
     proj = ab.collect_features(dit, [""] * 4, list(range(4)), project_layers=True, **kw)
     assert proj.cells[("transformer_blocks.0", 1)].shape == (4, 8)
-    torch.testing.assert_close(proj.cells[(ab.BASELINE, 1)], pooled.cells[(ab.BASELINE, 1)])
+    torch.testing.assert_close(proj.cells[(X_T, 1)], pooled.cells[(X_T, 1)])
     full = dit.generate([""] * 4, list(range(4)), capture=ls.Capture("transformer_blocks.0", steps=[1],
                                                                      branches=["cond"]), guidance_scale=1.0,
                         num_inference_steps=3).capture["transformer_blocks.0"][:, 0, 0].flatten(1)
@@ -76,7 +88,7 @@ def test_run_probes_table_on_the_zoo(dit):
     assert ((lo <= acc + 1e-9) & (acc <= hi + 1e-9)).all()
     assert set(record["onset_ci"]) == set(record["chance"])
     assert set(table["factor"]) == {"floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation"}
-    assert set(table["step"]) == {0, 1, 2} and ab.BASELINE in set(table["layer"])
+    assert set(table["step"]) == {0, 1, 2} and record["baseline"] == X_T and X_T in set(table["layer"])
     acc = table[table["metric"] == "accuracy"]["value"]
     assert ((acc >= 0) & (acc <= 1)).all()
     mi = table[table["metric"] == "mi_bound"]
@@ -97,9 +109,10 @@ def test_user_labels_from_csv_on_tiny_sd(tmp_path):
     assert factors == ["colour", "object"] and sizes == [2, 2] and labels.shape == (48, 2)
     table, record = ab.run_probes_csv(tiny("sd"), path, layers="*attentions*", steps=[0], num_inference_steps=2,
                                       guidance_scale=4.0)
-    best = table[(table["metric"] == "accuracy") & (table["layer"] != ab.BASELINE)].groupby("factor")["value"].max()
+    assert record["baseline"] == X_T
+    best = table[(table["metric"] == "accuracy") & (table["layer"] != X_T)].groupby("factor")["value"].max()
     assert best["colour"] >= 0.9 and best["object"] >= 0.9
-    base = table[(table["metric"] == "accuracy") & (table["layer"] == ab.BASELINE) & (table["factor"] == "colour")]
+    base = table[(table["metric"] == "accuracy") & (table["layer"] == X_T) & (table["factor"] == "colour")]
     assert base["value"].max() <= 0.85  # the initial noise knows nothing of the prompt
     with pytest.raises(ls.ConfigError, match="'prompt' column"):
         bad = tmp_path / "bad.csv"
@@ -110,11 +123,14 @@ def test_user_labels_from_csv_on_tiny_sd(tmp_path):
 def test_readable_onsets():
     rows = []
     for step in range(4):
-        for layer, acc in (("a", 0.2 + 0.25 * step), ("b", 0.95 if step >= 2 else 0.1), (ab.BASELINE, 1.0)):
+        for layer, acc in (("a", 0.2 + 0.25 * step), ("b", 0.95 if step >= 2 else 0.1), (X_T, 1.0)):
             rows.append({"layer": layer, "step": step, "factor": "f", "metric": "accuracy", "value": acc})
     t = pd.DataFrame(rows)
-    assert ab.readable_onsets(t, 0.9)["f"] == {"step": 2, "layer": "b", "value": 0.95}
-    assert ab.readable_onsets(t, 0.99)["f"] is None
+    exclude = ab.baseline_of({"baseline": X_T})
+    assert exclude == (X_T,) and ab.baseline_of({"baseline": None}) == ()
+    assert ab.readable_onsets(t, 0.9, exclude=exclude)["f"] == {"step": 2, "layer": "b", "value": 0.95}
+    assert ab.readable_onsets(t, 0.99, exclude=exclude)["f"] is None
+    assert ab.readable_onsets(t, 0.99)["f"]["layer"] == X_T  # without exclude the baseline counts as a layer
 
 
 def test_cli_abstractions_errors():
@@ -122,7 +138,7 @@ def test_cli_abstractions_errors():
     res = runner.invoke(command(), ["abstractions", "tiny:sd"])
     assert res.exit_code == 2 and "--labels" in res.output
     res = runner.invoke(command(), ["abstractions", "zoo:dit", "--n", "3"])
-    assert res.exit_code == 2 and "at least 8" in res.output
+    assert res.exit_code == 2 and "at least 8" in " ".join(res.output.split())  # rich wraps long lines
 
 
 # -- forking -------------------------------------------------------------------------------------------------------
@@ -237,6 +253,8 @@ def test_run_forking_on_the_zoo(dit):
     assert ((table["entropy"] >= 0) & (table["entropy"] <= np.log2(3) + 1e-9)).all()
     assert (table[table["tau"] == 2]["entropy"] == 0).all()
     assert record["generations"] == 18 and record["settings"]["eta"] == 1.0
+    assert record["settings"]["sampler"] is not None
+    assert record["settings"]["sampler"] == dit.capabilities.sampler
     assert set(record["commitment"]) == set(table["factor"])
     assert all(v in (0, 2) for v in record["commitment"].values())  # entropy 0 at tau 2: committed by then
 
@@ -249,9 +267,113 @@ def test_cli_abstractions_forking(tmp_path):
     assert res.exit_code == 0, res.output
     assert "order of commitment" in res.output and not (out / ab.TABLE).exists()
     table = pd.read_parquet(out / ab.FORK_TABLE)
+    saved = Result.load(out)
+    assert set(saved.tables) == {"forks"} and saved.record["settings"]["forks"] == 2 and "probes" not in saved.record
     assert len(table) == 2 * 2 * 6 and (out / "forking.png").stat().st_size > 0
     assert (table[table["tau"] == 1]["entropy"] == 0).all()  # the last DDIM step draws no noise
     for args, msg in ((["zoo:dit", "--no-probes"], "needs --forks"), (["tiny:sd", "--forks", "2"], "zoo model"),
                       (["zoo:dit", "--no-probes", "--forks", "2", "--taus", "a,b"], "comma-separated")):
         res = runner.invoke(command(), ["abstractions", *args])
-        assert res.exit_code == 2 and msg in res.output, res.output
+        assert res.exit_code == 2 and msg in " ".join(res.output.split()), res.output  # rich wraps long lines
+
+
+# -- the experiment's shape: Settings -> run -> Result, main job, section ---------------------------------------------
+SMALL = ab.Settings(n=16, steps=3, layers=("transformer_blocks.*",), forks=2, fork_prompts=2, taus=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def small(dit):
+    return ab.run(dit, SMALL)
+
+
+def test_run_is_the_probe_grid_then_forking_and_round_trips(dit, small, tmp_path):
+    """run() makes the same calls as the functions it wraps (bitwise-equal tables and parquet files), and its Result
+    saves as probes.parquet / forks.parquet and loads back identical."""
+    assert set(small.tables) == {"probes", "forks"} and small.experiment == ab.NAME == "abstractions"
+    assert {"model", "settings", "probes", "forking"} <= set(small.record)
+    assert small.record["model"] == "zoo:dit" and small.record["settings"]["taus"] == [0, 1]
+    table, record = ab.run_probes(dit, n=16, layers=["transformer_blocks.*"], num_inference_steps=3)
+    ftable, frecord = ab.run_forking(dit, 2, 2, [0, 1], num_inference_steps=3)
+    pd.testing.assert_frame_equal(small["probes"], table, check_exact=True)
+    pd.testing.assert_frame_equal(small["forks"], ftable, check_exact=True)
+    assert small.record["probes"]["baseline"] == record["baseline"] == X_T
+    assert small.record["forking"]["commitment"] == frecord["commitment"]
+    folder = small.save(tmp_path / "saved")
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    table.to_parquet(direct / ab.TABLE, index=False)
+    ftable.to_parquet(direct / ab.FORK_TABLE, index=False)
+    for name in (ab.TABLE, ab.FORK_TABLE):
+        assert (folder / name).read_bytes() == (direct / name).read_bytes(), name
+    back = Result.load(folder)
+    assert back.experiment == "abstractions" and set(back.tables) == set(small.tables)
+    for name, t in small.tables.items():
+        pd.testing.assert_frame_equal(back[name], t, check_exact=True)
+    assert back.record["settings"] == small.record["settings"]
+    assert back.record["probes"]["chance"] == small.record["probes"]["chance"]
+    assert back.record["forking"]["taus"] == small.record["forking"]["taus"]
+
+
+def test_settings_errors_come_before_any_generation(dit, monkeypatch):
+    """Forking and oracle labels are decided from capabilities (the Shapes oracle), never from the spec string, and
+    every settings error is raised before a single generation."""
+    sd = tiny("sd")
+
+    def no_generation(self, *a, **k):
+        raise AssertionError("generated before the settings were checked")
+
+    monkeypatch.setattr(ls.Generator, "generate", no_generation)
+    assert sd.capabilities.oracle != "shapes"
+    with pytest.raises(ls.ConfigError, match="Shapes oracle.*zoo model"):
+        ab.run(sd, ab.Settings(probes=False, forks=2))
+    with pytest.raises(ls.ConfigError, match="--labels"):
+        ab.run(sd, ab.Settings())
+    for st, msg in ((ab.Settings(probes=False), "nothing to do"), (ab.Settings(n=3), "at least 8"),
+                    (ab.Settings(probes=False, forks=1), "2 forks"),
+                    (ab.Settings(probes=False, forks=2, steps=3, taus=(0, 3)), r"in 0\.\.2"),
+                    (ab.Settings(labels="/nonexistent/labels.csv"), "does not exist")):
+        with pytest.raises(ls.ConfigError, match=msg):
+            ab.run(dit, st)
+    # a model the Shapes oracle reads passes the checks whatever its spec says (and reaches generation)
+    renamed = copy.copy(dit)
+    renamed.spec = "hf:/somewhere/else"
+    with pytest.raises(AssertionError, match="generated before"):
+        ab.run(renamed, ab.Settings(probes=False, forks=2, steps=3, fork_prompts=1))
+
+
+def test_main_job_is_the_old_sections_settings():
+    """The probe grid then forking on zoo:unet and zoo:dit, with the settings the main job always used."""
+    for quick, (n, steps, prompts, forks, taus) in ((False, (320, 10, 12, 8, tuple(range(9)))),
+                                                    (True, (64, 4, 3, 4, (0, 1, 2)))):
+        jobs = ab.main_job(quick)
+        assert [j.spec for j in jobs] == ["zoo:unet", "zoo:dit"]
+        assert [j.folder_name() for j in jobs] == ["zoo_unet", "zoo_dit"]
+        for j in jobs:
+            assert j.settings == ab.Settings(n=n, steps=steps, fork_prompts=prompts, forks=forks, taus=taus)
+
+
+def test_section_renders_from_saved_results(small, tmp_path):
+    """figures, console and render read the saved Result only (the CLI's files, the page's commands)."""
+    from layerscope.experiments.base import settings_dict
+    from layerscope.report import SectionRun
+    from layerscope.report.html import Page
+    from layerscope.report.sections import abstractions as section
+
+    assert section.EXPERIMENT is ab and section.KEY == "abstractions"
+    folder = tmp_path / "abstractions"
+    small.save(folder / "zoo_dit")
+    figs = section.figures(Result.load(folder / "zoo_dit"), folder / "zoo_dit")
+    assert set(figs) == {"accuracy.png", "mi_bound.png", "heatmap.png", "forking.png"}
+    items = section.console(small)
+    titles = [i[0] for i in items if isinstance(i, tuple)]
+    assert titles == ["zoo:dit: when each factor becomes linearly readable",
+                      "zoo:dit: when the generation commits to each factor (forking entropy)"]
+    texts = [i for i in items if isinstance(i, str)]
+    assert "order in which" in texts[0] and "order of commitment" in texts[1] and "Probe-readable order" in texts[1]
+    job = {"spec": "zoo:dit", "folder": "zoo_dit", "part": "model", "settings": settings_dict(SMALL)}
+    html = section.render(SectionRun("abstractions", folder, {"jobs": [job]}), Page(tmp_path))
+    assert html.count("<img ") == 4 and "<h3>zoo:dit</h3>" in html
+    assert "layerscope abstractions zoo:dit --n 16 --steps 3 --out probes-zoo_dit" in html
+    assert ("layerscope abstractions zoo:dit --no-probes --forks 2 --fork-prompts 2 --taus 0,1 --steps 3 "
+            "--out forks-zoo_dit") in html
+    assert "probe half-way step" in html

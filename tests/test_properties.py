@@ -1,24 +1,26 @@
 """Latent-space property scorecard: sanity generators built to fail, the definitions' pieces, the zoo and open
-domain paths, errors before any generation, and the CLI."""
+domain paths, errors before any generation, the Result's round trip, the main job's settings, and the CLI."""
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import CountRuns, tiny
 
 import layerscope as ls
-from layerscope.stats import bootstrap_ci
-from conftest import CountRuns, tiny
 from layerscope.cli import command
 from layerscope.experiments import properties as pr
+from layerscope.experiments.base import Result
+from layerscope.stats import bootstrap_ci
 
-SANITY = "torch:layerscope.experiments.properties:{}"
+SANITY = "torch:layerscope.testing.sanity:{}"
 
 
 def scores_of(spec, **kw):
-    scores, details, strips, record = pr.run_properties(spec, n=kw.pop("n", 32), pairs=kw.pop("pairs", 8), **kw)
-    return scores.set_index("property")["score"], details, strips, record
+    result = pr.run(ls.load(spec), pr.Settings(n=kw.pop("n", 32), pairs=kw.pop("pairs", 8), **kw))
+    return (result[pr.SCORES].set_index("property")["score"], result[pr.DETAILS], result.artifacts[pr.STRIPS],
+            result.record)
 
 
 def test_generator_that_ignores_its_latent_is_irrelevant():
@@ -34,7 +36,7 @@ def test_hash_generator_is_neither_smooth_nor_organized():
 
 def test_linear_decoder_scores_all_four_high():
     s, details, strips, record = scores_of(SANITY.format("linear_decoder"))
-    assert (s >= pr.FULL).all(), s
+    assert (s >= pr.FULL_SCORE).all(), s
     d = details.set_index("metric")["value"]
     # the change grows with the radius, roughly in proportion (a linear map)
     assert d["change@0.1"] < d["change@0.3"] < d["change@1"]
@@ -70,8 +72,9 @@ def test_bootstrap_and_marks():
 def test_zoo_diffusion_rows_are_what_they_claim():
     """The 'a=1' image of the noise space is prompt A with sample B's noise: the same as generating it directly."""
     model = ls.load("zoo:unet")
-    scores, details, strips, record = pr.run_properties(model, ["noise", "h_space"], n=4, pairs=2,
-                                                        num_inference_steps=3, n_boot=200)
+    result = pr.run(model, pr.Settings(spaces=("noise", "h_space"), n=4, pairs=2, steps=3, n_boot=200))
+    scores, details, strips, record = (result[pr.SCORES], result[pr.DETAILS], result.artifacts[pr.STRIPS],
+                                       result.record)
     assert set(scores["space"]) == {"noise", "h_space"} and set(scores["property"]) == set(pr.PROPERTIES)
     ok = scores["score"].dropna()
     assert ((ok >= 0) & (ok <= 1)).all()
@@ -89,8 +92,9 @@ def test_zoo_diffusion_rows_are_what_they_claim():
 
 def test_open_domain_pipeline_with_pixels_and_a_concept_prompt():
     sd = tiny("sd")
-    scores, details, strips, record = pr.run_properties(sd, ["text_eos", "mid_block", "vae_latent"], n=4, pairs=2,
-                                                        num_inference_steps=2, n_boot=100)
+    result = pr.run(sd, pr.Settings(spaces=("text_eos", "mid_block", "vae_latent"), n=4, pairs=2, steps=2,
+                                    n_boot=100))
+    scores, details, record = result[pr.SCORES], result[pr.DETAILS], result.record
     assert record["scorer"] == "pixel" and record["concept"] == pr.OPEN_CONCEPT
     assert set(scores["space"]) == {"text_eos", "mid_block", "vae_latent"}
     assert set(scores[scores["space"] == "mid_block"]["kind"]) == {"layer"}
@@ -104,19 +108,21 @@ def test_errors_before_any_generation():
     model.layer_map(), gan.layer_map()  # the (cached) shape trace is not part of the experiment
     with CountRuns(model) as runs, CountRuns(gan) as gruns:
         with pytest.raises(ls.ConfigError, match="denoiser's input"):
-            pr.run_properties(model, ["x_t"])
+            pr.run(model, pr.Settings(spaces=("x_t",)))
         with pytest.raises(ls.ConfigError, match="at least 4"):
-            pr.run_properties(model, n=2)
+            pr.run(model, pr.Settings(n=2))
         with pytest.raises(ls.ConfigError, match="pairs must be"):
-            pr.run_properties(model, n=4, pairs=9)
+            pr.run(model, pr.Settings(n=4, pairs=9))
         with pytest.raises(ls.ConfigError, match="valid: auto, oracle, pixel"):
-            pr.run_properties(model, scorer="clip")
+            pr.run(model, pr.Settings(scorer="clip"))
         with pytest.raises(ls.ConfigError, match="no steps"):
-            pr.run_properties(gan, steps="early")
+            pr.run(gan, pr.Settings(at="early"))
         with pytest.raises(ls.ConfigError, match="takes no prompt"):
-            pr.run_properties(gan, concept="a dog")
+            pr.run(gan, pr.Settings(concept="a dog"))
+        with pytest.raises(ls.ConfigError, match="n_boot"):
+            pr.run(model, pr.Settings(n_boot=0))
         with pytest.raises(ls.LayerNameError):
-            pr.run_properties(model, ["nonexistent.*"])
+            pr.run(model, pr.Settings(spaces=("nonexistent.*",)))
     assert runs.calls == [] and gruns.calls == []
 
 
@@ -126,9 +132,62 @@ def test_cli_properties(tmp_path):
     res = runner.invoke(command(), ["properties", SANITY.format("linear_decoder"), "--n", "8", "--pairs", "2",
                                     "--out", str(out)])
     assert res.exit_code == 0, res.output
-    scores = pd.read_parquet(out / pr.SCORES)
+    scores = pd.read_parquet(out / f"{pr.SCORES}.parquet")
+    assert scores.equals(Result.load(out)[pr.SCORES])
     assert set(scores["property"]) == set(pr.PROPERTIES)
     assert (out / "scorecard.png").stat().st_size > 0 and (out / "strips.png").stat().st_size > 0
     assert "latent-space properties" in res.output
     bad = runner.invoke(command(), ["properties", "zoo:gan", "--at", "early"])
     assert bad.exit_code == 2 and "no steps" in bad.output
+
+
+def test_result_round_trips_through_save_and_load(tmp_path):
+    """Result.save writes properties.parquet, properties_details.parquet and strips.npz; load gives them back."""
+    model = ls.load(SANITY.format("linear_decoder"))
+    settings = pr.Settings(n=8, pairs=2, n_boot=50)
+    result = pr.run(model, settings)
+    assert result.experiment == pr.NAME and set(result.tables) == {pr.SCORES, pr.DETAILS}
+    assert result.record["model"] == model.spec and result.record["settings"]["n"] == 8
+    assert {"spaces", "strip_columns", "concept", "scorer"} <= set(result.record)
+    result.save(tmp_path)
+    assert {"properties.parquet", "properties_details.parquet", "strips.npz", "result.json"} <= {
+        p.name for p in tmp_path.iterdir()}
+    back = Result.load(tmp_path)
+    for name in (pr.SCORES, pr.DETAILS):
+        pd.testing.assert_frame_equal(back[name], result[name])
+    assert back.artifacts[pr.STRIPS].keys() == result.artifacts[pr.STRIPS].keys()
+    for key, arr in result.artifacts[pr.STRIPS].items():
+        assert back.artifacts[pr.STRIPS][key].dtype == arr.dtype and np.array_equal(back.artifacts[pr.STRIPS][key], arr)
+    assert back.record["strip_columns"] == result.record["strip_columns"]
+
+
+def test_strip_keys_with_dots_survive_the_round_trip(tmp_path):
+    """Space names such as ``down_blocks.0`` are escaped in the npz as the old save did."""
+    strips = {"down_blocks.0.resnets.1": np.zeros((2, 3, 4, 4), np.uint8), "noise": np.ones((2, 3, 4, 4), np.uint8)}
+    Result(pr.NAME, {}, {}, {pr.STRIPS: strips}).save(tmp_path)
+    with np.load(tmp_path / "strips.npz") as z:
+        assert set(z.files) == {"down_blocks__0__resnets__1", "noise"}
+    back = Result.load(tmp_path).artifacts[pr.STRIPS]
+    assert set(back) == set(strips) and all(np.array_equal(back[k], v) for k, v in strips.items())
+
+
+def test_main_job_has_the_old_settings():
+    """The main job's models and settings are those of the report's old FULL/QUICK dicts; the sanity generators are
+    their own jobs with what each must show as the note."""
+    quick = pr.main_job(quick=True)
+    assert [j.spec for j in quick] == ["zoo:unet", "zoo:vae", "zoo:gan"] + [SANITY.format(k) for k in pr.SANITY]
+    by = {j.spec: j for j in quick}
+    assert by["zoo:unet"].settings == pr.Settings(n=8, pairs=4, steps=4, spaces=("noise", "text_embeds", "h_space"))
+    assert by["zoo:vae"].settings == by["zoo:gan"].settings == pr.Settings(n=32, pairs=8)
+    sane = [j for j in quick if j.part == "sanity"]
+    assert [j.note for j in sane] == list(pr.SANITY.values())
+    import layerscope.testing.sanity as sanity
+
+    assert all(callable(getattr(sanity, k)) for k in pr.SANITY)  # every sanity job names a real factory
+    assert all(j.settings == pr.Settings(n=16, pairs=4) for j in sane)
+    full = {j.spec: j.settings for j in pr.main_job(quick=False)}
+    assert list(full)[:4] == ["zoo:unet", "zoo:dit", "zoo:vae", "zoo:gan"]
+    assert full["zoo:unet"] == pr.Settings(n=16, pairs=8, steps=10)
+    assert full["zoo:dit"] == pr.Settings(n=16, pairs=8, steps=10, spaces=("*",))
+    assert full["zoo:gan"] == pr.Settings(n=64, pairs=16)
+    assert full[SANITY.format("linear_decoder")] == pr.Settings(n=32, pairs=8)

@@ -319,59 +319,25 @@ def abstractions(
     """Linear probes on every layer x step (and x_t) for each factor, with the mutual-information bound; with
     --forks, forking entropy: the entropy of the oracle's readings across continuations forked at each step."""
     from .experiments import abstractions as ab
-    from .experiments.abstractions_report import (commitment_table, curves_figure, forking_figure, forking_sentence,
-                                                  heatmap_figure, onset_table, order_sentence, save, save_forks)
-    from .report.figures import png_bytes
     from .loading import load
+    from .report.sections import abstractions as section
 
-    folder = Path(out or f"probes-{model.replace(':', '_').replace('/', '_')}")
-    gen_kw = {"num_inference_steps": steps} if steps else {}
-    table = record = ftable = frecord = None
     try:
-        if probes and n < 8:
-            raise LayerscopeError(f"--n must be at least 8 samples, got {n}")
-        if not probes and not forks:
-            raise LayerscopeError("nothing to do: --no-probes needs --forks N")
-        if forks and not model.startswith("zoo:"):
-            raise LayerscopeError("forking reads the endings with the Shapes oracle: it needs a zoo model")
-        if probes and labels is None and not model.startswith("zoo:"):
-            raise LayerscopeError("non-zoo models need --labels CSV (a 'prompt' column and one column per factor)")
         try:
-            fork_taus = [int(t) for t in taus.split(",") if t.strip()] if taus else None
+            fork_taus = tuple(int(t) for t in taus.split(",") if t.strip()) if taus else None
         except ValueError:
             raise LayerscopeError(f"--taus must be comma-separated steps, e.g. 0,2,4; got {taus!r}") from None
+        settings = ab.Settings(n=n, seed=seed, steps=steps or None, layers=tuple(layers) if layers else None,
+                               conditional=conditional, project_layers=project_layers, probes=probes, labels=labels,
+                               forks=forks, fork_prompts=fork_prompts, taus=fork_taus, eta=eta)
         gen = load(model)
-        if probes and labels is None:
-            table, record = ab.run_probes(gen, n=n, seed=seed, layers=layers, conditional=conditional,
-                                          progress=True, project_layers=project_layers, **gen_kw)
-        elif probes:
-            table, record = ab.run_probes_csv(gen, labels, seed=seed, layers=layers, progress=True,
-                                              project_layers=project_layers, **gen_kw)
-        if forks:
-            ftable, frecord = ab.run_forking(gen, fork_prompts, forks, fork_taus, seed=seed, conditional=conditional,
-                                             eta=eta, progress=True, **gen_kw)
+        folder = _folder(out, "probes", model)
+        console.print(f"{model}: abstractions -> {folder}")
+        result = ab.run(gen, settings, out=folder, progress=True)
     except LayerscopeError as exc:
         _fail(exc)
         return
-    if ftable is not None:
-        save_forks(folder, ftable, frecord)
-        (folder / "forking.png").write_bytes(png_bytes(forking_figure(ftable, frecord)))
-        ct = commitment_table(ftable, frecord, table, record["chance"] if record else None)
-        _print_frame(ct, f"{model}: when the generation commits to each factor (forking entropy)")
-        half = ab.relative_onsets(table, record["chance"]) if table is not None and labels is None else None
-        console.print(forking_sentence(model, frecord, None if half is None else
-                                       {f: (h["step"] if h else None) for f, h in half.items()}))
-        console.print(f"wrote {folder / ab.FORK_TABLE}, forks.json, forking.png")
-    if table is None:
-        return
-    save(folder, table, record)
-    (folder / "accuracy.png").write_bytes(png_bytes(curves_figure(table, record)))
-    (folder / "mi_bound.png").write_bytes(png_bytes(curves_figure(table, record, "mi_bound")))
-    (folder / "heatmap.png").write_bytes(png_bytes(heatmap_figure(table, model)))
-    onsets = onset_table(table, record)
-    _print_frame(onsets, f"{model}: when each factor becomes linearly readable")
-    console.print(order_sentence(model, table, record["chance"]))
-    console.print(f"wrote {folder / ab.TABLE}, probes.json, accuracy.png, mi_bound.png, heatmap.png")
+    _finish(section, result, folder)
 
 
 @app.command()
@@ -392,26 +358,20 @@ def properties(
 ) -> None:
     """Score candidate spaces on density, smoothness, organization and relevance (Schaerf 2025, Figure 4)."""
     from .experiments import properties as pr
-    from .experiments.properties_report import scorecard_figure, strips_figure
-    from .report.figures import png_bytes
     from .loading import load
+    from .report.sections import properties as section
 
-    folder = Path(out or f"properties-{model.replace(':', '_').replace('/', '_')}")
-    gen_kw = {"num_inference_steps": steps} if steps else {}
     try:
+        settings = pr.Settings(spaces=tuple(space) if space else None, n=n, pairs=pairs, at=at, seed=seed,
+                               scorer=scorer, concept=concept or "auto", steps=steps)
         gen = load(model)
-        scores, details, strips, record = pr.run_properties(
-            gen, space or None, n=n, pairs=pairs, steps=at, scorer=scorer, concept=concept or "auto", seed=seed,
-            progress=True, **gen_kw)
+        folder = _folder(out, "properties", model)
+        console.print(f"{model}: latent-space property scorecard -> {folder}")
+        result = pr.run(gen, settings, out=folder, progress=True)
     except LayerscopeError as exc:
         _fail(exc)
         return
-    pr.save(folder, scores, details, strips, record)
-    (folder / "scorecard.png").write_bytes(png_bytes(scorecard_figure(scores, model)))
-    (folder / "strips.png").write_bytes(png_bytes(strips_figure(strips, record["strip_columns"], model)))
-    _print_frame(pr.scorecard(scores).drop(columns="model"),
-                 f"{model}: latent-space properties (V >= {pr.FULL}, ~ >= {pr.PARTIAL}, X below; 95% CI)")
-    console.print(f"wrote {folder}")
+    _finish(section, result, folder)
 
 
 @app.command("run")

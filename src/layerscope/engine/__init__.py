@@ -5,10 +5,10 @@ and :mod:`.paths` (tensors inside module inputs/outputs), :mod:`.handler` (what 
 :mod:`.execute` (chunks, stores, the shape trace). The engine talks to models only through :class:`.Backend`.
 """
 
+from ..progress import ProgressArg, progress_callback
 from .backend import Backend
 from .execute import GenerationResult, execute, trace_shapes
 from .plan import estimate_bytes, plan_capture
-from ..progress import ProgressArg, progress_callback
 from .spec import Capture, Intervention, PerTarget, Row, Stored, add, blend, replace, zero
 from .steps import WINDOWS, StepSel, resolve_steps, window
 from .store import ActivationStore, CaptureResult

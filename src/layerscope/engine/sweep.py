@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError
-from .execute import execute
 from ..progress import ProgressArg, progress_callback
+from .execute import execute
 from .spec import Intervention, Row
 from .steps import StepSel
 

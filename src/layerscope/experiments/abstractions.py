@@ -1,14 +1,16 @@
 """Latent abstractions over diffusion time (Corallo et al. 2024): when does each factor become linearly readable?
 
 Generation as non-linear filtering: unobservable latent factors steer the observable generative path. The probe
-grid asks, for every layer x denoising step (and for the noisy sample ``x_t`` itself, the baseline), how well a
-linear probe on the model's features reads each factor of the image the generation ends in, and bounds the mutual
-information between factor and features by ``I(Y; Z) >= H(Y) - CE`` (bits; :mod:`.probes`).
+grid asks, for every layer x denoising step (and for the noisy sample ``x_t`` itself, the baseline: the map's entry
+whose role is ``denoiser_input``), how well a linear probe on the model's features reads each factor of the image
+the generation ends in, and bounds the mutual information between factor and features by ``I(Y; Z) >= H(Y) - CE``
+(bits; :mod:`layerscope.stats.probes`).
 
 Features (:func:`collect_features`): layers are captured pooled (spatial / token mean) from the CFG-conditional
 branch; ``x_t`` is captured whole in the same generation (``Capture(unpooled=...)``) and reduced by a fixed
-Gaussian random projection (seeded), since its spatial mean is only a mean colour. Labels: for the Shapes world, the oracle's reading of each final image
-(:func:`shapes_labels`); for any other pipeline, the user's own labels per prompt (:func:`labels_from_csv`).
+Gaussian random projection (seeded), since its spatial mean is only a mean colour. Labels: for the Shapes world,
+the oracle's reading of each final image (:func:`shapes_labels`); for any other pipeline, the user's own labels per
+prompt (:func:`labels_from_csv`).
 
 On the zoo the samples are drawn **unconditionally** (empty prompt, no guidance; the zoo models were trained with
 10% prompt dropout): with a prompt, every cross-attention layer would carry the prompt's factors from the first step
@@ -19,6 +21,10 @@ noise (DDIM with ``eta=1``; :meth:`Generator.generate`'s ``fork_at`` / ``fork_se
 oracle, and take per factor the plug-in entropy of the readings across the forks of one start; its mean over starts
 falls as tau grows, and the step from which it stays low is when the process has committed to that factor
 (:func:`commitment_times`).
+
+The experiment's shape (:mod:`.base`): :class:`Settings` -> :func:`run` -> a Result with tables ``probes`` and / or
+``forks`` and a record holding the probe record under ``"probes"`` and the forking record under ``"forking"``;
+:func:`main_job` is the probe grid then forking on the zoo's diffusion models.
 """
 
 from __future__ import annotations
@@ -35,19 +41,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..engine.progress import ProgressArg
-from ..engine.spec import Capture
+from ..engine import Capture
 from ..errors import ConfigError
+from ..progress import ProgressArg
 from ..stats.bootstrap import mean_ci
 from ..stats.entropy import plugin_entropy
 from ..stats.probes import ProbeGrid, fit_probe_grid
+from .base import Job, Result, generation_kwargs, settings_dict
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..layers import LayerMap
     from ..models.base import Generator
 
-BASELINE = "x_t"
-TABLE = "probes.parquet"
-FORK_TABLE = "forks.parquet"
+NAME = "abstractions"
+#: the Result's tables (saved as ``probes.parquet`` and ``forks.parquet``)
+PROBES, FORKS = "probes", "forks"
+TABLE, FORK_TABLE = f"{PROBES}.parquet", f"{FORKS}.parquet"
+#: the role of the map entry probed as the baseline: the noisy sample entering the denoiser (``x_t``)
+BASELINE_ROLE = "denoiser_input"
+#: the fewest samples a probe grid is fitted on (a quarter is held out)
+MIN_SAMPLES = 8
 # commitment: the mean fork entropy stays at or below COMMIT_BITS from that tau on. Fixed before any result was seen:
 # with 8 forks, one fork in 8 reading another value is 0.54 bit, so <= 0.5 bit means that on average the forks of a
 # start agree on the factor, up to less than one dissenting fork in 8 (and any share of oracle misreadings).
@@ -58,7 +71,8 @@ COMMIT_FRACTION = 0.5
 
 @dataclass
 class Features:
-    """Per (layer, step) features (n, d), the layer order, the steps and their scheduler timesteps, final images."""
+    """Per (layer, step) features (n, d), the layer order, the steps and their scheduler timesteps, final images,
+    and the name of the baseline (the denoiser input, first in ``layers``; None when not captured)."""
 
     cells: dict[tuple[str, int], torch.Tensor]
     layers: list[str]
@@ -66,6 +80,13 @@ class Features:
     timesteps: list[float]
     images: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    baseline: str | None = None
+
+
+def baseline_layer(lmap: "LayerMap") -> str | None:
+    """The name of the map's denoiser input (role :data:`BASELINE_ROLE`, ``x_t`` on the zoo), None without one:
+    the probes' baseline, found from the entries' roles whatever the family."""
+    return next((e.name for e in lmap if e.role == BASELINE_ROLE), None)
 
 
 def _projection(d_in: int, d_out: int, seed: int = 0) -> torch.Tensor:
@@ -89,7 +110,8 @@ def collect_features(
     **gen_kwargs: Any,
 ) -> Features:
     """Capture pooled features of ``layers`` (default: every layer) at ``steps`` (default: all), conditional branch,
-    and the ``x_t`` baseline (captured whole in the same generation, then randomly projected to ``projection`` dims).
+    and the baseline, the map's denoiser input ``x_t`` (:func:`baseline_layer`; captured whole in the same generation,
+    then randomly projected to ``projection`` dims; left out when the map has none).
 
     ``project_layers``: the layers too are captured whole and reduced by a fixed Gaussian random projection (seeded
     per width) to ``projection`` dims instead of their spatial mean, which keeps where things are (memory: the whole
@@ -101,9 +123,10 @@ def collect_features(
         raise ConfigError(f"{model.spec} generates in one pass: the probe grid needs a denoising model")
     lmap = model.layer_map(cfg.height, cfg.width)
     names = [e.name for e in lmap.layers] if layers is None else [e.name for e in lmap.select(layers)]
+    base = baseline_layer(lmap) if baseline else None
     # one generation: layers pooled, x_t whole (its spatial mean is only a mean colour) for the projection
-    cap = Capture(names + ([BASELINE] if baseline else []), steps=steps, branches=["cond"], pooled=True,
-                  unpooled=[BASELINE] + (names if project_layers else []), store=store)
+    cap = Capture(names + ([base] if base else []), steps=steps, branches=["cond"], pooled=True,
+                  unpooled=([base] if base else []) + (names if project_layers else []), store=store)
     with tempfile.TemporaryDirectory(prefix="layerscope-probes-") as tmp:
         if store is None and model.capture_bytes(cap, len(prompts), **gen_kwargs) > cap.budget_bytes:
             cap = dataclasses.replace(cap, store=Path(tmp) / "features.zarr")
@@ -126,14 +149,15 @@ def collect_features(
         cells = {(name, s): projected(name, k) if project_layers else at(name, k)
                  for name in names for k, s in enumerate(step_ids)}
         order = list(names)
-        if baseline:
+        if base:
             for k, s in enumerate(step_ids):
-                cells[(BASELINE, s)] = projected(BASELINE, k)
-            order = [BASELINE] + order
+                cells[(base, s)] = projected(base, k)
+            order = [base] + order
     all_t = [float(t) for t in res.timesteps]
     return Features(cells, order, step_ids, [all_t[s] for s in step_ids] if all_t else [], res.images,
-                    {"projection": projection if baseline else None, "project_layers": project_layers, "settings": {
-                        "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale}})
+                    {"projection": projection if base else None, "project_layers": project_layers, "settings": {
+                        "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale}},
+                    baseline=base)
 
 
 def shapes_labels(images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
@@ -189,47 +213,55 @@ def probe_table(grid: ProbeGrid, feats: Features, model: str, n_boot: int = 200)
                                      "value"]]
 
 
-def run_probes(model: "Generator | str", n: int = 320, *, seed: int = 0, steps: Any = None, layers: Any = None,
-               conditional: bool = False, progress: ProgressArg = None, **gen_kwargs: Any
-               ) -> tuple[pd.DataFrame, dict[str, Any]]:
+def run_probes(model: "Generator", n: int = 320, *, seed: int = 0, steps: Any = None, layers: Any = None,
+               conditional: bool = False, project_layers: bool = False, max_batch: int | None = None,
+               progress: ProgressArg = None, **gen_kwargs: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The probe grid on a Shapes-world model: ``n`` samples (unconditional unless ``conditional``: then held-out
     prompts), labels read by the oracle, every layer x step plus the ``x_t`` baseline. Returns the tidy table and a
-    record (entropies, chance levels, oracle confidence, solver convergence, timing)."""
+    record (entropies, chance levels, oracle confidence, solver convergence, timing, the baseline's name)."""
     from ..world.factors import FACTORS, SIZES, sample_factors
     from ..world.text import prompts_for
 
-    if isinstance(model, str):
-        from ..loading import load
-
-        model = load(model)
     if conditional:
         prompts = prompts_for(sample_factors(n, seed + 101, split="test"))
     else:
         prompts = [""] * n
         gen_kwargs.setdefault("guidance_scale", 1.0)
     seeds = list(range(seed, seed + n))
-    feats = collect_features(model, prompts, seeds, layers=layers, steps=steps, progress=progress, **gen_kwargs)
+    feats = collect_features(model, prompts, seeds, layers=layers, steps=steps, project_layers=project_layers,
+                             max_batch=max_batch, progress=progress, **gen_kwargs)
     labels, conf = shapes_labels(feats.images)
     grid = fit_probe_grid(feats.cells, labels, n_classes=[SIZES[f] for f in FACTORS], factor_names=list(FACTORS),
                           seed=seed)
     table = probe_table(grid, feats, model.spec)
     record = {"samples": n, "conditional": conditional, "settings": feats.meta["settings"],
               "projection": feats.meta["projection"], "steps": feats.steps, "timesteps": feats.timesteps,
-              "layers": feats.layers,
+              "layers": feats.layers, "baseline": feats.baseline,
               "entropy_bits": dict(zip(FACTORS, [float(v) for v in grid.entropy])),
               "chance": dict(zip(FACTORS, [float(v) for v in grid.chance])),
               "oracle_confidence": dict(zip(FACTORS, [float(v) for v in conf.mean(0)])),
               "in_distribution": float((conf >= 0.9).all(1).mean()),
               "fit_seconds": float(grid.seconds),
-              "onset_ci": {f: list(v) for f, v in onset_intervals(grid).items()}}
+              "onset_ci": {f: list(v) for f, v in onset_intervals(grid, exclude=_excluded(feats.baseline)).items()}}
     return table, record
 
 
+def _excluded(baseline: str | None) -> tuple[str, ...]:
+    return (baseline,) if baseline else ()
+
+
+def baseline_of(record: dict[str, Any]) -> tuple[str, ...]:
+    """The layer names to leave out of "best layer" readings of a probe table: its baseline (from the probe
+    record :func:`run_probes` / :func:`run_probes_csv` return), or nothing when it was not captured."""
+    return _excluded(record.get("baseline"))
+
+
 def readable_onsets(table: pd.DataFrame, threshold: float = 0.9, metric: str = "accuracy",
-                    exclude: Sequence[str] = (BASELINE,)) -> dict[str, dict[str, Any]]:
-    """Per factor, the first step at which some layer's held-out ``metric`` reaches ``threshold`` (best layer)."""
+                    exclude: Sequence[str] = ()) -> dict[str, dict[str, Any] | None]:
+    """Per factor, the first step at which some layer's held-out ``metric`` reaches ``threshold`` (best layer).
+    ``exclude``: layers left out, e.g. the baseline (:func:`baseline_of` the probe record)."""
     t = table[(table["metric"] == metric) & ~table["layer"].isin(exclude)]
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, dict[str, Any] | None] = {}
     for f, sub in t.groupby("factor", sort=False):
         best = sub.loc[sub.groupby("step")["value"].idxmax()].sort_values("step")
         hit = best[best["value"] >= threshold]
@@ -238,34 +270,32 @@ def readable_onsets(table: pd.DataFrame, threshold: float = 0.9, metric: str = "
     return out
 
 
-def run_probes_csv(model: "Generator | str", labels_csv: str | Path, *, seed: int = 0, steps: Any = None,
-                   layers: Any = None, progress: ProgressArg = None, **gen_kwargs: Any
-                   ) -> tuple[pd.DataFrame, dict[str, Any]]:
+def run_probes_csv(model: "Generator", labels_csv: str | Path, *, seed: int = 0, steps: Any = None,
+                   layers: Any = None, project_layers: bool = False, max_batch: int | None = None,
+                   progress: ProgressArg = None, **gen_kwargs: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The probe grid on any text-to-image pipeline with the user's labels (:func:`labels_from_csv`): each prompt is
     generated once (seed ``seed + row``) and its features are probed for the CSV's label columns."""
-    if isinstance(model, str):
-        from ..loading import load
-
-        model = load(model)
     prompts, labels, factors, sizes = labels_from_csv(labels_csv)
     seeds = list(range(seed, seed + len(prompts)))
-    feats = collect_features(model, prompts, seeds, layers=layers, steps=steps, progress=progress, **gen_kwargs)
+    feats = collect_features(model, prompts, seeds, layers=layers, steps=steps, project_layers=project_layers,
+                             max_batch=max_batch, progress=progress, **gen_kwargs)
     grid = fit_probe_grid(feats.cells, labels, n_classes=sizes, factor_names=factors, seed=seed)
     table = probe_table(grid, feats, model.spec)
     record = {"samples": len(prompts), "conditional": True, "labels": str(labels_csv),
               "settings": feats.meta["settings"], "projection": feats.meta["projection"], "steps": feats.steps,
-              "timesteps": feats.timesteps, "layers": feats.layers,
+              "timesteps": feats.timesteps, "layers": feats.layers, "baseline": feats.baseline,
               "entropy_bits": dict(zip(factors, [float(v) for v in grid.entropy])),
               "chance": dict(zip(factors, [float(v) for v in grid.chance])),
               "fit_seconds": float(grid.seconds),
-              "onset_ci": {f: list(v) for f, v in onset_intervals(grid).items()}}
+              "onset_ci": {f: list(v) for f, v in onset_intervals(grid, exclude=_excluded(feats.baseline)).items()}}
     return table, record
 
 
 def onset_intervals(grid: ProbeGrid, frac: float = 0.5, confidence: float = 0.95, n_boot: int = 200, seed: int = 0,
-                    exclude: Sequence[str] = (BASELINE,)) -> dict[str, tuple[float, float]]:
+                    exclude: Sequence[str] = ()) -> dict[str, tuple[float, float]]:
     """Per factor, a percentile bootstrap interval of the half-way step of :func:`relative_onsets` (the held-out
-    samples resampled, the probes kept): (low, high) steps, inf where a resample never rises above chance."""
+    samples resampled, the probes kept): (low, high) steps, inf where a resample never rises above chance.
+    ``exclude``: layers (cells ``(layer, step)``) left out, e.g. the baseline."""
     keep = [i for i, k in enumerate(grid.keys) if k[0] not in exclude]
     steps = np.array([int(grid.keys[i][1]) for i in keep])
     uniq = np.unique(steps)
@@ -284,9 +314,10 @@ def onset_intervals(grid: ProbeGrid, frac: float = 0.5, confidence: float = 0.95
 
 
 def relative_onsets(table: pd.DataFrame, chance: dict[str, float], frac: float = 0.5,
-                    exclude: Sequence[str] = (BASELINE,)) -> dict[str, dict[str, Any] | None]:
+                    exclude: Sequence[str] = ()) -> dict[str, dict[str, Any] | None]:
     """Per factor, the first step at which the best layer's held-out accuracy has come ``frac`` of the way from
-    chance to its highest value over all steps (None when it never rises above chance).
+    chance to its highest value over all steps (None when it never rises above chance). ``exclude``: layers left
+    out, e.g. the baseline (:func:`baseline_of` the probe record).
 
     An absolute threshold (:func:`readable_onsets`) says when a factor is read well; this relative onset says when
     most of what the probes will ever read is already there, which a limited sample (few hundred generations) still
@@ -366,7 +397,7 @@ def commitment_times(summary: pd.DataFrame, threshold: float = COMMIT_BITS, frac
     return out
 
 
-def run_forking(model: "Generator | str", n_prompts: int = 16, n_forks: int = 8, taus: Sequence[int] | None = None,
+def run_forking(model: "Generator", n_prompts: int = 16, n_forks: int = 8, taus: Sequence[int] | None = None,
                 *, seed: int = 0, conditional: bool = False, eta: float = 1.0, max_batch: int | None = None,
                 progress: ProgressArg = None, **gen_kwargs: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Forking entropy on a Shapes-world model (Corallo et al. 2024).
@@ -385,10 +416,6 @@ def run_forking(model: "Generator | str", n_prompts: int = 16, n_forks: int = 8,
     from ..world.oracle import read
     from ..world.text import prompts_for
 
-    if isinstance(model, str):
-        from ..loading import load
-
-        model = load(model)
     if n_prompts < 1 or n_forks < 2:
         raise ConfigError(f"forking needs at least 1 start and 2 forks, got {n_prompts} and {n_forks}")
     if not conditional:
@@ -425,7 +452,7 @@ def run_forking(model: "Generator | str", n_prompts: int = 16, n_forks: int = 8,
         "model": model.spec, "starts": n_prompts, "forks": n_forks, "taus": taus, "conditional": conditional,
         "generations": len(plan), "seed": seed,
         "settings": {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
-                     "eta": eta, "sampler": type(getattr(getattr(model, "pipe", None), "scheduler", None)).__name__},
+                     "eta": eta, "sampler": model.capabilities.sampler},
         "timesteps": [all_t[t] for t in taus] if all_t else [],
         "entropy": "plug-in (maximum-likelihood) entropy of the oracle's readings across the forks of one start, "
                    "bits; mean over starts with a 95% bootstrap CI",
@@ -441,3 +468,106 @@ def run_forking(model: "Generator | str", n_prompts: int = 16, n_forks: int = 8,
         agree = reading.pred == np.asarray(factors)[plan["prompt"].to_numpy()]
         record["prompt_agreement"] = {f: float(agree[:, j].mean()) for j, f in enumerate(FACTORS)}
     return table, record
+
+
+# -- the experiment: settings -> run -> Result ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """A probe grid and / or forking study. Probes (``probes``): ``n`` samples (seeds ``seed`` on), unconditional
+    unless ``conditional`` (held-out Shapes prompts), labelled by the Shapes oracle, or by the user's ``labels`` CSV
+    (:func:`labels_from_csv`; its prompts are the samples, ``n`` is unused) on models the oracle does not read;
+    ``layers``: globs (None: every layer); ``project_layers``: a random projection of each layer's whole map instead
+    of its spatial mean. Forking (``forks`` continuations per start, 0: none): ``fork_prompts`` starts forked at each
+    step of ``taus`` (None: every step but the last) with DDIM ``eta``. Generation: ``steps`` (None: the model's),
+    ``max_batch`` (rows per generation, None: the default) and ``generation`` (other keywords for ``generate``)."""
+
+    n: int = 320
+    seed: int = 0
+    steps: int | None = None
+    layers: tuple[str, ...] | str | None = None
+    conditional: bool = False
+    project_layers: bool = False
+    probes: bool = True
+    labels: str | None = None
+    forks: int = 0
+    fork_prompts: int = 12
+    taus: tuple[int, ...] | None = None
+    eta: float = 1.0
+    max_batch: int | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
+
+
+def _check(model: "Generator", st: Settings, gen_kw: dict[str, Any]) -> None:
+    """Every settings error this run can tell before generating (one ConfigError, one sentence)."""
+    if not st.probes and not st.forks:
+        raise ConfigError("nothing to do: --no-probes needs --forks N (the probe grid and forking are both off)")
+    caps = model.capabilities
+    if not caps.iterative:
+        raise ConfigError(f"{model.spec} generates in one pass: the probe grid and forking need a denoising model")
+    shapes = caps.oracle == "shapes"
+    if st.forks and not shapes:
+        raise ConfigError(f"forking reads each ending with the Shapes oracle, which does not read "
+                          f"{model.spec}'s images: it needs a zoo model")
+    if st.probes and st.labels is None:
+        if not shapes:
+            raise ConfigError(f"the Shapes oracle does not read {model.spec}'s images, so its samples have no labels: "
+                              "give --labels CSV (a 'prompt' column and one column per factor)")
+        if st.n < MIN_SAMPLES:
+            raise ConfigError(f"the probe grid needs at least {MIN_SAMPLES} samples (--n), got {st.n}")
+    if st.probes and st.labels is not None:
+        if not Path(st.labels).is_file():
+            raise ConfigError(f"the labels CSV {st.labels} does not exist")
+        rows = len(labels_from_csv(st.labels)[0])
+        if rows < MIN_SAMPLES:
+            raise ConfigError(f"the probe grid needs at least {MIN_SAMPLES} samples, and {st.labels} has {rows} rows")
+    if st.forks:
+        if st.forks < 2 or st.fork_prompts < 1:
+            raise ConfigError(f"forking needs at least 1 start and 2 forks, got {st.fork_prompts} and {st.forks}")
+        if not caps.forkable:
+            raise ConfigError(f"{model.spec} cannot fork a generation at a step, which forking needs")
+        steps = model.num_steps(model.config(eta=st.eta, **gen_kw))
+        if steps < 2:
+            raise ConfigError(f"{model.spec}: forking needs a denoising model with at least 2 steps, got {steps}")
+        bad = [t for t in st.taus or () if not 0 <= int(t) < steps]
+        if bad:
+            raise ConfigError(f"fork steps (taus) must be in 0..{steps - 1} for {steps} steps, got {bad}")
+
+
+def run(model: "Generator", settings: Settings, out: str | Path | None = None,
+        progress: ProgressArg = None) -> Result:
+    """The probe grid (:func:`run_probes`, or :func:`run_probes_csv` with ``labels``) and then forking
+    (:func:`run_forking`, with ``forks``) on a loaded model, after checking the settings against the model's
+    capabilities. Tables ``probes`` / ``forks``; the record holds ``model``, ``settings`` and the probe and forking
+    records (``"probes"``, ``"forking"``). ``out`` is unused: the study has no per-cell parts to resume from."""
+    st = settings
+    gen_kw = generation_kwargs(st.steps, None, st.generation)
+    _check(model, st, gen_kw)
+    layers = list(st.layers) if isinstance(st.layers, (tuple, list)) else st.layers
+    tables: dict[str, pd.DataFrame] = {}
+    record: dict[str, Any] = {"model": model.spec, "settings": settings_dict(st), "notes": []}
+    if st.probes and st.labels is None:
+        tables[PROBES], record["probes"] = run_probes(
+            model, n=st.n, seed=st.seed, layers=layers, conditional=st.conditional, project_layers=st.project_layers,
+            max_batch=st.max_batch, progress=progress, **gen_kw)
+    elif st.probes and st.labels is not None:
+        tables[PROBES], record["probes"] = run_probes_csv(
+            model, st.labels, seed=st.seed, layers=layers, project_layers=st.project_layers, max_batch=st.max_batch,
+            progress=progress, **gen_kw)
+    if st.forks:
+        tables[FORKS], record["forking"] = run_forking(
+            model, st.fork_prompts, st.forks, list(st.taus) if st.taus is not None else None, seed=st.seed,
+            conditional=st.conditional, eta=st.eta, max_batch=st.max_batch, progress=progress, **gen_kw)
+    return Result(NAME, tables, record)
+
+
+#: the main job's settings: the probe grid, then forking (fork_prompts unconditional starts x forks continuations at
+#: every tau, DDIM eta=1), at the probes' steps, on each of MAIN_MODELS
+MAIN_MODELS = ("zoo:unet", "zoo:dit")
+FULL = Settings(n=320, steps=10, forks=8, fork_prompts=12, taus=tuple(range(9)))
+QUICK = Settings(n=64, steps=4, forks=4, fork_prompts=3, taus=(0, 1, 2))
+
+
+def main_job(quick: bool = False) -> list[Job]:
+    """The probe grid and forking entropy on the zoo's diffusion models (unconditional samples, oracle labels)."""
+    return [Job(spec, QUICK if quick else FULL) for spec in MAIN_MODELS]

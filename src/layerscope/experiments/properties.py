@@ -41,13 +41,19 @@ of sample ``i`` when ``r * sigma * eps`` (``eps ~ N(0, I)``) is added to ``S``.
   ``p`` is replaced by the mean share of the distance to that seed's concept image that the addition closes.
 
 Marks as in Figure 4: ``V`` for a score >= 0.67, ``~`` (partial) for >= 0.33, ``X`` below.
+
+The experiment's shape (see :mod:`.base`): :class:`Settings` -> :func:`run` -> a :class:`~.base.Result` with tables
+``properties`` (the scores) and ``properties_details`` (the measurements behind them) and the artifact ``strips``
+(example images per space); :func:`main_job` names the zoo models and the sanity generators built to fail.
+What a space is, which spaces are conditions and which scorer applies are read from the model's metadata
+(``LayerInfo.role``, ``model.capabilities``), never from its spec or family.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,46 +61,47 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from ..engine.progress import progress_callback
-from ..engine.spec import Capture, Intervention, PerTarget
-from ..engine.steps import resolve_steps
+from ..engine import Capture, Intervention, PerTarget, resolve_steps
 from ..errors import ConfigError
+from ..progress import ProgressArg, progress_callback
 from ..stats.bootstrap import bootstrap_ci
+from .base import Job, Result, generation_kwargs, settings_dict
 
 if TYPE_CHECKING:
     from ..models.base import Generator
 
+NAME = "properties"
 PROPERTIES = ("density", "smoothness", "organization", "relevance")
 SMOOTH_RADII = (0.1, 0.3)
 UNIT_RADIUS = 1.0
 RADII = SMOOTH_RADII + (UNIT_RADIUS,)
 INTERIOR = (1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6)
-FULL, PARTIAL = 0.67, 0.33
+FULL_SCORE, PARTIAL_SCORE = 0.67, 0.33  # Figure 4's marks: V at or above FULL_SCORE, ~ at or above PARTIAL_SCORE
 IN_DIST_QUANTILE = 0.95
 STILL = 0.01  # open domain: endpoints closer than this share of d_far "read alike"
 CONCEPT = ("object_hue", 0)  # Shapes world: a red object
 OPEN_CONCEPT = "a dog"
 OPEN_PROMPTS = ("a photo of a cat", "a house by a lake", "a bowl of fruit on a table", "a city street at night",
                 "a portrait of an old man", "a red car in a field", "a mountain landscape", "a bird on a branch")
-_TEXT_SPACES = ("text_embeds", "text_eos")
-_NOT_SPACES = ("x_t",)  # the denoiser's input: perturbing it does not change the sampler's own latent
-SCORES = "properties.parquet"
-DETAILS = "properties_details.parquet"
-STRIPS = "strips.npz"
+CONDITION_ROLE = "condition"  # prompt conditions (text tokens, EOS, image embeddings): perturbed on the cond branch
+NOT_A_SPACE_ROLE = "denoiser_input"  # x_t: perturbing it does not change the sampler's own latent
+#: the Result's tables and artifact (saved as ``properties.parquet``, ``properties_details.parquet``, ``strips.npz``)
+SCORES, DETAILS, STRIPS = "properties", "properties_details", "strips"
 
 
 def mark(score: float) -> str:
     """Figure 4's mark for a score: V (>= 0.67), ~ (partial, >= 0.33), X (below), ? (undefined)."""
     if score is None or not np.isfinite(score):
         return "?"
-    return "V" if score >= FULL else "~" if score >= PARTIAL else "X"
+    return "V" if score >= FULL_SCORE else "~" if score >= PARTIAL_SCORE else "X"
 
 
 def candidate_spaces(model: "Generator", **size: Any) -> list[str]:
-    """The spaces the adapter offers (noise, text tokens, EOS, VAE latent, h-space, skips; a GAN/VAE latent)."""
-    return [e.name for e in model.layer_map(size.get("height"), size.get("width")).spaces if e.name not in _NOT_SPACES]
+    """The spaces the adapter offers (noise, text tokens, EOS, VAE latent, h-space, skips; a GAN/VAE latent), less
+    the denoiser's input (role ``denoiser_input``), which the sampler does not read back."""
+    return [e.name for e in model.layer_map(size.get("height"), size.get("width")).spaces
+            if e.role != NOT_A_SPACE_ROLE]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,9 +123,10 @@ class PropertiesPlan:
     pool: int = 256  # latent models with the oracle: samples read to find the concept's direction
 
     def record(self) -> dict[str, Any]:
+        """What the report shows of the plan; ``generation``: the keywords passed to ``generate``."""
         return {"model": self.model, "spaces": self.spaces, "steps": self.steps, "n": len(self.seeds),
                 "pairs": len(self.pairs), "scorer": self.scorer, "concept": _concept_text(self.concept),
-                "radii": list(RADII), "interior": [round(a, 4) for a in INTERIOR], "settings": self.gen_kwargs}
+                "radii": list(RADII), "interior": [round(a, 4) for a in INTERIOR], "generation": self.gen_kwargs}
 
 
 def _concept_text(concept: Any) -> str | None:
@@ -132,19 +140,23 @@ def _concept_text(concept: Any) -> str | None:
 def plan_properties(model: "Generator", spaces: Any = None, *, n: int = 16, pairs: int = 8, steps: Any = None,
                     prompts: Sequence[Any] | None = None, seed: int = 0, scorer: str = "auto",
                     concept: Any = "auto", **gen_kwargs: Any) -> PropertiesPlan:
-    """Validate the settings and resolve spaces, steps, samples and scorer before any generation."""
+    """Validate the settings and resolve spaces, steps, samples and scorer before any generation.
+
+    ``steps``: the steps at which per-step spaces are perturbed (None: every step). ``scorer``: ``auto`` picks the
+    oracle where one reads the model's images (``capabilities.default_scorer``), pixels otherwise."""
     if n < 4:
         raise ConfigError(f"n must be at least 4 base samples, got {n}")
     if not 1 <= pairs <= n:
         raise ConfigError(f"pairs must be between 1 and n={n}, got {pairs}")
     cfg = model.config(**gen_kwargs)
     lmap = model.layer_map(cfg.height, cfg.width)
+    caps = model.capabilities
     if spaces is None:
         names = candidate_spaces(model, height=cfg.height, width=cfg.width)
     else:
         asked = [spaces] if isinstance(spaces, str) else list(spaces)
-        bad = [s for s in asked if s in _NOT_SPACES]
-        names = [e.name for e in lmap.select(asked) if e.name not in _NOT_SPACES]  # globs skip x_t
+        bad = [s for s in asked if s in lmap and lmap[s].role == NOT_A_SPACE_ROLE]
+        names = [e.name for e in lmap.select(asked) if e.role != NOT_A_SPACE_ROLE]  # globs skip x_t
         if bad:
             raise ConfigError(f"{bad[0]} is the denoiser's input, which the sampler does not read back; score "
                               "'noise' or a layer instead")
@@ -155,13 +167,17 @@ def plan_properties(model: "Generator", spaces: Any = None, *, n: int = 16, pair
     if steps is not None and not num:
         raise ConfigError(f"{model.spec} generates in one pass: it has no steps to choose")
     if scorer == "auto":
-        scorer = "oracle" if model.spec.startswith("zoo:") else "pixel"
+        scorer = "oracle" if caps.default_scorer == "oracle" else "pixel"
     if scorer not in ("oracle", "pixel"):
         raise ConfigError(f"unknown scorer {scorer!r}; valid: auto, oracle, pixel")
-    text = model.family != "latent"
+    text = caps.conditioning == "text"
+    latent = caps.conditioning == "latent"  # a generator of a latent vector: no prompt at all
     if prompts is None:
-        if not text:
+        if latent:
             prompts = [None] * n
+        elif not text:
+            raise ConfigError(f"{model.spec} is conditioned on {caps.conditioning}, not text: give n={n} prompts "
+                              f"({caps.conditioning}), one per base sample")
         elif scorer == "oracle":
             from ..world.factors import sample_factors
             from ..world.text import prompts_for
@@ -173,11 +189,16 @@ def plan_properties(model: "Generator", spaces: Any = None, *, n: int = 16, pair
     if len(prompts) != n:
         raise ConfigError(f"give n={n} prompts, got {len(prompts)}")
     if concept == "auto":
-        concept = CONCEPT if scorer == "oracle" else (OPEN_CONCEPT if text else None)
+        concept = CONCEPT if scorer == "oracle" and (text or latent) else (OPEN_CONCEPT if text else None)
     if isinstance(concept, str) and not text:
         raise ConfigError(f"{model.spec} takes no prompt: a concept prompt needs a text-conditioned model")
-    if isinstance(concept, tuple) and scorer != "oracle":
-        raise ConfigError("a Shapes-world concept (factor, value) needs the oracle scorer")
+    if isinstance(concept, (tuple, list)):
+        concept = tuple(concept)
+        if scorer != "oracle":
+            raise ConfigError("a Shapes-world concept (factor, value) needs the oracle scorer")
+        if not (text or latent):
+            raise ConfigError(f"a Shapes-world concept needs a text-conditioned or latent generator; {model.spec} "
+                              f"is conditioned on {caps.conditioning}")
     return PropertiesPlan(model.spec, names, step_list, prompts, [seed + i for i in range(n)],
                           [(i, (i + 1) % n) for i in range(pairs)], scorer, concept,
                           {k: v for k, v in gen_kwargs.items()}, text)
@@ -287,21 +308,18 @@ def _interventions(info: Any, op: str, values: torch.Tensor, rows: list[int], st
     return out
 
 
-def run_properties(model: "Generator | str", spaces: Any = None, *, n: int = 16, pairs: int = 8,
+def run_properties(gen: "Generator", spaces: Any = None, *, n: int = 16, pairs: int = 8,
                    steps: Any = None, prompts: Sequence[Any] | None = None, seed: int = 0, scorer: str = "auto",
-                   concept: Any = "auto", max_batch: int | None = 64, progress: bool = False,
+                   concept: Any = "auto", max_batch: int | None = 64, progress: ProgressArg = False,
                    n_boot: int = 1000, **gen_kwargs: Any) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray],
-                                                                   dict]:
-    """Score each space of ``model`` on the four properties.
+                                                                   dict[str, Any]]:
+    """Score each space of the loaded model ``gen`` on the four properties (the work behind :func:`run`).
 
     Returns ``(scores, details, strips, record)``: the tidy scores (``model, space, kind, property, score, low,
     high, mark``), the measurements behind them (``model, space, metric, value``), example image strips per space
     (uint8, (k, 3, H, W): base, a density sample, the radii, the interpolation path, the concept addition) and the
-    settings.
+    plan's record with the strips' column names.
     """
-    from ..loading import load
-
-    gen = load(model) if isinstance(model, str) else model
     plan = plan_properties(gen, spaces, n=n, pairs=pairs, steps=steps, prompts=prompts, seed=seed, scorer=scorer,
                            concept=concept, **gen_kwargs)
     cfg = gen.config(**gen_kwargs)
@@ -331,7 +349,7 @@ def run_properties(model: "Generator | str", spaces: Any = None, *, n: int = 16,
     with progress_callback(progress, desc) as report:
         for si, space in enumerate(plan.spaces):
             info, v = infos[space], values[space]
-            branches = ["cond"] if (guided and space in _TEXT_SPACES) else None
+            branches = ["cond"] if (guided and info.role == CONDITION_ROLE) else None
             rng = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(space.encode()))
             mu, sd = v.mean(0), v.std(0)
             eps = torch.randn(v.shape[:1] + v.shape[2:], generator=rng, dtype=torch.float64).unsqueeze(1)
@@ -382,7 +400,8 @@ def run_properties(model: "Generator | str", spaces: Any = None, *, n: int = 16,
                 "density": bootstrap_ci(_density, [rd["in_dist"][r_dens], base_read["in_dist"]], **boot),
                 "smoothness": bootstrap_ci(_smoothness, [smooth_vals], **boot),
                 "organization": bootstrap_ci(_organization, [path_vals, rho_vals], **boot),
-                "relevance": bootstrap_ci(_relevance, [unit_vals] + [a for a in (added, base_c) if a is not None], **boot),
+                "relevance": bootstrap_ci(_relevance, [unit_vals] + [a for a in (added, base_c) if a is not None],
+                                          **boot),
             }
             kind = info.kind if info.is_space else "layer"
             for prop, (s, lo, hi) in est.items():
@@ -541,19 +560,80 @@ def holds_all(scores: pd.DataFrame) -> pd.DataFrame:
                          "lowest": g["score"].min()}).reset_index()
 
 
-def save(folder: str | Path, scores: pd.DataFrame, details: pd.DataFrame, strips: dict[str, np.ndarray],
-         record: dict) -> Path:
-    from ..world.training import write_json
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    scores.to_parquet(folder / SCORES, index=False)
-    details.to_parquet(folder / DETAILS, index=False)
-    np.savez_compressed(folder / STRIPS, **{k.replace(".", "__"): v for k, v in strips.items()})
-    write_json(folder / "properties.json", record)
-    return folder
+# ---------------------------------------------------------------------------------------------------------------------
+# the experiment: settings -> run -> Result
 
 
-def load_strips(folder: str | Path) -> dict[str, np.ndarray]:
-    with np.load(Path(folder) / STRIPS) as z:
-        return {k.replace("__", "."): z[k] for k in z.files}
+@dataclass(frozen=True)
+class Settings:
+    """A property scorecard of one model. ``spaces``: names or globs of the spaces (or layers) to score (None: every
+    space the adapter offers, :func:`candidate_spaces`); ``n`` base samples; ``pairs`` interpolation pairs; ``at``:
+    the steps at which per-step spaces are perturbed (a window ``early``/``middle``/``late``, ``"a:b"`` or step
+    indices; None: every step); ``prompts``: one per base sample (None: held-out Shapes prompts with the oracle,
+    a fixed open-domain list otherwise, none for latent generators); ``seed``: the first seed; ``scorer``: auto,
+    oracle or pixel; ``concept``: ``"auto"``, a prompt, a Shapes ``(factor, value)`` or None (no concept);
+    generation: ``steps`` (denoising steps, None: the model's) and ``generation`` (other keywords for
+    ``generate``); ``n_boot``: bootstrap resamples of each CI; ``max_batch``: rows per generation."""
+
+    spaces: str | tuple[str, ...] | None = None
+    n: int = 16
+    pairs: int = 8
+    at: Any = None
+    prompts: tuple[Any, ...] | None = None
+    seed: int = 0
+    scorer: str = "auto"
+    concept: Any = "auto"
+    steps: int | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
+    n_boot: int = 1000
+    max_batch: int | None = 64
+
+
+def _check(st: Settings) -> None:
+    """What the plan does not check itself (before any generation)."""
+    if st.n_boot < 1:
+        raise ConfigError(f"n_boot must be at least 1 bootstrap resample, got {st.n_boot}")
+    if st.max_batch is not None and st.max_batch < 1:
+        raise ConfigError(f"max_batch must be at least 1 row per generation, got {st.max_batch}")
+    if st.steps is not None and st.steps < 1:
+        raise ConfigError(f"steps must be at least 1 denoising step, got {st.steps}")
+
+
+def run(model: "Generator", settings: Settings, out: str | Path | None = None,
+        progress: ProgressArg = None) -> Result:
+    """The property scorecard of a loaded model: tables ``properties`` (one row per space x property: score, CI,
+    mark) and ``properties_details`` (the measurements behind the scores), the artifact ``strips`` (one image strip
+    per space) and a record of the plan, the strips' columns and the settings. ``out`` is unused: the experiment
+    has no cells to resume (the caller saves the Result)."""
+    st = settings
+    _check(st)
+    spaces = st.spaces if st.spaces is None or isinstance(st.spaces, str) else list(st.spaces)
+    scores, details, strips, plan_record = run_properties(
+        model, spaces, n=st.n, pairs=st.pairs, steps=st.at, prompts=None if st.prompts is None else list(st.prompts),
+        seed=st.seed, scorer=st.scorer, concept=st.concept, max_batch=st.max_batch, progress=progress,
+        n_boot=st.n_boot, **generation_kwargs(st.steps, None, st.generation))
+    record = {"model": model.spec, "settings": settings_dict(st), **plan_record}
+    return Result(NAME, {SCORES: scores, DETAILS: details}, record, {STRIPS: strips})
+
+
+#: the main job: zoo:unet every space it offers, zoo:dit its spaces and every transformer block, the GAN/VAE latent
+_DIFFUSION = Settings(n=16, pairs=8, steps=10)
+_LATENT = Settings(n=64, pairs=16)
+FULL: dict[str, Settings] = {"zoo:unet": _DIFFUSION, "zoo:dit": Settings(n=16, pairs=8, steps=10, spaces=("*",)),
+                             "zoo:vae": _LATENT, "zoo:gan": _LATENT}
+QUICK: dict[str, Settings] = {"zoo:unet": Settings(n=8, pairs=4, steps=4, spaces=("noise", "text_embeds", "h_space")),
+                              "zoo:vae": Settings(n=32, pairs=8), "zoo:gan": Settings(n=32, pairs=8)}
+#: the sanity generators built to fail (``layerscope.testing.sanity``, loaded by spec: experiments do not import
+#: test doubles) and what each must show; their settings (full, quick)
+SANITY_SPEC = "torch:layerscope.testing.sanity:{}"
+SANITY = {"ignores_latent": "relevance ~0", "hash_of_latent": "smoothness and organization ~0",
+          "linear_decoder": "all four high"}
+SANITY_FULL = Settings(n=32, pairs=8)
+SANITY_QUICK = Settings(n=16, pairs=4)
+
+
+def main_job(quick: bool = False) -> list[Job]:
+    """The scorecard of the zoo's diffusion models and GAN/VAE latents, then of each sanity generator."""
+    models, sanity = (QUICK, SANITY_QUICK) if quick else (FULL, SANITY_FULL)
+    return ([Job(spec, st) for spec, st in models.items()]
+            + [Job(SANITY_SPEC.format(name), sanity, part="sanity", note=note) for name, note in SANITY.items()])

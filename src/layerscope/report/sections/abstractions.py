@@ -1,59 +1,50 @@
-"""Figures of the probe grid and its section of the main job's report (run on the zoo's diffusion models)."""
+"""The abstractions study's section of the report (probe grid, MI bound, forking entropy), from its saved Results.
+
+The CLI (``layerscope abstractions``) writes this section's :func:`figures` next to the tables and prints its
+:func:`console` lines; the main job's page is :func:`render`.
+"""
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..report import Page, RunContext, Section, model_folders, register, section_record
-from . import abstractions as ab
+from ...experiments import abstractions as ab
+from ...experiments.base import Result
+from .. import Page, SectionRun
 
-# forking: fork_prompts unconditional starts x forks continuations at every tau (DDIM eta=1), same steps as the probes
-FULL = dict(models=("zoo:unet", "zoo:dit"), n=320, steps=10, fork_prompts=12, forks=8, taus=tuple(range(9)))
-QUICK = dict(models=("zoo:unet", "zoo:dit"), n=64, steps=4, fork_prompts=3, forks=4, taus=(0, 1, 2))
-RECORD = "probes.json"
-FORK_RECORD = "forks.json"
+EXPERIMENT = ab
+KEY = "abstractions"
+TITLE = "Latent abstractions over diffusion time: linear probes, the MI bound and forking entropy"
 READABLE = 0.9
 
 
 def probes_command(spec: str, settings: dict[str, Any], out: str) -> str:
-    return f"layerscope abstractions {spec} --n {settings['n']} --steps {settings['steps']} --out {out}"
+    """The CLI command that reproduces a job's probe grid (table, figures) into ``out``."""
+    steps = f" --steps {settings['steps']}" if settings.get("steps") is not None else ""
+    return f"layerscope abstractions {spec} --n {settings['n']}{steps} --out {out}"
 
 
 def forks_command(spec: str, settings: dict[str, Any], out: str) -> str:
-    taus = ",".join(str(t) for t in settings["taus"])
+    """The CLI command that reproduces a job's forking study (table, figure) into ``out``."""
+    taus = f" --taus {','.join(str(t) for t in settings['taus'])}" if settings.get("taus") is not None else ""
+    steps = f" --steps {settings['steps']}" if settings.get("steps") is not None else ""
     return (f"layerscope abstractions {spec} --no-probes --forks {settings['forks']} --fork-prompts "
-            f"{settings['fork_prompts']} --taus {taus} --steps {settings['steps']} --out {out}")
+            f"{settings['fork_prompts']}{taus}{steps} --out {out}")
 
 
-def save(folder: Path, table: pd.DataFrame, record: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(folder / ab.TABLE, index=False)
-    (folder / RECORD).write_text(json.dumps(record, indent=1))
+def _half_way(table: pd.DataFrame, record: dict[str, Any]) -> dict[str, Any]:
+    """The probes' half-way steps per factor (:func:`~layerscope.experiments.abstractions.relative_onsets`), or
+    nothing when the probes read the user's labels (other factors than the oracle's, which forking reads)."""
+    if record.get("labels") is not None:
+        return {}
+    return ab.relative_onsets(table, record["chance"], exclude=ab.baseline_of(record))
 
 
-def load(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    return pd.read_parquet(folder / ab.TABLE), json.loads((folder / RECORD).read_text())
-
-
-def save_forks(folder: Path, table: pd.DataFrame, record: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(folder / ab.FORK_TABLE, index=False)
-    (folder / FORK_RECORD).write_text(json.dumps(record, indent=1))
-
-
-def load_forks(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]] | None:
-    if not (folder / ab.FORK_TABLE).exists():
-        return None
-    return pd.read_parquet(folder / ab.FORK_TABLE), json.loads((folder / FORK_RECORD).read_text())
-
-
-def forking_figure(table: pd.DataFrame, record: dict[str, Any]):
+def forking_figure(table: pd.DataFrame, record: dict[str, Any]) -> Any:
     """Mean fork entropy vs tau per factor with its bootstrap CI (left, bits; dashed: the commitment threshold;
     a marker on the axis at each factor's commitment time) and normalised by log2(values) (right)."""
     import matplotlib.pyplot as plt
@@ -82,14 +73,14 @@ def forking_figure(table: pd.DataFrame, record: dict[str, Any]):
 
 
 def commitment_table(table: pd.DataFrame, record: dict[str, Any], probes: pd.DataFrame | None = None,
-                     chance: dict[str, float] | None = None) -> pd.DataFrame:
+                     probe_record: dict[str, Any] | None = None) -> pd.DataFrame:
     """Per factor: commitment tau (absolute and relative criteria), mean entropy at the first and last tau with CI,
-    and, when the probe table is given, the probes' half-way step."""
+    and, when the probe table and its record are given, the probes' half-way step."""
     summary = ab.entropy_summary(table)
     first, last = min(record["taus"]), max(record["taus"])
     absolute = ab.commitment_times(summary, record["threshold_bits"])
     relative = ab.commitment_times(summary, fraction=record["fraction"])
-    half = ab.relative_onsets(probes, chance) if probes is not None and chance is not None else {}
+    half = _half_way(probes, probe_record) if probes is not None and probe_record is not None else {}
     rows = []
     for f in absolute:
         at = summary[summary["factor"] == f].set_index("tau")
@@ -110,7 +101,8 @@ def _order(times: dict[str, Any]) -> str:
     groups: dict[float, list[str]] = {}
     for f, t in times.items():
         groups.setdefault(np.inf if t is None else t, []).append(f)
-    return " < ".join(f"{', '.join(v)} ({'never' if not np.isfinite(k) else int(k)})" for k, v in sorted(groups.items()))
+    return " < ".join(f"{', '.join(v)} ({'never' if not np.isfinite(k) else int(k)})"
+                      for k, v in sorted(groups.items()))
 
 
 def forking_sentence(model: str, record: dict[str, Any], probe_steps: dict[str, Any] | None = None) -> str:
@@ -148,17 +140,19 @@ def forking_sentence(model: str, record: dict[str, Any], probe_steps: dict[str, 
     return text
 
 
-def curves_figure(table: pd.DataFrame, record: dict[str, Any], metric: str = "accuracy"):
+def curves_figure(table: pd.DataFrame, record: dict[str, Any], metric: str = "accuracy") -> Any:
     """Per factor, the best layer's held-out ``metric`` at each step (solid; accuracy with the best cell's 95%
-    bootstrap CI as a band) and the x_t baseline (dashed)."""
+    bootstrap CI as a band) and the x_t baseline (dashed; the record's ``baseline``)."""
     import matplotlib.pyplot as plt
+
+    baseline = record.get("baseline")
 
     factors = list(dict.fromkeys(table["factor"]))
     fig, axes = plt.subplots(1, len(factors), figsize=(2.3 * len(factors), 2.6), sharey=metric == "accuracy",
                              squeeze=False)
     for ax, f in zip(axes[0], factors):
         t = table[(table["factor"] == f) & (table["metric"] == metric)]
-        layers = t[t["layer"] != ab.BASELINE]
+        layers = t[t["layer"] != baseline]
         best = layers.groupby("step")["value"].max()
         ax.plot(best.index, best.values, "o-", ms=3, label="best layer")
         if metric == "accuracy" and "accuracy_low" in set(table["metric"]):  # the best cell's 95% bootstrap CI
@@ -167,7 +161,7 @@ def curves_figure(table: pd.DataFrame, record: dict[str, Any], metric: str = "ac
             ci = ci.pivot_table(index=["layer", "step"], columns="metric", values="value")
             band = ci.reindex(pd.MultiIndex.from_frame(top)).reset_index().sort_values("step")
             ax.fill_between(band["step"], band["accuracy_low"], band["accuracy_high"], alpha=0.25, lw=0)
-        base = t[t["layer"] == ab.BASELINE].sort_values("step")
+        base = t[t["layer"] == baseline].sort_values("step")
         if len(base):
             ax.plot(base["step"], base["value"], "s--", ms=3, color="grey", label="x_t (projection)")
         if metric == "accuracy":
@@ -184,9 +178,9 @@ def curves_figure(table: pd.DataFrame, record: dict[str, Any], metric: str = "ac
     return fig
 
 
-def heatmap_figure(table: pd.DataFrame, model: str):
+def heatmap_figure(table: pd.DataFrame, model: str) -> Any:
     """Held-out accuracy per layer x step, one panel per factor."""
-    from ..report.figures import heatmaps
+    from ..figures import heatmaps
 
     t = table[table["metric"] == "accuracy"]
     layers = list(t.sort_values("layer_index", kind="stable")["layer"].drop_duplicates())
@@ -200,30 +194,36 @@ def heatmap_figure(table: pd.DataFrame, model: str):
 def onset_table(table: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
     """Per factor: the half-way step (best layer), the first step at READABLE accuracy, the x_t baseline's half-way
     step, and the last step's best accuracy and MI bound next to H(Y) and chance."""
-    rel = ab.relative_onsets(table, record["chance"])
-    base = ab.relative_onsets(table[table["layer"] == ab.BASELINE], record["chance"], exclude=())
-    absolute = ab.readable_onsets(table, READABLE)
+    exclude = ab.baseline_of(record)
+    rel = ab.relative_onsets(table, record["chance"], exclude=exclude)
+    base = ab.relative_onsets(table[table["layer"].isin(exclude)], record["chance"])
+    absolute = ab.readable_onsets(table, READABLE, exclude=exclude)
     last = max(record["steps"])
     rows = []
     for f, hit in rel.items():
-        fin = table[(table["factor"] == f) & (table["step"] == last) & (table["layer"] != ab.BASELINE)]
+        fin = table[(table["factor"] == f) & (table["step"] == last) & ~table["layer"].isin(exclude)]
         ci = record.get("onset_ci", {}).get(f)
         ci_text = "–" if ci is None else (
             "[" + ", ".join("never" if not np.isfinite(v) else str(int(v)) for v in ci) + "]")
         rows.append({"factor": f, "half-way step (best layer)": hit["step"] if hit else "never",
                      "95% CI": ci_text,
                      "at layer": hit["layer"] if hit else "–",
-                     "x_t half-way step": base[f]["step"] if base.get(f) else "never",
-                     f"first step >= {READABLE}": absolute[f]["step"] if absolute.get(f) else "never",
+                     "x_t half-way step": _step(base.get(f)),
+                     f"first step >= {READABLE}": _step(absolute.get(f)),
                      "best accuracy, last step": fin[fin["metric"] == "accuracy"]["value"].max(),
                      "MI bound, last step (bits)": fin[fin["metric"] == "mi_bound"]["value"].max(),
                      "H(Y) (bits)": record["entropy_bits"][f], "chance": record["chance"][f]})
     return pd.DataFrame(rows)
 
 
-def order_sentence(model: str, table: pd.DataFrame, chance: dict[str, float]) -> str:
-    """The order in which factors become readable (half-way onsets), compared with the paper's, as found."""
-    rel = ab.relative_onsets(table, chance)
+def _step(hit: dict[str, Any] | None) -> Any:
+    return hit["step"] if hit else "never"
+
+
+def order_sentence(model: str, table: pd.DataFrame, record: dict[str, Any]) -> str:
+    """The order in which factors become readable (half-way onsets), compared with the paper's, as found
+    (``record``: the probe record, for the chance levels and the baseline)."""
+    rel = ab.relative_onsets(table, record["chance"], exclude=ab.baseline_of(record))
     steps = {f: (h["step"] if h else np.inf) for f, h in rel.items()}
     groups: dict[float, list[str]] = {}
     for f, s in steps.items():
@@ -248,33 +248,44 @@ def order_sentence(model: str, table: pd.DataFrame, chance: dict[str, float]) ->
     return text
 
 
-def _run(ctx: RunContext) -> dict[str, Any]:
-    from ..loading import load as load_model
-
-    st = QUICK if ctx.quick else FULL
-    info: dict[str, Any] = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in st.items()},
-                            "per_model": {}}
-    for spec in st["models"]:
-        model = load_model(spec)
-        ctx.log(f"probe grid on {spec}: {st['n']} unconditional samples x {st['steps']} steps")
-        table, record = ab.run_probes(model, n=st["n"], progress=ctx.progress, num_inference_steps=st["steps"])
-        folder = ctx.folder / spec.replace(":", "_")
-        save(folder, table, record)
-        ctx.log(f"forking on {spec}: {st['fork_prompts']} unconditional starts x {st['forks']} forks x "
-                f"{len(st['taus'])} steps")
-        t0 = time.perf_counter()
-        ftable, frecord = ab.run_forking(model, st["fork_prompts"], st["forks"], st["taus"], progress=ctx.progress,
-                                         num_inference_steps=st["steps"])
-        save_forks(folder, ftable, frecord)
-        ctx.models.append(spec)
-        info["per_model"][spec] = {"folder": folder.name, "fit_seconds": record["fit_seconds"],
-                                   "fork_seconds": time.perf_counter() - t0}
-    return info
+def figures(result: Result, folder: Path) -> dict[str, Any]:
+    """The figures of one run (the CLI writes them next to the tables): accuracy.png, mi_bound.png and heatmap.png
+    for the probe grid, forking.png for forking."""
+    spec = result.record["model"]
+    figs: dict[str, Any] = {}
+    if ab.PROBES in result.tables:
+        table, record = result[ab.PROBES], result.record["probes"]
+        figs["accuracy.png"] = curves_figure(table, record)
+        figs["mi_bound.png"] = curves_figure(table, record, "mi_bound")
+        figs["heatmap.png"] = heatmap_figure(table, spec)
+    if ab.FORKS in result.tables:
+        figs["forking.png"] = forking_figure(result[ab.FORKS], result.record["forking"])
+    return figs
 
 
-def _render(folder: Path, page: Page) -> str:
-    record_all = section_record(folder)
-    settings = record_all.get("settings", FULL)
+def console(result: Result) -> list[Any]:
+    """What the CLI prints after a run: when each factor becomes readable and the order sentence (probes), when the
+    generation commits to each factor and the forking sentence (forks)."""
+    spec = result.record["model"]
+    table = result.tables.get(ab.PROBES)
+    record = result.record.get("probes")
+    items: list[Any] = []
+    if table is not None and record is not None:
+        items.append((f"{spec}: when each factor becomes linearly readable", onset_table(table, record)))
+        items.append(order_sentence(spec, table, record))
+    if ab.FORKS in result.tables:
+        ftable, frecord = result[ab.FORKS], result.record["forking"]
+        items.append((f"{spec}: when the generation commits to each factor (forking entropy)",
+                      commitment_table(ftable, frecord, table, record)))
+        half = _half_way(table, record) if table is not None and record is not None else {}
+        items.append(forking_sentence(spec, frecord, {f: (h["step"] if h else None) for f, h in half.items()}
+                                      if half else None))
+    return items
+
+
+def render(run: SectionRun, page: Page) -> str:
+    """The section's page fragment: the method, then per model the probe grid (facts, order sentence, curves,
+    heatmap, onset table) and forking (facts, sentence, figure, commitment table), from the saved Results."""
     out = [page.p(
         "Corallo et al. (2024) read the latent factors off a diffusion model's internal features with linear probes "
         "over diffusion time and bound the mutual information between factor and features. Here: unconditional "
@@ -290,48 +301,56 @@ def _render(folder: Path, page: Page) -> str:
         f"which the mean entropy stays at or below {ab.COMMIT_BITS:g} bit (fixed beforehand: with 8 forks, one "
         "dissenting fork is 0.54 bit); the relative criterion asks for half the tau-0 value. Plug-in entropy over "
         "few forks is biased low and is at most log2(forks).")]
-    subs = model_folders(folder, record_all, ab.TABLE)
-    for sub in subs:
-        table, record = load(sub)
-        spec = str(table["model"].iloc[0])
-        cmd = probes_command(spec, settings, f"probes-{sub.name}")
+    for job, result in run.results():
+        sub = run.folder / job["folder"]
+        spec = result.record["model"]
         out.append(f"<h3>{page.esc(spec)}</h3>")
-        conf = ", ".join(f"{k} {v:.2f}" for k, v in record["oracle_confidence"].items())
-        out.append(page.p(f"{record['samples']} samples, {len(record['steps'])} steps, "
-                          f"{len(record['layers'])} feature sets; oracle mean confidence on the final images: {conf}; "
-                          f"{100 * record['in_distribution']:.0f}% of them confident on every factor. Probe fit: "
-                          f"{record['fit_seconds']:.1f} s for the whole grid."))
-        out.append(page.finding(order_sentence(spec, table, record["chance"])))
-        out.append(page.figure(curves_figure(table, record), f"{spec}: held-out probe accuracy vs step, best layer "
-                               "per step (solid) and the x_t baseline (dashed).", cmd))
-        out.append(page.figure(curves_figure(table, record, "mi_bound"), f"{spec}: mutual-information lower bound "
-                               "vs step (bits), best layer per step; dotted: H(Y).", cmd))
-        out.append(page.figure(heatmap_figure(table, spec), f"{spec}: held-out accuracy per layer x step.", cmd))
-        out.append(page.table(onset_table(table, record), f"{spec}: when each factor becomes readable"))
-        forks = load_forks(sub)
-        if forks is None:
-            continue
-        ftable, frecord = forks
-        fcmd = forks_command(spec, settings if "forks" in settings else FULL, f"forks-{sub.name}")
-        half = ab.relative_onsets(table, record["chance"])
-        out.append(page.p(
-            f"Forking: {frecord['starts']} unconditional starts x {frecord['forks']} forks at each of "
-            f"{len(frecord['taus'])} steps ({frecord['generations']} generations, "
-            f"{frecord['generate_seconds']:.1f} s, {1000 * frecord['seconds_per_generation']:.0f} ms each)."))
-        out.append(page.finding(forking_sentence(spec, frecord, {f: (h["step"] if h else None)
-                                                                  for f, h in half.items()})))
-        out.append(page.figure(forking_figure(ftable, frecord), f"{spec}: mean entropy of the oracle's readings "
-                               "across forks vs the fork step tau, with 95% bootstrap CIs over starts (left, bits; "
-                               "dashed: the commitment threshold; triangles: commitment times) and normalised by "
-                               "log2(number of values) (right).", fcmd))
-        out.append(page.table(commitment_table(ftable, frecord, table, record["chance"]),
-                              f"{spec}: when the generation commits to each factor (forking) and when the probes "
-                              "read it half-way"))
+        table, record = result.tables.get(ab.PROBES), result.record.get("probes")
+        if table is not None and record is not None:
+            out.append(_render_probes(spec, table, record, probes_command(spec, job["settings"],
+                                                                           f"probes-{sub.name}"), page))
+        if ab.FORKS in result.tables:
+            out.append(_render_forks(spec, result[ab.FORKS], result.record["forking"], table, record,
+                                     forks_command(spec, job["settings"], f"forks-{sub.name}"), page))
     return "".join(out)
 
 
-@register
-def _section() -> Section:
-    return Section("abstractions", "Latent abstractions over diffusion time: linear probes, the MI bound and "
-                   "forking entropy",
-                   _run, _render)
+def _render_probes(spec: str, table: pd.DataFrame, record: dict[str, Any], cmd: str, page: Page) -> str:
+    """One model's probe grid: the facts, the order sentence, the curves, the heatmap and the onset table."""
+    out = []
+    conf = ", ".join(f"{k} {v:.2f}" for k, v in record.get("oracle_confidence", {}).items())
+    if conf:
+        conf = (f"; oracle mean confidence on the final images: {conf}; {100 * record['in_distribution']:.0f}% of "
+                "them confident on every factor")
+    out.append(page.p(f"{record['samples']} samples, {len(record['steps'])} steps, "
+                      f"{len(record['layers'])} feature sets{conf}. Probe fit: "
+                      f"{record['fit_seconds']:.1f} s for the whole grid."))
+    out.append(page.finding(order_sentence(spec, table, record)))
+    out.append(page.figure(curves_figure(table, record), f"{spec}: held-out probe accuracy vs step, best layer "
+                           "per step (solid) and the x_t baseline (dashed).", cmd))
+    out.append(page.figure(curves_figure(table, record, "mi_bound"), f"{spec}: mutual-information lower bound "
+                           "vs step (bits), best layer per step; dotted: H(Y).", cmd))
+    out.append(page.figure(heatmap_figure(table, spec), f"{spec}: held-out accuracy per layer x step.", cmd))
+    out.append(page.table(onset_table(table, record), f"{spec}: when each factor becomes readable"))
+    return "".join(out)
+
+
+def _render_forks(spec: str, ftable: pd.DataFrame, frecord: dict[str, Any], table: pd.DataFrame | None,
+                  record: dict[str, Any] | None, cmd: str, page: Page) -> str:
+    """One model's forking: the facts, the sentence (with the probes' order, when probed), the figure and the
+    commitment table."""
+    half = _half_way(table, record) if table is not None and record is not None else {}
+    out = [page.p(
+        f"Forking: {frecord['starts']} unconditional starts x {frecord['forks']} forks at each of "
+        f"{len(frecord['taus'])} steps ({frecord['generations']} generations, "
+        f"{frecord['generate_seconds']:.1f} s, {1000 * frecord['seconds_per_generation']:.0f} ms each).")]
+    out.append(page.finding(forking_sentence(spec, frecord, {f: (h["step"] if h else None) for f, h in half.items()}
+                                             if half else None)))
+    out.append(page.figure(forking_figure(ftable, frecord), f"{spec}: mean entropy of the oracle's readings "
+                           "across forks vs the fork step tau, with 95% bootstrap CIs over starts (left, bits; "
+                           "dashed: the commitment threshold; triangles: commitment times) and normalised by "
+                           "log2(number of values) (right).", cmd))
+    out.append(page.table(commitment_table(ftable, frecord, table, record),
+                          f"{spec}: when the generation commits to each factor (forking)"
+                          + (" and when the probes read it half-way" if half else "")))
+    return "".join(out)

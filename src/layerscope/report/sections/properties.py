@@ -1,46 +1,49 @@
-"""Figures of the latent-space property scorecard and its section of the main job's report."""
+"""The latent-space property scorecard's section of the report: scorecard, strips, measurements and the sanity
+generators, from the saved Results; also the figures and console output the ``layerscope properties`` command
+writes and prints."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
-from ..report import Page, RunContext, Section, model_folders, register, section_record
-from . import properties as pr
+from ...experiments import properties as pr
+from ...experiments.base import Result
+from .. import Page, SectionRun
 
-# zoo:unet: every space it offers; zoo:dit: its spaces and every transformer block; GAN/VAE: the latent
-_DIFFUSION = dict(n=16, pairs=8, steps=10)
-_LATENT = dict(n=64, pairs=16)
-FULL = dict(models={"zoo:unet": dict(_DIFFUSION), "zoo:dit": dict(_DIFFUSION, spaces=["*"]),
-                    "zoo:vae": dict(_LATENT), "zoo:gan": dict(_LATENT)},
-            sanity=dict(n=32, pairs=8))
-QUICK = dict(models={"zoo:unet": dict(n=8, pairs=4, steps=4, spaces=["noise", "text_embeds", "h_space"]),
-                     "zoo:vae": dict(n=32, pairs=8), "zoo:gan": dict(n=32, pairs=8)},
-             sanity=dict(n=16, pairs=4))
-SANITY_SPEC = "torch:layerscope.experiments.properties:{}"
+EXPERIMENT = pr
+KEY = "properties"
+TITLE = "Latent-space properties: density, smoothness, organization, relevance"
 
 
 def properties_command(spec: str, st: dict[str, Any], out: str) -> str:
+    """The CLI command that reproduces a main-job scorecard (tables, figures) into ``out``, from a job's saved
+    settings (what the CLI cannot express, e.g. ``generation`` keywords, is left out)."""
     cmd = f"layerscope properties {spec} --n {st['n']} --pairs {st['pairs']}"
     if st.get("steps"):
         cmd += f" --steps {st['steps']}"
-    for s in st.get("spaces") or []:
+    if st.get("at") is not None:
+        at = st["at"]
+        cmd += f" --at {at if isinstance(at, str) else ','.join(str(s) for s in at)}"
+    spaces = st.get("spaces") or []
+    for s in [spaces] if isinstance(spaces, str) else spaces:
         cmd += f" --space '{s}'"
+    if st.get("scorer", "auto") != "auto":
+        cmd += f" --scorer {st['scorer']}"
+    if isinstance(st.get("concept"), str) and st["concept"] != "auto":
+        cmd += f" --concept '{st['concept']}'"
+    if st.get("seed"):
+        cmd += f" --seed {st['seed']}"
     return cmd + f" --out {out}"
 
 
-def load(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    return (pd.read_parquet(folder / pr.SCORES), pd.read_parquet(folder / pr.DETAILS),
-            json.loads((folder / "properties.json").read_text()))
-
-
-def scorecard_figure(scores: pd.DataFrame, title: str = ""):
+def scorecard_figure(scores: pd.DataFrame, title: str = "") -> Figure:
     """Spaces (rows, per model) x properties: the score, with Figure 4's mark beside it."""
-    from ..report.figures import heatmaps
+    from ..figures import heatmaps
 
     names, mats = [], []
     for (model, space), g in scores.groupby(["model", "space"], sort=False):
@@ -53,8 +56,9 @@ def scorecard_figure(scores: pd.DataFrame, title: str = ""):
                     row_notes=marks, cbar_label="score (marks: V >= 0.67, ~ >= 0.33, X)")
 
 
-def strips_figure(strips: dict[str, np.ndarray], columns: list[str], title: str):
-    from ..report.figures import image_grid
+def strips_figure(strips: dict[str, np.ndarray], columns: list[str], title: str) -> Figure:
+    """One row per space: what each perturbation does to one sample (columns: the record's ``strip_columns``)."""
+    from ..figures import image_grid
 
     return image_grid(list(strips.items()), columns, title=title)
 
@@ -88,33 +92,34 @@ def synthesis_sentence(scores: pd.DataFrame) -> str:
     return text
 
 
-def _run(ctx: RunContext) -> dict[str, Any]:
-    from ..loading import load as load_model
-
-    st = QUICK if ctx.quick else FULL
-    info: dict[str, Any] = {"settings": st, "per_model": {}}
-    for spec, s in st["models"].items():
-        model = load_model(spec)
-        kw = {"num_inference_steps": s["steps"]} if s.get("steps") else {}
-        ctx.log(f"property scorecard of {spec}: n={s['n']}, {s['pairs']} interpolation pairs")
-        scores, details, strips, record = pr.run_properties(model, s.get("spaces"), n=s["n"], pairs=s["pairs"],
-                                                            progress=ctx.progress, **kw)
-        folder = ctx.folder / spec.replace(":", "_")
-        pr.save(folder, scores, details, strips, record)
-        ctx.models.append(spec)
-        info["per_model"][spec] = {"folder": folder.name, "spaces": len(record["spaces"])}
-    sanity = []
-    for name, expect in pr.SANITY.items():
-        scores, *_ = pr.run_properties(SANITY_SPEC.format(name), n=st["sanity"]["n"], pairs=st["sanity"]["pairs"])
-        scores["expected"] = expect
-        sanity.append(scores)
-    pd.concat(sanity).to_parquet(ctx.folder / "sanity.parquet", index=False)
-    return info
+def figures(result: Result, folder: Path) -> dict[str, Figure]:
+    """The figures of one scorecard (the CLI writes them next to the tables): ``scorecard.png``, ``strips.png``."""
+    spec = result.record["model"]
+    return {"scorecard.png": scorecard_figure(result[pr.SCORES], spec),
+            "strips.png": strips_figure(result.artifacts[pr.STRIPS], result.record["strip_columns"], spec)}
 
 
-def _render(folder: Path, page: Page) -> str:
-    record_all = section_record(folder)
-    settings = record_all.get("settings", FULL)
+def console(result: Result) -> list[Any]:
+    """What the CLI prints after a scorecard: the spaces x properties table with marks and CIs."""
+    spec = result.record["model"]
+    title = (f"{spec}: latent-space properties (V >= {pr.FULL_SCORE}, ~ >= {pr.PARTIAL_SCORE}, X below; "
+             "95% CI)")
+    return [(title, pr.scorecard(result[pr.SCORES]).drop(columns="model"))]
+
+
+def sanity_table(results: list[tuple[dict[str, Any], Result]]) -> pd.DataFrame:
+    """The sanity generators' scorecard, one row per generator, with what each must show (the job's note)."""
+    scores = pd.concat([r[pr.SCORES] for _, r in results], ignore_index=True)
+    expected = {r.record["model"]: job.get("note", "") for job, r in results}
+    tab = pr.scorecard(scores)
+    tab["expected"] = tab["model"].map(expected)
+    tab["model"] = tab["model"].str.split(":").str[-1]
+    return tab
+
+
+def render(run: SectionRun, page: Page) -> str:
+    """The section: the definitions, the synthesis finding, the scorecard of every model (figure and table), per
+    model its strips and measurements, and the sanity generators' table."""
     out = [page.p(
         "Schaerf (2025) asks whether a model has one latent space that is dense (any point of its distribution "
         "decodes to an in-distribution image), smooth (a small move gives a similar image), organized (distances "
@@ -132,45 +137,34 @@ def _render(folder: Path, page: Page) -> str:
         "change at 1 std (x sqrt 2) and the gain toward a red object when the space's 'red object' direction is "
         "added. Marks as in Figure 4: V >= 0.67, ~ >= 0.33, X below. Definitions: "
         "layerscope.experiments.properties and docs/properties.md.")]
-    subs = model_folders(folder, record_all, pr.SCORES)
-    if not subs:
+    results = run.results("model")
+    if not results:
         return "".join(out)
-    loaded = {sub: load(sub) for sub in subs}
-    all_scores = pd.concat([v[0] for v in loaded.values()], ignore_index=True)
+    all_scores = pd.concat([r[pr.SCORES] for _, r in results], ignore_index=True)
     out.append(page.finding(synthesis_sentence(all_scores)))
-    cmds = [properties_command(str(v[0]["model"].iloc[0]), settings["models"].get(str(v[0]["model"].iloc[0]), {}),
-                               f"properties-{sub.name}") for sub, v in loaded.items()]
+    cmds = [properties_command(r.record["model"], job["settings"], f"properties-{job['folder']}")
+            for job, r in results]
     out.append(page.figure(scorecard_figure(all_scores, "Latent-space properties per model and space"),
                            "The scorecard (Figure 4 as numbers): each space's four scores; marks on the right in "
                            "property order (density, smoothness, organization, relevance).", "; ".join(cmds)))
     out.append(page.table(pr.scorecard(all_scores), "Scores with 95% bootstrap CIs"))
-    for (sub, (scores, details, record)), cmd in zip(loaded.items(), cmds):
+    for (_job, result), cmd in zip(results, cmds):
+        record, details = result.record, result[pr.DETAILS]
         spec = record["model"]
         out.append(f"<h3>{page.esc(spec)}</h3>")
         out.append(page.p(f"{record['n']} base samples, {record['pairs']} interpolation pairs, "
                           f"{len(record['spaces'])} spaces, concept: {record['concept']}, scorer: {record['scorer']}"
                           + (f", steps perturbed: {record['steps']}" if record.get("steps") else "") + "."))
-        strips = pr.load_strips(sub)
-        out.append(page.figure(strips_figure(strips, record["strip_columns"], f"{spec}: what each perturbation "
-                                             "does (one sample)"),
+        out.append(page.figure(strips_figure(result.artifacts[pr.STRIPS], record["strip_columns"],
+                                             f"{spec}: what each perturbation does (one sample)"),
                                f"{spec}: per space, the sample, a density draw, the sample moved by 0.1/0.3/1 std, "
                                "the interpolation toward another sample, and the concept added.", cmd))
         wide = details.pivot(index="space", columns="metric", values="value").reindex(record["spaces"])
         cols = [c for c in ("change@0.1", "change@0.3", "change@1", "in_dist_base", "in_dist_resampled", "path",
                             "rho_distance", "concept_base", "concept_added") if c in wide.columns]
         out.append(page.table(wide[cols].reset_index(), f"{spec}: the measurements behind the scores"))
-    sanity_file = folder / "sanity.parquet"
-    if sanity_file.exists():
-        sanity = pd.read_parquet(sanity_file)
-        tab = pr.scorecard(sanity)
-        tab["expected"] = sanity.groupby("model", sort=False)["expected"].first().to_numpy()
-        tab["model"] = tab["model"].str.split(":").str[-1]
-        out.append(page.table(tab, "Sanity generators built to fail (z -> image, pixel distances): one ignores its "
-                                   "latent, one outputs a hash of it, one is linear"))
+    sanity = run.results("sanity")
+    if sanity:
+        out.append(page.table(sanity_table(sanity), "Sanity generators built to fail (z -> image, pixel distances): "
+                                                    "one ignores its latent, one outputs a hash of it, one is linear"))
     return "".join(out)
-
-
-@register
-def _section() -> Section:
-    return Section("properties", "Latent-space properties: density, smoothness, organization, relevance",
-                   _run, _render)
