@@ -64,8 +64,12 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def run_interleaved(variants: dict[str, Callable[[], object]], repeats: int, label: str,
-                    warmups: dict[str, Callable[[], object] | None] | None = None) -> dict[str, list[float]]:
+def run_interleaved(
+    variants: dict[str, Callable[[], object]],
+    repeats: int,
+    label: str,
+    warmups: dict[str, Callable[[], object] | None] | None = None,
+) -> dict[str, list[float]]:
     """A warm-up, then ``repeats`` rounds; each round runs all variants in a rotated order.
 
     ``warmups`` replaces the warm-up of a variant by a cheaper call that exercises the same shapes (None: no own
@@ -81,7 +85,7 @@ def run_interleaved(variants: dict[str, Callable[[], object]], repeats: int, lab
     log(f"  [{label}] warm-up done in {time.perf_counter() - t0:.1f}s")
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             dt, _ = timed(variants[name])
             times[name].append(dt)
@@ -114,15 +118,19 @@ def bench_capture(model, gen: dict, layers: list[str], repeats: int, tmp: Path) 
     def zarr_store(pooled: bool):
         def fn():
             path = tmp / f"x{next(counter)}.zarr"  # fresh store every run, so every run writes everything
-            return model.generate(CAPTURE_PROMPT, seeds=0, capture=ls.Capture(layers=layers, pooled=pooled, store=path),
-                                  **gen)
+            return model.generate(
+                CAPTURE_PROMPT, seeds=0, capture=ls.Capture(layers=layers, pooled=pooled, store=path), **gen
+            )
+
         return fn
 
     # sizes (outside the timing)
     full_mb = model.capture_bytes(ls.Capture(layers=layers), 1, **gen) / 2**20
     pooled_kb = model.capture_bytes(ls.Capture(layers=layers, pooled=True), 1, **gen) / 2**10
-    log(f"  capture of {len(layers)} layers x {gen['num_inference_steps']} steps x 2 branches: "
-        f"full {full_mb:.1f} MiB, pooled {pooled_kb:.1f} KiB per sample")
+    log(
+        f"  capture of {len(layers)} layers x {gen['num_inference_steps']} steps x 2 branches: "
+        f"full {full_mb:.1f} MiB, pooled {pooled_kb:.1f} KiB per sample"
+    )
 
     prompts4 = [O_PROMPT, E_PROMPT, O_PROMPT, E_PROMPT]
 
@@ -131,8 +139,9 @@ def bench_capture(model, gen: dict, layers: list[str], repeats: int, tmp: Path) 
 
     def zarr4():
         path = tmp / f"x{next(counter)}.zarr"
-        return model.generate(prompts4, seeds=[0, 1, 2, 3], max_batch=1,
-                              capture=ls.Capture(layers=layers, store=path), **gen)
+        return model.generate(
+            prompts4, seeds=[0, 1, 2, 3], max_batch=1, capture=ls.Capture(layers=layers, store=path), **gen
+        )
 
     variants = {
         "plain": plain,
@@ -201,8 +210,9 @@ def bench_sweep(model, gen: dict, layers: list[str], repeats: int, skip_nnsight:
     def loop(which=layers):
         imgs = {}
         for name in which:
-            out = model.generate([O_PROMPT, E_PROMPT], seeds=[0, 1],
-                                 interventions=[ls.replace(name, ls.Row(1), targets=[0])], **gen)
+            out = model.generate(
+                [O_PROMPT, E_PROMPT], seeds=[0, 1], interventions=[ls.replace(name, ls.Row(1), targets=[0])], **gen
+            )
             imgs[name] = out.images[0]
         results["loop"] = imgs
         return imgs
@@ -215,8 +225,13 @@ def bench_sweep(model, gen: dict, layers: list[str], repeats: int, skip_nnsight:
     if not skip_nnsight:
         nm, envoy = nnsight_setup(model)
         latent_shape = model._latent_shape(cfg)
-        call_kw = {"num_inference_steps": steps, "guidance_scale": GUIDANCE, "height": gen["height"],
-                   "width": gen["width"], "output_type": "pt"}
+        call_kw = {
+            "num_inference_steps": steps,
+            "guidance_scale": GUIDANCE,
+            "height": gen["height"],
+            "width": gen["width"],
+            "output_type": "pt",
+        }
 
         def nn_loop(which=layers):
             # what a user writes with nnsight: one traced generation of [O, E] per layer; rows of the U-Net batch are
@@ -225,8 +240,9 @@ def bench_sweep(model, gen: dict, layers: list[str], repeats: int, skip_nnsight:
             latents = seeded_noise([0, 1], latent_shape, model.device, model.dtype)
             for name in which:
                 env = envoy(name)
-                with nm.generate([O_PROMPT, E_PROMPT], negative_prompt=[neg] * 2, latents=latents.clone(),
-                                 **call_kw) as tracer:
+                with nm.generate(
+                    [O_PROMPT, E_PROMPT], negative_prompt=[neg] * 2, latents=latents.clone(), **call_kw
+                ) as tracer:
                     for _ in tracer.iter[:steps]:
                         nnsight_swap(env, [1, 3], [0, 2])
                     out = nm.output.save()
@@ -239,8 +255,9 @@ def bench_sweep(model, gen: dict, layers: list[str], repeats: int, skip_nnsight:
             n = k + 2
             envs = [envoy(name) for name in layers]
             latents = seeded_noise([0, 1] + [0] * k, latent_shape, model.device, model.dtype)
-            with nm.generate([O_PROMPT, E_PROMPT] + [O_PROMPT] * k, negative_prompt=[neg] * n, latents=latents,
-                             **call_kw) as tracer:
+            with nm.generate(
+                [O_PROMPT, E_PROMPT] + [O_PROMPT] * k, negative_prompt=[neg] * n, latents=latents, **call_kw
+            ) as tracer:
                 for _ in tracer.iter[:steps]:
                     for i, env in enumerate(envs):
                         nnsight_swap(env, [1, n + 1], [2 + i, n + 2 + i])
@@ -284,8 +301,12 @@ def check_sweep(results: dict, layers: list[str]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats for the capture benchmark (default 5)")
-    ap.add_argument("--sweep-repeats", type=int, default=None,
-                    help="timed repeats for the sweep benchmark (default min(repeats, 2): it is ~100 s a repeat)")
+    ap.add_argument(
+        "--sweep-repeats",
+        type=int,
+        default=None,
+        help="timed repeats for the sweep benchmark (default min(repeats, 2): it is ~100 s a repeat)",
+    )
     ap.add_argument("--size", type=int, default=64, help="height = width (default 64)")
     ap.add_argument("--steps", type=int, default=10, help="num_inference_steps (default 10)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs available)")
@@ -318,13 +339,20 @@ def main(argv: list[str] | None = None) -> int:
             args.skip_nnsight = True
 
     log("layerscope engine benchmark")
-    log(f"  python {platform.python_version()}, torch {torch.__version__}, layerscope {ls.__version__}, "
-        f"nnsight {nn_version}")
+    log(
+        f"  python {platform.python_version()}, torch {torch.__version__}, layerscope {ls.__version__}, "
+        f"nnsight {nn_version}"
+    )
     log(f"  CPU: {cpu_model()}, {n_cpus()} CPUs available, torch threads {threads}")
     log(f"  model tiny:sd, {args.size}x{args.size}, {args.steps} steps, guidance {GUIDANCE} (CFG on)")
-    log(f"  repeats: capture {args.repeats}, sweep {sweep_repeats} (medians; one warm-up first)"
-        + ("; the sweep uses fewer repeats than --repeats because one sweep repeat takes ~100 s on 2 cores"
-           if sweep_repeats < args.repeats else ""))
+    log(
+        f"  repeats: capture {args.repeats}, sweep {sweep_repeats} (medians; one warm-up first)"
+        + (
+            "; the sweep uses fewer repeats than --repeats because one sweep repeat takes ~100 s on 2 cores"
+            if sweep_repeats < args.repeats
+            else ""
+        )
+    )
 
     model = ls.load("tiny:sd")
     gen = {"height": args.size, "width": args.size, "num_inference_steps": args.steps, "guidance_scale": GUIDANCE}
@@ -350,8 +378,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((label, f"{t[name]:.3f}", f"{r:.2f}", f"{verdict(r, target)} (<= {target:.2f})"))
         rows.append(("plain generate, 4 prompts x batch 1", f"{t['plain4']:.3f}", "1.00", ""))
         r = t["zarr4"] / t["plain4"]
-        rows.append((f"capture all {k} layers, zarr, 4 x batch 1", f"{t['zarr4']:.3f}", f"{r:.2f}",
-                     f"{verdict(r, TARGETS['zarr'])} (<= {TARGETS['zarr']:.2f})"))
+        rows.append(
+            (
+                f"capture all {k} layers, zarr, 4 x batch 1",
+                f"{t['zarr4']:.3f}",
+                f"{r:.2f}",
+                f"{verdict(r, TARGETS['zarr'])} (<= {TARGETS['zarr']:.2f})",
+            )
+        )
 
     if not args.skip_sweep:
         log(f"\n(b) single-layer injection sweep over {k} layers")
@@ -360,16 +394,34 @@ def main(argv: list[str] | None = None) -> int:
         b = t["batched"]
         r = b / t["plain_k+2"]
         rows.append((f"plain generate, batch k+2={k + 2}", f"{t['plain_k+2']:.3f}", "", ""))
-        rows.append((f"layerscope batched sweep (1 x batch {k + 2})", f"{b:.3f}",
-                     f"{r:.2f} of plain(k+2)", f"{verdict(r, TARGETS['batched/plain(k+2)'])} (<= 1.50)"))
+        rows.append(
+            (
+                f"layerscope batched sweep (1 x batch {k + 2})",
+                f"{b:.3f}",
+                f"{r:.2f} of plain(k+2)",
+                f"{verdict(r, TARGETS['batched/plain(k+2)'])} (<= 1.50)",
+            )
+        )
         rows.append((f"layerscope loop ({k} x batch 2)", f"{t['loop']:.3f}", f"{t['loop'] / b:.2f} x batched", ""))
         if "nnsight_loop" in t:
             r = t["nnsight_loop"] / b
-            rows.append((f"nnsight loop ({k} traces x batch 2)", f"{t['nnsight_loop']:.3f}", f"{r:.2f} x batched",
-                         f"{verdict(r, TARGETS['nnsight/batched'], at_most=False)} (>= 3.00)"))
+            rows.append(
+                (
+                    f"nnsight loop ({k} traces x batch 2)",
+                    f"{t['nnsight_loop']:.3f}",
+                    f"{r:.2f} x batched",
+                    f"{verdict(r, TARGETS['nnsight/batched'], at_most=False)} (>= 3.00)",
+                )
+            )
             r2 = t["nnsight_batched"] / b
-            rows.append((f"nnsight batched (1 trace x batch {k + 2})", f"{t['nnsight_batched']:.3f}",
-                         f"{r2:.2f} x batched", "(like-for-like, no target)"))
+            rows.append(
+                (
+                    f"nnsight batched (1 trace x batch {k + 2})",
+                    f"{t['nnsight_batched']:.3f}",
+                    f"{r2:.2f} x batched",
+                    "(like-for-like, no target)",
+                )
+            )
         if diffs:
             log("")
             for key, d in diffs.items():

@@ -68,10 +68,8 @@ TARGET_POINTS = 1.0
 #: other processes' mean CPU use (cores) from which the machine counts as shared
 SHARED = 0.25
 #: step fraction at which each factor's code switches on, and the layer depth where it is strongest
-ONSET = {"floor_hue": 0.30, "wall_hue": 0.35, "object_hue": 0.60, "scale": 0.20, "shape": 0.50,
-         "orientation": 0.40}
-PREFERRED_DEPTH = {"floor_hue": 0.8, "wall_hue": 0.7, "object_hue": 0.6, "scale": 0.3, "shape": 0.5,
-                   "orientation": 0.4}
+ONSET = {"floor_hue": 0.30, "wall_hue": 0.35, "object_hue": 0.60, "scale": 0.20, "shape": 0.50, "orientation": 0.40}
+PREFERRED_DEPTH = {"floor_hue": 0.8, "wall_hue": 0.7, "object_hue": 0.6, "scale": 0.3, "shape": 0.5, "orientation": 0.4}
 
 _lines: list[str] = []
 
@@ -140,8 +138,9 @@ def split(n: int, test_fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarra
     return perm[n_test:], perm[:n_test]
 
 
-def sklearn_cell(xc: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, l2: float, max_iter: int,
-                 threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def sklearn_cell(
+    xc: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, l2: float, max_iter: int, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """One cell: standardize with train statistics; per factor fit LogisticRegression and score the held-out set.
 
     Returns held-out accuracy (F,), cross-entropy in bits (F,), iterations (F,) and the number of fits that stopped
@@ -172,8 +171,9 @@ def sklearn_cell(xc: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, 
     return acc, ce, iters, not_conv
 
 
-def sklearn_loop(x: torch.Tensor, y: torch.Tensor, cells: list[int], l2: float, max_iter: int, threads: int,
-                 jobs: int = 1) -> dict:
+def sklearn_loop(
+    x: torch.Tensor, y: torch.Tensor, cells: list[int], l2: float, max_iter: int, threads: int, jobs: int = 1
+) -> dict:
     """The loop over cells x factors: in this process with ``threads`` BLAS/OpenMP threads (jobs = 1), or over
     ``jobs`` joblib worker processes with one thread each."""
     tr, te = split(x.shape[1])
@@ -183,10 +183,13 @@ def sklearn_loop(x: torch.Tensor, y: torch.Tensor, cells: list[int], l2: float, 
     else:
         from joblib import Parallel, delayed
 
-        parts = Parallel(n_jobs=jobs)(delayed(sklearn_cell)(x[c].numpy(), yn, tr, te, l2, max_iter, 1)
-                                      for c in cells)
-    return {"accuracy": np.stack([p[0] for p in parts]), "cross_entropy": np.stack([p[1] for p in parts]),
-            "n_iter": np.stack([p[2] for p in parts]), "not_converged": sum(p[3] for p in parts)}
+        parts = Parallel(n_jobs=jobs)(delayed(sklearn_cell)(x[c].numpy(), yn, tr, te, l2, max_iter, 1) for c in cells)
+    return {
+        "accuracy": np.stack([p[0] for p in parts]),
+        "cross_entropy": np.stack([p[1] for p in parts]),
+        "n_iter": np.stack([p[2] for p in parts]),
+        "not_converged": sum(p[3] for p in parts),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,18 +203,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=5000, help="samples (default 5000; 25%% held out)")
     ap.add_argument("--d", type=int, default=64, help="pooled feature width (default 64)")
     ap.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
-    ap.add_argument("--sklearn-cells", type=int, default=40,
-                    help="random cells the sklearn loop runs on; its full time is extrapolated (default 40)")
+    ap.add_argument(
+        "--sklearn-cells",
+        type=int,
+        default=40,
+        help="random cells the sklearn loop runs on; its full time is extrapolated (default 40)",
+    )
     ap.add_argument("--l2", type=float, default=1e-3, help="L2 strength (default 1e-3; sklearn C = 1/(l2 n_train))")
     ap.add_argument("--max-iter", type=int, default=200, help="iteration cap of both solvers (default 200)")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="rounds of the subset comparison, grid and sklearn alternating (default 3; medians)")
-    ap.add_argument("--tols", type=lambda v: [float(t) for t in v.split(",") if t], default=[3e-4, 1e-3],
-                    help="looser grid tolerances also timed on the subset (default 3e-4,1e-3; '' for none)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds of the subset comparison, grid and sklearn alternating (default 3; medians)",
+    )
+    ap.add_argument(
+        "--tols",
+        type=lambda v: [float(t) for t in v.split(",") if t],
+        default=[3e-4, 1e-3],
+        help="looser grid tolerances also timed on the subset (default 3e-4,1e-3; '' for none)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic features and the cell subset")
     ap.add_argument("--write", action="store_true", help=f"write the output into {RESULTS.name} ({SECTION!r})")
-    ap.add_argument("--note", action="append", default=[],
-                    help="a sentence added to the reading in RESULTS.md (e.g. why these options); repeatable")
+    ap.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a sentence added to the reading in RESULTS.md (e.g. why these options); repeatable",
+    )
     args = ap.parse_args(argv)
     try:
         import sklearn
@@ -225,18 +244,24 @@ def main(argv: list[str] | None = None) -> int:
     ks = [SIZES[f] for f in FACTORS]
 
     log("layerscope probe-grid benchmark (issue 6)")
-    log(f"  python {platform.python_version()}, torch {torch.__version__}, scikit-learn {sklearn.__version__}, "
-        f"layerscope {ls.__version__}")
+    log(
+        f"  python {platform.python_version()}, torch {torch.__version__}, scikit-learn {sklearn.__version__}, "
+        f"layerscope {ls.__version__}"
+    )
     log(f"  CPU: {cpu_model()}, {n_cpus()} CPUs available, threads {args.threads} (torch and threadpoolctl)")
     load0 = os.getloadavg()
     log(f"  load average before the run: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
     t0 = time.perf_counter()
     x, y = make_features(layers, steps, args.n, args.d, args.seed)
-    log(f"  features: {layers} layers x {steps} steps = {C} cells, n = {args.n} (train {args.n - round(args.n / 4)}, "
+    log(
+        f"  features: {layers} layers x {steps} steps = {C} cells, n = {args.n} (train {args.n - round(args.n / 4)}, "
         f"held out {round(args.n / 4)}), d = {args.d}, float32 ({x.numel() * 4 / 2**30:.2f} GiB), "
-        f"made in {time.perf_counter() - t0:.1f}s")
-    log(f"  factors: {', '.join(f'{f} ({k})' for f, k in zip(FACTORS, ks))}; l2 = {args.l2:g}, tol = 1e-4, "
-        f"max_iter = {args.max_iter}")
+        f"made in {time.perf_counter() - t0:.1f}s"
+    )
+    log(
+        f"  factors: {', '.join(f'{f} ({k})' for f, k in zip(FACTORS, ks))}; l2 = {args.l2:g}, tol = 1e-4, "
+        f"max_iter = {args.max_iter}"
+    )
     rng = np.random.default_rng(args.seed)
     m = min(args.sklearn_cells, C)
     subset = sorted(rng.choice(C, size=m, replace=False).tolist())
@@ -248,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"sklearn": (f"sklearn loop, {args.threads} thread(s)", dict(threads=args.threads, jobs=1))}
     if args.threads > 1:
         variants["sklearn_1t"] = ("sklearn loop, 1 thread", dict(threads=1, jobs=1))
-        variants["sklearn_jobs"] = (f"sklearn, {args.threads} processes x 1 thread (joblib)",
-                                    dict(threads=1, jobs=args.threads))
+        variants["sklearn_jobs"] = (
+            f"sklearn, {args.threads} processes x 1 thread (joblib)",
+            dict(threads=1, jobs=args.threads),
+        )
 
     # warm-up (libraries, allocator, joblib's workers) on a few cells each
     t0 = time.perf_counter()
@@ -262,10 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     with CpuShare() as share_grid:
         grid = fit_probe_grid(x, y, **kw)
     t_grid = share_grid.wall
-    log(f"  [grid] all {C} cells: {t_grid:.1f}s ({1000 * t_grid / C:.1f} ms per cell); iterations per problem "
+    log(
+        f"  [grid] all {C} cells: {t_grid:.1f}s ({1000 * t_grid / C:.1f} ms per cell); iterations per problem "
         f"mean {grid.n_iter.double().mean():.1f}, max {int(grid.n_iter.max())}, per cell (its slowest factor) mean "
         f"{grid.n_iter.amax(1).double().mean():.1f}; largest final gradient entry {grid.max_grad_norm:.1e} "
-        f"(tol 1e-4), {int(grid.converged.sum())}/{grid.converged.numel()} converged")
+        f"(tol 1e-4), {int(grid.converged.sum())}/{grid.converged.numel()} converged"
+    )
 
     # the subset: the grid and every sklearn variant, in an order rotated from round to round
     times: dict[str, list[float]] = {"grid": [], **{k: [] for k in variants}}
@@ -273,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     with CpuShare() as share_sub:
         for r in range(args.repeats):
             names = list(times)
-            for which in names[r % len(names):] + names[: r % len(names)]:
+            for which in names[r % len(names) :] + names[: r % len(names)]:
                 gc.collect()
                 t0 = time.perf_counter()
                 if which == "grid":
@@ -281,14 +310,18 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     sk_runs[which] = sklearn_loop(x, y, subset, args.l2, args.max_iter, **variants[which][1])
                 times[which].append(time.perf_counter() - t0)
-            log(f"  [subset] round {r + 1}/{args.repeats} ({m} cells, {m * len(ks)} sklearn fits): "
-                + ", ".join(f"{k} {ts[-1]:.1f}s" for k, ts in times.items()))
+            log(
+                f"  [subset] round {r + 1}/{args.repeats} ({m} cells, {m * len(ks)} sklearn fits): "
+                + ", ".join(f"{k} {ts[-1]:.1f}s" for k, ts in times.items())
+            )
     med = {k: statistics.median(ts) for k, ts in times.items()}
     t_sub, t_sk = med["grid"], med["sklearn"]
     t_subs, t_sks = times["grid"], times["sklearn"]
     sk = sk_runs["sklearn"]
-    log(f"  [sklearn] iterations per fit mean {sk['n_iter'].mean():.1f}, max {sk['n_iter'].max()}; "
-        f"{sk['not_converged']} fits stopped at max_iter")
+    log(
+        f"  [sklearn] iterations per fit mean {sk['n_iter'].mean():.1f}, max {sk['n_iter'].max()}; "
+        f"{sk['not_converged']} fits stopped at max_iter"
+    )
     for k in sk_runs:
         if k != "sklearn":
             gap = 100 * np.abs(sk_runs[k]["accuracy"] - sk["accuracy"]).max()
@@ -324,53 +357,95 @@ def main(argv: list[str] | None = None) -> int:
 
     log("")
     log(f"held-out agreement on the {m} subset cells x {len(ks)} factors (grid vs sklearn, both tol 1e-4)")
-    log(f"  accuracy: mean |diff| {diff.mean():.2f} points, max {diff.max():.2f} points "
+    log(
+        f"  accuracy: mean |diff| {diff.mean():.2f} points, max {diff.max():.2f} points "
         f"(target: within {TARGET_POINTS:g}); mean accuracy grid {100 * ours.mean():.2f}%, "
-        f"sklearn {100 * sk['accuracy'].mean():.2f}%")
-    log(f"  cross-entropy: mean |diff| {dce.mean():.4f} bits, max {dce.max():.4f}; MI bound: mean |diff| "
-        f"{dmi.mean():.4f} bits, max {dmi.max():.4f}")
-    log(f"  grid on the subset alone vs the same cells in the full grid: max |accuracy diff| {100 * same_sub:.2f} "
-        f"points")
-    log(f"  grid accuracies: {100 * near_chance:.0f}% of the {acc_all.size} problems within 5 points of chance, "
-        f"{100 * near_one:.0f}% above 95%, median {100 * np.median(acc_all):.1f}%")
-    log("  first cell (steps in order, then layers) reaching 90%: "
-        + ", ".join(f"{f} {'-' if k is None else f'step {k % steps} layer {k // steps}'}" for f, k in onsets.items()))
+        f"sklearn {100 * sk['accuracy'].mean():.2f}%"
+    )
+    log(
+        f"  cross-entropy: mean |diff| {dce.mean():.4f} bits, max {dce.max():.4f}; MI bound: mean |diff| "
+        f"{dmi.mean():.4f} bits, max {dmi.max():.4f}"
+    )
+    log(
+        f"  grid on the subset alone vs the same cells in the full grid: max |accuracy diff| {100 * same_sub:.2f} "
+        f"points"
+    )
+    log(
+        f"  grid accuracies: {100 * near_chance:.0f}% of the {acc_all.size} problems within 5 points of chance, "
+        f"{100 * near_one:.0f}% above 95%, median {100 * np.median(acc_all):.1f}%"
+    )
+    log(
+        "  first cell (steps in order, then layers) reaching 90%: "
+        + ", ".join(f"{f} {'-' if k is None else f'step {k % steps} layer {k // steps}'}" for f, k in onsets.items())
+    )
     log("")
     log(f"results (seconds; the subset rows are medians of {args.repeats} rounds)")
     log(f"  {'what':64s} {'time s':>8s} {'ms/cell':>8s}  other processes' CPU use")
-    rows = [(f"fit_probe_grid, all {C} cells", t_grid, C, share_grid),
-            (f"fit_probe_grid, the {m} subset cells", t_sub, m, share_sub)]
+    rows = [
+        (f"fit_probe_grid, all {C} cells", t_grid, C, share_grid),
+        (f"fit_probe_grid, the {m} subset cells", t_sub, m, share_sub),
+    ]
     rows += [(f"{label}, the {m} subset cells", med[k], m, share_sub) for k, (label, _) in variants.items()]
     for label, t, k, sh in rows:
         other = "n/a" if sh.other is None else f"{sh.other:.2f} of {n_cpus()} cores"
         log(f"  {label:64s} {t:8.1f} {1000 * t / k:8.1f}  {other}")
     log(f"  {f'sklearn loop, all {C} cells (extrapolated per cell)':64s} {sk_total:8.1f} {1000 * t_sk / m:8.1f}")
     for tol, dt_tol, dm, dx, cm, cx in sweep:
-        log(f"  {f'fit_probe_grid, the {m} subset cells, tol {tol:g}':64s} {dt_tol:8.1f} {1000 * dt_tol / m:8.1f}  "
-            f"{t_sk / dt_tol:.1f}x sklearn; accuracy |diff| mean {dm:.2f} max {dx:.2f} points, CE max {cx:.4f} bits")
+        log(
+            f"  {f'fit_probe_grid, the {m} subset cells, tol {tol:g}':64s} {dt_tol:8.1f} {1000 * dt_tol / m:8.1f}  "
+            f"{t_sk / dt_tol:.1f}x sklearn; accuracy |diff| mean {dm:.2f} max {dx:.2f} points, CE max {cx:.4f} bits"
+        )
     verdict = "PASS" if ratio >= TARGET_RATIO and diff.max() <= TARGET_POINTS else "MISS"
     busy = max((sh.other or 0.0) for sh in (share_grid, share_sub))
     if args.threads + busy > n_cpus() + 0.25:
-        verdict += (f" (oversubscribed: {args.threads} threads + {busy:.2f} cores of other work > {n_cpus()} CPUs; "
-                    f"the times measure scheduler stalls as much as arithmetic)")
-    log(f"  speed-up at the same tol 1e-4: {ratio:.1f}x on all cells (sklearn extrapolated from {m} cells), "
+        verdict += (
+            f" (oversubscribed: {args.threads} threads + {busy:.2f} cores of other work > {n_cpus()} CPUs; "
+            f"the times measure scheduler stalls as much as arithmetic)"
+        )
+    log(
+        f"  speed-up at the same tol 1e-4: {ratio:.1f}x on all cells (sklearn extrapolated from {m} cells), "
         f"{ratio_sub:.1f}x like for like on the subset; target >= {TARGET_RATIO:g}x within {TARGET_POINTS:g} point: "
-        f"{verdict}")
+        f"{verdict}"
+    )
     for k, (label, _) in variants.items():
         if k != "sklearn":
-            log(f"  against the {label}: {med[k] / t_sub:.1f}x like for like on the subset, "
-                f"{med[k] / m * C / t_grid:.1f}x extrapolated to all cells")
+            log(
+                f"  against the {label}: {med[k] / t_sub:.1f}x like for like on the subset, "
+                f"{med[k] / m * C / t_grid:.1f}x extrapolated to all cells"
+            )
     log(f"  grid, all cells: {cpu_grid:.0f} CPU seconds in {t_grid:.0f} s wall ({share_grid.ours or 0:.2f} cores)")
     load1 = os.getloadavg()
     log(f"  load average after the run: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     log(f"\ntotal script time {time.perf_counter() - t_start:.0f}s")
 
     if args.write:
-        write_results(args, argv, dict(C=C, m=m, t_grid=t_grid, t_sub=t_sub, t_sk=t_sk, sk_total=sk_total,
-                                       ratio=ratio, ratio_sub=ratio_sub, diff=diff, dce=dce, grid=grid, sk=sk,
-                                       shares=(share_grid, share_sub), verdict=verdict, sweep=sweep,
-                                       t_subs=t_subs, t_sks=t_sks, near_chance=near_chance, near_one=near_one,
-                                       variants=variants, med=med))
+        write_results(
+            args,
+            argv,
+            dict(
+                C=C,
+                m=m,
+                t_grid=t_grid,
+                t_sub=t_sub,
+                t_sk=t_sk,
+                sk_total=sk_total,
+                ratio=ratio,
+                ratio_sub=ratio_sub,
+                diff=diff,
+                dce=dce,
+                grid=grid,
+                sk=sk,
+                shares=(share_grid, share_sub),
+                verdict=verdict,
+                sweep=sweep,
+                t_subs=t_subs,
+                t_sks=t_sks,
+                near_chance=near_chance,
+                near_one=near_one,
+                variants=variants,
+                med=med,
+            ),
+        )
         log(f"\nwrote section {SECTION!r} of {RESULTS}")
     return 0
 
@@ -390,15 +465,19 @@ def write_results(args, argv, r: dict) -> None:
     if not others:
         share_line = "Other processes' CPU use was not measured (no /proc/stat)."
     elif max(others) >= SHARED:
-        share_line = (f"**The machine was shared**: other processes (another engineer's jobs) kept on average "
-                      f"{share_grid.other:.2f} of the {ncpu} cores busy during the full-grid run and "
-                      f"{share_sub.other:.2f} during the subset rounds (measured from /proc/stat), so the times are "
-                      f"inflated and noisy; the subset comparison alternates the two solvers round by round so that "
-                      f"both see the same load.")
+        share_line = (
+            f"**The machine was shared**: other processes (another engineer's jobs) kept on average "
+            f"{share_grid.other:.2f} of the {ncpu} cores busy during the full-grid run and "
+            f"{share_sub.other:.2f} during the subset rounds (measured from /proc/stat), so the times are "
+            f"inflated and noisy; the subset comparison alternates the two solvers round by round so that "
+            f"both see the same load."
+        )
     else:
-        share_line = (f"Other processes used {share_grid.other:.2f} of the {ncpu} cores during the full-grid run "
-                      f"and {share_sub.other:.2f} during the subset rounds (/proc/stat): the machine was not shared "
-                      f"in any way that matters (under {SHARED} cores).")
+        share_line = (
+            f"Other processes used {share_grid.other:.2f} of the {ncpu} cores during the full-grid run "
+            f"and {share_sub.other:.2f} during the subset rounds (/proc/stat): the machine was not shared "
+            f"in any way that matters (under {SHARED} cores)."
+        )
     ratio, ratio_sub, diff = r["ratio"], r["ratio_sub"], r["diff"]
     it = grid.n_iter.double()
     med, variants = r["med"], r["variants"]
@@ -409,19 +488,25 @@ def write_results(args, argv, r: dict) -> None:
     ]
     fastest = min(med[k] for k in med if k.startswith("sklearn"))
     for tol, dt_tol, _dm, dx, _cm, cx in r["sweep"]:
-        table.append(f"| fit_probe_grid, the {m} subset cells | {tol:g} | {dt_tol:.1f} | {1000 * dt_tol / m:.1f} | "
-                     f"{fastest / dt_tol:.1f}x the fastest sklearn row | accuracy within {dx:.2f} points, "
-                     f"CE within {cx:.4f} bits of sklearn at 1e-4 |")
+        table.append(
+            f"| fit_probe_grid, the {m} subset cells | {tol:g} | {dt_tol:.1f} | {1000 * dt_tol / m:.1f} | "
+            f"{fastest / dt_tol:.1f}x the fastest sklearn row | accuracy within {dx:.2f} points, "
+            f"CE within {cx:.4f} bits of sklearn at 1e-4 |"
+        )
     for k, (label, _) in variants.items():
-        table.append(f"| {label}, the {m} subset cells | 1e-4 | {med[k]:.1f} | {1000 * med[k] / m:.1f} | "
-                     f"**{med[k] / t_sub:.1f}x** | **{med[k] / m * C / t_grid:.1f}x** (extrapolated to {C} cells) |")
+        table.append(
+            f"| {label}, the {m} subset cells | 1e-4 | {med[k]:.1f} | {1000 * med[k] / m:.1f} | "
+            f"**{med[k] / t_sub:.1f}x** | **{med[k] / m * C / t_grid:.1f}x** (extrapolated to {C} cells) |"
+        )
     met = ratio >= TARGET_RATIO and diff.max() <= TARGET_POINTS
     per_it = (1000 * med["sklearn_1t"] / sk["n_iter"].sum()) if "sklearn_1t" in med else None
     bullets = [
         f"* **Against the plain sklearn loop ({args.threads} thread(s), sklearn's default here): {ratio:.1f}x** on the "
         f"full grid (sklearn's time **extrapolated** per cell from {m} random cells: {r['sk_total']:.0f} s for "
         f"{C} cells), {ratio_sub:.1f}x like for like on those cells (medians of {args.repeats} rounds: grid "
-        + ", ".join(f"{t:.1f}" for t in r["t_subs"]) + " s; sklearn " + ", ".join(f"{t:.1f}" for t in r["t_sks"])
+        + ", ".join(f"{t:.1f}" for t in r["t_subs"])
+        + " s; sklearn "
+        + ", ".join(f"{t:.1f}" for t in r["t_sks"])
         + f" s). Target >= {TARGET_RATIO:g}x within {TARGET_POINTS:g} point: **{'met' if met else 'not met'}**.",
     ]
     if "sklearn_1t" in med:
@@ -435,7 +520,8 @@ def write_results(args, argv, r: dict) -> None:
             f"parallel BLAS and OpenMP regions cost more than they compute. Against the fastest sklearn "
             f"configuration ({variants[best_k][0]}) the grid is **{best / t_sub:.1f}x** like for like and "
             f"{best / m * C / t_grid:.1f}x extrapolated to all cells: the 10x target is "
-            f"**{'met' if best / m * C / t_grid >= TARGET_RATIO else 'not met'}** against a tuned baseline.")
+            f"**{'met' if best / m * C / t_grid >= TARGET_RATIO else 'not met'}** against a tuned baseline."
+        )
     bullets += [
         f"* **Accuracy**: mean |diff| {diff.mean():.2f} points, max {diff.max():.2f} points over {diff.size} (cell, "
         f"factor) problems (target: within {TARGET_POINTS:g} point, "
@@ -450,8 +536,12 @@ def write_results(args, argv, r: dict) -> None:
         "* Why the tuned ratio is what it is: per iteration both do the same arithmetic, two products of the "
         "(n, d+1) features with the (d+1, K) weights and a softmax. The grid does them for all six factors of a "
         "batch of cells (~20 here) in one bmm each, in float32, without sklearn's per-iteration Python/scipy "
-        "overhead" + (f" (the one-thread loop spent {per_it:.1f} ms per iteration of one fit, for products that take "
-                      f"~0.2-0.3 ms)" if per_it else "")
+        "overhead"
+        + (
+            f" (the one-thread loop spent {per_it:.1f} ms per iteration of one fit, for products that take ~0.2-0.3 ms)"
+            if per_it
+            else ""
+        )
         + f", and needs about half the iterations per problem ({it.mean():.1f} against {sk['n_iter'].mean():.1f}: "
         "the Kronecker-factored preconditioner). But a cell iterates until its slowest factor converges, with all "
         "six factors' columns, which gives back most of that second advantage. On an accelerator the batched "
@@ -466,15 +556,18 @@ def write_results(args, argv, r: dict) -> None:
                 f"equal stopping rule. At tol {row[0]:g} the grid took {row[1]:.1f} s on the subset "
                 f"({fastest / row[1]:.1f}x the fastest sklearn configuration) with accuracy within {row[3]:.2f} points and cross-entropy within {row[5]:.4f} "
                 f"bits of sklearn at 1e-4. The default stays 1e-4, sklearn's default rule, since the MI bound is "
-                f"read off the cross-entropy.")
+                f"read off the cross-entropy."
+            )
     bullets.append(
         f"* The grid spans the range the issue asks for: {100 * r['near_chance']:.0f}% of the {grid.accuracy.numel()} "
-        f"problems are within 5 points of chance and {100 * r['near_one']:.0f}% above 95% held-out accuracy.")
+        f"problems are within 5 points of chance and {100 * r['near_one']:.0f}% above 95% held-out accuracy."
+    )
     if others and max(others) >= SHARED and args.threads > 1:
         bullets.append(
             f"* With {args.threads} threads on a machine whose cores are busy with other work, every parallel region "
             f"waits for whichever of its threads was descheduled; both solvers run thousands of short parallel "
-            f"regions, so the times say as much about the scheduler as about the arithmetic.")
+            f"regions, so the times say as much about the scheduler as about the arithmetic."
+        )
     bullets += [f"* {note}" for note in args.note]
     body = f"""{SECTION}
 
@@ -484,8 +577,8 @@ Command (from the repository root; scikit-learn installed for the comparison onl
 {command}
 ```
 
-Machine: `nproc` = {ncpu}, CPU `{cpu_model()}` (/proc/cpuinfo){f', {mem:.0f} GiB RAM' if mem else ''}, no GPU.
-Python {platform.python_version()}, torch {torch.__version__}, scikit-learn {__import__('sklearn').__version__},
+Machine: `nproc` = {ncpu}, CPU `{cpu_model()}` (/proc/cpuinfo){f", {mem:.0f} GiB RAM" if mem else ""}, no GPU.
+Python {platform.python_version()}, torch {torch.__version__}, scikit-learn {__import__("sklearn").__version__},
 layerscope {ls.__version__}; {args.threads} thread(s) on both sides. Measured {_dt.date.today().isoformat()} on
 commit "{git_head()}" (+ the probe solver). {share_line}
 

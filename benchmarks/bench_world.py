@@ -38,7 +38,9 @@ def main() -> None:
     r32 = rate(args.n, 32)
     r64 = rate(args.n // 4, 64)
     print(f"torch {torch.__version__}, 1 thread, {args.n} images per run, median of 5")
-    print(f"32x32: {r32:,.0f} images/s  ({r32 / TARGET:.2f}x the 5,000/s target: {'PASS' if r32 >= TARGET else 'MISS'})")
+    print(
+        f"32x32: {r32:,.0f} images/s  ({r32 / TARGET:.2f}x the 5,000/s target: {'PASS' if r32 >= TARGET else 'MISS'})"
+    )
     print(f"64x64: {r64:,.0f} images/s")
 
 

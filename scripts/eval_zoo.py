@@ -37,8 +37,12 @@ def main() -> None:
             print(name, "picked guidance", best, "(best worst-factor agreement on the selection run)")
         q = zoo.evaluate(model, name, n=args.n, progress=False, **kw)
         if kw:
-            q["settings"]["selection"] = {"guidance_tried": list(GUIDANCE), "samples": 200, "seed": 10_000,
-                                          "rule": "highest minimum prompt agreement over factors"}
+            q["settings"]["selection"] = {
+                "guidance_tried": list(GUIDANCE),
+                "samples": 200,
+                "seed": 10_000,
+                "rule": "highest minimum prompt agreement over factors",
+            }
             from layerscope.world.training import write_json
 
             write_json(zoo.MODELS[name].folder / "quality.json", q)

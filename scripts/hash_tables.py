@@ -53,8 +53,10 @@ def main(argv: list[str]) -> int:
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         for k in diff:
             print(f"{k}: {a.get(k, 'missing')} -> {b.get(k, 'missing')}")
-        print(f"{len(set(a) & set(b)) - len([k for k in diff if k in a and k in b])} of {len(set(a) | set(b))} "
-              f"files identical; {len(diff)} differ or are missing")
+        print(
+            f"{len(set(a) & set(b)) - len([k for k in diff if k in a and k in b])} of {len(set(a) | set(b))} "
+            f"files identical; {len(diff)} differ or are missing"
+        )
         return 1 if diff else 0
     if len(argv) != 1:
         print(__doc__)

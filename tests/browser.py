@@ -135,8 +135,9 @@ def chrome_options(chromium: str, profile_dir: str):
     return options
 
 
-def page_report(html_path: str | os.PathLike, *, timeout: float = 60.0,
-                binaries: tuple[str, str] | None = None) -> dict[str, Any]:
+def page_report(
+    html_path: str | os.PathLike, *, timeout: float = 60.0, binaries: tuple[str, str] | None = None
+) -> dict[str, Any]:
     """Open ``html_path`` in headless Chromium and report its title, images, <h2> texts and console errors.
 
     Returned dict: ``title``, ``url``, ``n_images``, ``images`` (one dict per <img> in document order: ``alt``,

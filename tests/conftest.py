@@ -64,6 +64,8 @@ def browser() -> tuple[str, str]:
 
     found = find_or_install_chromium()
     if found is None:
-        pytest.skip("headless Chromium is unavailable: chromium/chromedriver are not installed and could not be "
-                    "installed (needs root and apt-get: apt-get install chromium chromium-driver)")
+        pytest.skip(
+            "headless Chromium is unavailable: chromium/chromedriver are not installed and could not be "
+            "installed (needs root and apt-get: apt-get install chromium chromium-driver)"
+        )
     return found

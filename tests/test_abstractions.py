@@ -31,8 +31,9 @@ def test_the_baseline_is_the_denoiser_input_by_role(dit):
 
 
 def test_collect_features_layers_steps_and_baseline(dit):
-    feats = ab.collect_features(dit, [""] * 6, list(range(6)), steps=[0, 2], projection=16, guidance_scale=1.0,
-                                num_inference_steps=3)
+    feats = ab.collect_features(
+        dit, [""] * 6, list(range(6)), steps=[0, 2], projection=16, guidance_scale=1.0, num_inference_steps=3
+    )
     n_layers = len(dit.layer_map().layers)
     assert feats.layers[0] == feats.baseline == X_T and len(feats.layers) == n_layers + 1
     assert feats.steps == [0, 2] and len(feats.timesteps) == 2 and feats.timesteps[0] > feats.timesteps[1]
@@ -41,8 +42,16 @@ def test_collect_features_layers_steps_and_baseline(dit):
     width = dit.layer_map()["transformer_blocks.0"].shape[-1]
     assert feats.cells[("transformer_blocks.0", 2)].shape == (6, width)  # pooled over tokens
     # the baseline at step 0 is a projection of the initial noise: independent of the model, fixed by the seeds
-    again = ab.collect_features(dit, [""] * 6, list(range(6)), steps=[0], layers="transformer_blocks.0",
-                                projection=16, guidance_scale=1.0, num_inference_steps=3)
+    again = ab.collect_features(
+        dit,
+        [""] * 6,
+        list(range(6)),
+        steps=[0],
+        layers="transformer_blocks.0",
+        projection=16,
+        guidance_scale=1.0,
+        num_inference_steps=3,
+    )
     torch.testing.assert_close(again.cells[(X_T, 0)], feats.cells[(X_T, 0)])
 
 
@@ -74,9 +83,17 @@ def test_layers_as_random_projections_of_the_whole_map(dit):
     proj = ab.collect_features(dit, [""] * 4, list(range(4)), project_layers=True, **kw)
     assert proj.cells[("transformer_blocks.0", 1)].shape == (4, 8)
     torch.testing.assert_close(proj.cells[(X_T, 1)], pooled.cells[(X_T, 1)])
-    full = dit.generate([""] * 4, list(range(4)), capture=ls.Capture("transformer_blocks.0", steps=[1],
-                                                                     branches=["cond"]), guidance_scale=1.0,
-                        num_inference_steps=3).capture["transformer_blocks.0"][:, 0, 0].flatten(1)
+    full = (
+        dit.generate(
+            [""] * 4,
+            list(range(4)),
+            capture=ls.Capture("transformer_blocks.0", steps=[1], branches=["cond"]),
+            guidance_scale=1.0,
+            num_inference_steps=3,
+        )
+        .capture["transformer_blocks.0"][:, 0, 0]
+        .flatten(1)
+    )
     torch.testing.assert_close(proj.cells[("transformer_blocks.0", 1)], full @ ab._projection(full.shape[1], 8))
 
 
@@ -101,14 +118,21 @@ def test_run_probes_table_on_the_zoo(dit):
 def test_user_labels_from_csv_on_tiny_sd(tmp_path):
     """A label that is a function of the prompt is readable from the text-conditioned layers at the first step."""
     colours = ["red", "blue"]
-    rows = [(f"a photo of a {colours[i % 2]} {'cube' if i % 3 else 'ball'} number {i}", colours[i % 2],
-             "cube" if i % 3 else "ball") for i in range(48)]
+    rows = [
+        (
+            f"a photo of a {colours[i % 2]} {'cube' if i % 3 else 'ball'} number {i}",
+            colours[i % 2],
+            "cube" if i % 3 else "ball",
+        )
+        for i in range(48)
+    ]
     path = tmp_path / "labels.csv"
     pd.DataFrame(rows, columns=["prompt", "colour", "object"]).to_csv(path, index=False)
     prompts, labels, factors, sizes = ab.labels_from_csv(path)
     assert factors == ["colour", "object"] and sizes == [2, 2] and labels.shape == (48, 2)
-    table, record = ab.run_probes_csv(tiny("sd"), path, layers="*attentions*", steps=[0], num_inference_steps=2,
-                                      guidance_scale=4.0)
+    table, record = ab.run_probes_csv(
+        tiny("sd"), path, layers="*attentions*", steps=[0], num_inference_steps=2, guidance_scale=4.0
+    )
     assert record["baseline"] == X_T
     best = table[(table["metric"] == "accuracy") & (table["layer"] != X_T)].groupby("factor")["value"].max()
     assert best["colour"] >= 0.9 and best["object"] >= 0.9
@@ -144,9 +168,17 @@ def test_cli_abstractions_errors():
 # -- forking -------------------------------------------------------------------------------------------------------
 def _forked_x_t(model, steps, at, **kw):
     cap = ls.Capture(["x_t"], pooled=False, branches=["cond"])
-    res = model.generate([kw.pop("prompt", "")] * 3, [7] * 3, capture=cap, fork_at=at, fork_seeds=[1, 2, 3],
-                         max_batch=kw.pop("max_batch", None),
-                         num_inference_steps=steps, eta=1.0, **kw)
+    res = model.generate(
+        [kw.pop("prompt", "")] * 3,
+        [7] * 3,
+        capture=cap,
+        fork_at=at,
+        fork_seeds=[1, 2, 3],
+        max_batch=kw.pop("max_batch", None),
+        num_inference_steps=steps,
+        eta=1.0,
+        **kw,
+    )
     return res.capture["x_t"][:, :, 0], res.images
 
 
@@ -156,8 +188,11 @@ def test_forks_share_the_trajectory_up_to_tau_and_differ_after(family, dit):
     callback). The tiny models' identical rows in one batch differ by ~1e-5 even without noise (batched float
     arithmetic), so their forks run one per batch: bitwise equality then tests the fork, not the kernels."""
     model = dit if family == "zoo:dit" else tiny(family.split(":")[1])
-    kw = ({"guidance_scale": 1.0} if family == "zoo:dit"
-          else {"prompt": "a red cat", "guidance_scale": 4.0, "max_batch": 1})
+    kw = (
+        {"guidance_scale": 1.0}
+        if family == "zoo:dit"
+        else {"prompt": "a red cat", "guidance_scale": 4.0, "max_batch": 1}
+    )
     for at in (0, 2):
         x, images = _forked_x_t(model, 4, at, **dict(kw))
         for step in range(4):
@@ -186,8 +221,15 @@ def test_no_fork_leaves_generation_unchanged(dit):
 
     new = dit.generate([""] * 2, [11, 12], num_inference_steps=3, guidance_scale=1.0).images
     noise = seeded_noise([11, 12], (3, 32, 32), "cpu", torch.float32)
-    old = dit.pipe(prompt=[""] * 2, latents=noise, num_inference_steps=3, guidance_scale=1.0, output_type="latent",
-                   return_dict=False, generator=torch.Generator("cpu").manual_seed(11))[0]
+    old = dit.pipe(
+        prompt=[""] * 2,
+        latents=noise,
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        output_type="latent",
+        return_dict=False,
+        generator=torch.Generator("cpu").manual_seed(11),
+    )[0]
     torch.testing.assert_close(new, (old / 2 + 0.5).clamp(0, 1), rtol=0, atol=0)
     kw = dict(num_inference_steps=3, guidance_scale=1.0, eta=1.0)
     pair = dit.generate([""] * 2, [11, 12], **kw).images
@@ -220,13 +262,18 @@ def test_plugin_entropy():
 
 
 def test_commitment_times_on_a_synthetic_table():
-    curves = {"early": [2.0, 0.4, 0.1, 0.0], "late": [2.0, 1.5, 0.9, 0.2], "back": [2.0, 0.3, 0.8, 0.1],
-              "never": [2.0, 1.9, 1.8, 1.7], "flat": [0.2, 0.1, 0.0, 0.0]}
-    summary = pd.DataFrame([{"tau": tau, "factor": f, "entropy": h} for f, hs in curves.items()
-                            for tau, h in zip((0, 2, 4, 6), hs)])
+    curves = {
+        "early": [2.0, 0.4, 0.1, 0.0],
+        "late": [2.0, 1.5, 0.9, 0.2],
+        "back": [2.0, 0.3, 0.8, 0.1],
+        "never": [2.0, 1.9, 1.8, 1.7],
+        "flat": [0.2, 0.1, 0.0, 0.0],
+    }
+    summary = pd.DataFrame(
+        [{"tau": tau, "factor": f, "entropy": h} for f, hs in curves.items() for tau, h in zip((0, 2, 4, 6), hs)]
+    )
     assert ab.commitment_times(summary, 0.5) == {"early": 2, "late": 6, "back": 6, "never": None, "flat": 0}
-    assert ab.commitment_times(summary, fraction=0.5) == {"early": 2, "late": 4, "back": 2, "never": None,
-                                                          "flat": 2}
+    assert ab.commitment_times(summary, fraction=0.5) == {"early": 2, "late": 4, "back": 2, "never": None, "flat": 2}
 
 
 def test_fork_entropy_table_and_summary():
@@ -262,8 +309,24 @@ def test_run_forking_on_the_zoo(dit):
 def test_cli_abstractions_forking(tmp_path):
     runner = CliRunner()
     out = tmp_path / "forks"
-    res = runner.invoke(command(), ["abstractions", "zoo:dit", "--no-probes", "--forks", "2", "--fork-prompts", "2",
-                                    "--taus", "0,1", "--steps", "2", "--out", str(out)])
+    res = runner.invoke(
+        command(),
+        [
+            "abstractions",
+            "zoo:dit",
+            "--no-probes",
+            "--forks",
+            "2",
+            "--fork-prompts",
+            "2",
+            "--taus",
+            "0,1",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "order of commitment" in res.output and not (out / ab.TABLE).exists()
     table = pd.read_parquet(out / ab.FORK_TABLE)
@@ -271,8 +334,11 @@ def test_cli_abstractions_forking(tmp_path):
     assert set(saved.tables) == {"forks"} and saved.record["settings"]["forks"] == 2 and "probes" not in saved.record
     assert len(table) == 2 * 2 * 6 and (out / "forking.png").stat().st_size > 0
     assert (table[table["tau"] == 1]["entropy"] == 0).all()  # the last DDIM step draws no noise
-    for args, msg in ((["zoo:dit", "--no-probes"], "needs --forks"), (["tiny:sd", "--forks", "2"], "zoo model"),
-                      (["zoo:dit", "--no-probes", "--forks", "2", "--taus", "a,b"], "comma-separated")):
+    for args, msg in (
+        (["zoo:dit", "--no-probes"], "needs --forks"),
+        (["tiny:sd", "--forks", "2"], "zoo model"),
+        (["zoo:dit", "--no-probes", "--forks", "2", "--taus", "a,b"], "comma-separated"),
+    ):
         res = runner.invoke(command(), ["abstractions", *args])
         assert res.exit_code == 2 and msg in " ".join(res.output.split()), res.output  # rich wraps long lines
 
@@ -328,10 +394,13 @@ def test_settings_errors_come_before_any_generation(dit, monkeypatch):
         ab.run(sd, ab.Settings(probes=False, forks=2))
     with pytest.raises(ls.ConfigError, match="--labels"):
         ab.run(sd, ab.Settings())
-    for st, msg in ((ab.Settings(probes=False), "nothing to do"), (ab.Settings(n=3), "at least 8"),
-                    (ab.Settings(probes=False, forks=1), "2 forks"),
-                    (ab.Settings(probes=False, forks=2, steps=3, taus=(0, 3)), r"in 0\.\.2"),
-                    (ab.Settings(labels="/nonexistent/labels.csv"), "does not exist")):
+    for st, msg in (
+        (ab.Settings(probes=False), "nothing to do"),
+        (ab.Settings(n=3), "at least 8"),
+        (ab.Settings(probes=False, forks=1), "2 forks"),
+        (ab.Settings(probes=False, forks=2, steps=3, taus=(0, 3)), r"in 0\.\.2"),
+        (ab.Settings(labels="/nonexistent/labels.csv"), "does not exist"),
+    ):
         with pytest.raises(ls.ConfigError, match=msg):
             ab.run(dit, st)
     # a model the Shapes oracle reads passes the checks whatever its spec says (and reaches generation)
@@ -343,8 +412,10 @@ def test_settings_errors_come_before_any_generation(dit, monkeypatch):
 
 def test_main_job_is_the_old_sections_settings():
     """The probe grid then forking on zoo:unet and zoo:dit, with the settings the main job always used."""
-    for quick, (n, steps, prompts, forks, taus) in ((False, (320, 10, 12, 8, tuple(range(9)))),
-                                                    (True, (64, 4, 3, 4, (0, 1, 2)))):
+    for quick, (n, steps, prompts, forks, taus) in (
+        (False, (320, 10, 12, 8, tuple(range(9)))),
+        (True, (64, 4, 3, 4, (0, 1, 2))),
+    ):
         jobs = ab.main_job(quick)
         assert [j.spec for j in jobs] == ["zoo:unet", "zoo:dit"]
         assert [j.folder_name() for j in jobs] == ["zoo_unet", "zoo_dit"]
@@ -366,14 +437,18 @@ def test_section_renders_from_saved_results(small, tmp_path):
     assert set(figs) == {"accuracy.png", "mi_bound.png", "heatmap.png", "forking.png"}
     items = section.console(small)
     titles = [i[0] for i in items if isinstance(i, tuple)]
-    assert titles == ["zoo:dit: when each factor becomes linearly readable",
-                      "zoo:dit: when the generation commits to each factor (forking entropy)"]
+    assert titles == [
+        "zoo:dit: when each factor becomes linearly readable",
+        "zoo:dit: when the generation commits to each factor (forking entropy)",
+    ]
     texts = [i for i in items if isinstance(i, str)]
     assert "order in which" in texts[0] and "order of commitment" in texts[1] and "Probe-readable order" in texts[1]
     job = {"spec": "zoo:dit", "folder": "zoo_dit", "part": "model", "settings": settings_dict(SMALL)}
     html = section.render(SectionRun("abstractions", folder, {"jobs": [job]}), Page(tmp_path))
     assert html.count("<img ") == 4 and "<h3>zoo:dit</h3>" in html
     assert "layerscope abstractions zoo:dit --n 16 --steps 3 --out probes-zoo_dit" in html
-    assert ("layerscope abstractions zoo:dit --no-probes --forks 2 --fork-prompts 2 --taus 0,1 --steps 3 "
-            "--out forks-zoo_dit") in html
+    assert (
+        "layerscope abstractions zoo:dit --no-probes --forks 2 --fork-prompts 2 --taus 0,1 --steps 3 "
+        "--out forks-zoo_dit"
+    ) in html
     assert "probe half-way step" in html

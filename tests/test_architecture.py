@@ -13,29 +13,83 @@ ROOT = Path(__file__).parents[1] / "src" / "layerscope"
 # package -> layerscope packages/modules it must not import (prefix match on the dotted name)
 FORBIDDEN = {
     # the engine knows nothing of families, studies, reports or the world: it talks to models through Backend
-    "layerscope.engine": ("layerscope.models", "layerscope.experiments", "layerscope.loading", "layerscope.report",
-                          "layerscope.world", "layerscope.testing", "layerscope.main_job", "layerscope.cli",
-                          "layerscope.metrics", "layerscope.stats"),
+    "layerscope.engine": (
+        "layerscope.models",
+        "layerscope.experiments",
+        "layerscope.loading",
+        "layerscope.report",
+        "layerscope.world",
+        "layerscope.testing",
+        "layerscope.main_job",
+        "layerscope.cli",
+        "layerscope.metrics",
+        "layerscope.stats",
+    ),
     # adapters implement the engine's contract; they do not know experiments, reports or how they were loaded
-    "layerscope.models": ("layerscope.experiments", "layerscope.loading", "layerscope.report",
-                          "layerscope.world", "layerscope.testing", "layerscope.main_job", "layerscope.cli"),
+    "layerscope.models": (
+        "layerscope.experiments",
+        "layerscope.loading",
+        "layerscope.report",
+        "layerscope.world",
+        "layerscope.testing",
+        "layerscope.main_job",
+        "layerscope.cli",
+    ),
     # experiments get a loaded model and the engine's public API, never its internals
-    "layerscope.experiments": ("layerscope.loading", "layerscope.report", "layerscope.main_job", "layerscope.cli",
-                               "layerscope.models.unet", "layerscope.models.transformer", "layerscope.models.latent",
-                               "layerscope.models.pipeline", "layerscope.testing",
-                               "layerscope.engine."),  # the package `layerscope.engine` itself is the public API
+    "layerscope.experiments": (
+        "layerscope.loading",
+        "layerscope.report",
+        "layerscope.main_job",
+        "layerscope.cli",
+        "layerscope.models.unet",
+        "layerscope.models.transformer",
+        "layerscope.models.latent",
+        "layerscope.models.pipeline",
+        "layerscope.testing",
+        "layerscope.engine.",
+    ),  # the package `layerscope.engine` itself is the public API
     # the report renders saved Results: no models, no loading, no world, no test doubles
-    "layerscope.report": ("layerscope.world", "layerscope.loading", "layerscope.models", "layerscope.testing",
-                          "layerscope.main_job", "layerscope.cli"),
+    "layerscope.report": (
+        "layerscope.world",
+        "layerscope.loading",
+        "layerscope.models",
+        "layerscope.testing",
+        "layerscope.main_job",
+        "layerscope.cli",
+    ),
     # leaf utilities
-    "layerscope.stats": ("layerscope.engine", "layerscope.models", "layerscope.experiments", "layerscope.report",
-                         "layerscope.loading", "layerscope.world", "layerscope.metrics", "layerscope.main_job"),
-    "layerscope.metrics": ("layerscope.engine", "layerscope.models", "layerscope.experiments", "layerscope.report",
-                           "layerscope.loading", "layerscope.world", "layerscope.main_job"),
+    "layerscope.stats": (
+        "layerscope.engine",
+        "layerscope.models",
+        "layerscope.experiments",
+        "layerscope.report",
+        "layerscope.loading",
+        "layerscope.world",
+        "layerscope.metrics",
+        "layerscope.main_job",
+    ),
+    "layerscope.metrics": (
+        "layerscope.engine",
+        "layerscope.models",
+        "layerscope.experiments",
+        "layerscope.report",
+        "layerscope.loading",
+        "layerscope.world",
+        "layerscope.main_job",
+    ),
     # the world is a data source + oracle + zoo: it reaches the rest of layerscope only through those
-    "layerscope.world": ("layerscope.engine", "layerscope.models", "layerscope.experiments", "layerscope.report",
-                         "layerscope.loading", "layerscope.main_job", "layerscope.cli", "layerscope.metrics",
-                         "layerscope.stats", "layerscope.testing"),
+    "layerscope.world": (
+        "layerscope.engine",
+        "layerscope.models",
+        "layerscope.experiments",
+        "layerscope.report",
+        "layerscope.loading",
+        "layerscope.main_job",
+        "layerscope.cli",
+        "layerscope.metrics",
+        "layerscope.stats",
+        "layerscope.testing",
+    ),
     "layerscope.layers": ("layerscope.engine", "layerscope.models", "layerscope.experiments", "layerscope.loading"),
 }
 HOOK_CALLS = re.compile(r"register_forward_(pre_)?hook|register_module_forward(_pre)?_hook|register_full_backward")
@@ -81,8 +135,11 @@ def _violations() -> list[str]:
         for line, target in _imports(path):
             for rule in rules:
                 for banned in rule:  # "pkg." bans the package's submodules but not the package itself
-                    hit = target.startswith(banned) if banned.endswith(".") else (
-                        target == banned or target.startswith(banned + "."))
+                    hit = (
+                        target.startswith(banned)
+                        if banned.endswith(".")
+                        else (target == banned or target.startswith(banned + "."))
+                    )
                     if hit:
                         bad.append(f"{path.relative_to(ROOT.parent)}:{line}: {name} imports {target}")
     return sorted(set(bad))
@@ -100,8 +157,9 @@ def test_the_rules_catch_a_violation(tmp_path, monkeypatch):
     (fake / "engine" / "spec.py").write_text("")
     (fake / "engine" / "hooks.py").write_text("")
     (fake / "experiments").mkdir()
-    (fake / "experiments" / "bad.py").write_text("from ..engine.hooks import installed_hooks\n"
-                                                 "from ..engine import Capture\n")
+    (fake / "experiments" / "bad.py").write_text(
+        "from ..engine.hooks import installed_hooks\nfrom ..engine import Capture\n"
+    )
     monkeypatch.setattr(__import__(__name__), "ROOT", fake)
     found = _violations()
     assert any("layerscope.engine.bad imports layerscope.models.base" in v for v in found)
@@ -124,8 +182,15 @@ def test_only_the_engine_registers_hooks():
 def test_experiments_do_not_reach_into_models(module):
     """Experiments decide from metadata: no pipeline internals, module paths or spec/family tests."""
     src = (ROOT / "experiments" / f"{module}.py").read_text()
-    for pattern in (r"\.pipe\b", r"\.module\(", r"\.taps\b", r"\.spec\.startswith", r"\.family\b",
-                    r"get_submodule", r"\.variant\b"):
+    for pattern in (
+        r"\.pipe\b",
+        r"\.module\(",
+        r"\.taps\b",
+        r"\.spec\.startswith",
+        r"\.family\b",
+        r"get_submodule",
+        r"\.variant\b",
+    ):
         assert not re.search(pattern, src), f"experiments/{module}.py matches {pattern!r}"
 
 

@@ -36,8 +36,9 @@ def test_capture_branch_subset_pooled_and_update(sd):
     lmap = sd.layer_map()
     name = "mid_block.resnets.0"
     full = sd.generate("a cat", seeds=0, capture=ls.Capture(name, update=True), **GEN).capture
-    pooled = sd.generate("a cat", seeds=0, capture=ls.Capture(name, branches=["cond"], pooled=True, update=True),
-                         **GEN).capture
+    pooled = sd.generate(
+        "a cat", seeds=0, capture=ls.Capture(name, branches=["cond"], pooled=True, update=True), **GEN
+    ).capture
     assert pooled[name].shape == (1, GEN["num_inference_steps"], 1, lmap[name].shape[0])
     assert pooled.branches_of(name) == ["cond"]
     # pooled = spatial mean of the full capture's cond branch
@@ -70,8 +71,9 @@ def test_no_cfg_has_single_branch(sd):
     res = sd.generate("a cat", capture=ls.Capture("mid_block"), num_inference_steps=2, guidance_scale=1.0)
     assert res.capture.branches_of("mid_block") == ["cond"]
     with pytest.raises(ls.ConfigError, match="uncond"):
-        sd.generate("a cat", capture=ls.Capture("mid_block", branches=["uncond"]), num_inference_steps=2,
-                    guidance_scale=1.0)
+        sd.generate(
+            "a cat", capture=ls.Capture("mid_block", branches=["uncond"]), num_inference_steps=2, guidance_scale=1.0
+        )
 
 
 def test_latent_generator_capture():
@@ -101,8 +103,9 @@ def test_text_eos_is_the_end_of_sentence_token(family):
             assert torch.equal(eos[i, 0, b], full[i, 0, b, int(pos[i])])
     # patching only the end-of-sentence token moves the image
     plain = model.generate(texts, seeds=[0, 1], **GEN).images[0]
-    only_eos = model.generate(texts, seeds=[0, 1], interventions=[ls.replace("text_eos", ls.Row(1), targets=[0])],
-                              **GEN).images[0]
+    only_eos = model.generate(
+        texts, seeds=[0, 1], interventions=[ls.replace("text_eos", ls.Row(1), targets=[0])], **GEN
+    ).images[0]
     assert not torch.equal(only_eos, plain)
 
 
@@ -112,7 +115,8 @@ def test_pooled_capture_keeps_unpooled_layers_whole(sd):
     info = sd.layer_map()
     assert res.capture["mid_block"].shape == (2, 1, 1, info["mid_block"].shape[0])
     assert res.capture["x_t"].shape == (2, 1, 1) + info["x_t"].shape
-    whole = sd.generate(["a red cube", "a blue ball"], seeds=[0, 1], **GEN,
-                        capture=ls.Capture(["x_t"], steps=[1], branches=["cond"]))
+    whole = sd.generate(
+        ["a red cube", "a blue ball"], seeds=[0, 1], **GEN, capture=ls.Capture(["x_t"], steps=[1], branches=["cond"])
+    )
     torch.testing.assert_close(res.capture["x_t"], whole.capture["x_t"])
     assert not cap.pools("x_t") and cap.pools("mid_block")

@@ -43,8 +43,21 @@ def test_oracle_table_and_summary(dit, pairs, tmp_path):
     layers = ("transformer_blocks.0", "transformer_blocks.5", "text_embeds", "noise")
     result = inj.run(dit, inj.Settings(pairs=tuple(pairs), layers=layers, windows=("all", "late"), steps=4))
     table = result["injection"]
-    assert set(table.columns) >= {"model", "pair", "seed", "window", "layer", "layer_index", "stage", "factor",
-                                  "metric", "value", "o_value", "e_value", "c_value"}
+    assert set(table.columns) >= {
+        "model",
+        "pair",
+        "seed",
+        "window",
+        "layer",
+        "layer_index",
+        "stage",
+        "factor",
+        "metric",
+        "value",
+        "o_value",
+        "e_value",
+        "c_value",
+    }
     assert len(table) == 2 * 2 * len(layers) * 6 * 2  # pairs x windows x layers x factors x (transfer, keep)
     assert set(table["value"].dropna().unique()) <= {0.0, 1.0}
     # transfer is E's reading, keep is O's, never both where they differ
@@ -137,9 +150,15 @@ def test_label_rule():
 def test_open_domain_scores_on_tiny_sd(tmp_path):
     sd = tiny("sd")
     notes = []
-    table = inj.run_injection(sd, [("a red cube", "a blue ball")], layers=["up_blocks.1", "mid_block"],
-                              metrics=["ssim", "hist", "clip"], notify=notes.append, num_inference_steps=3,
-                              guidance_scale=4.0)
+    table = inj.run_injection(
+        sd,
+        [("a red cube", "a blue ball")],
+        layers=["up_blocks.1", "mid_block"],
+        metrics=["ssim", "hist", "clip"],
+        notify=notes.append,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+    )
     assert notes and "CLIP" in notes[0]  # no local checkpoint: skipped with a notice
     assert set(table["metric"]) == {f"{m}_{s}" for m in ("ssim", "hist") for s in ("to_E", "to_O", "baseline")}
     assert (table["value"] >= 0).all() and table["factor"].isna().all()
@@ -149,8 +168,14 @@ def test_open_domain_scores_on_tiny_sd(tmp_path):
     assert list(labels["layer"]) == ["up_blocks.1", "mid_block"]
     # full injection of E closes the whole O-to-E gap: the normalised score of the rule is 1
     every = tuple(sd.layer_map().names())
-    full = inj.run_injection(sd, [("a red cube", "a blue ball")], layers=[every], metrics=["ssim", "hist"],
-                             num_inference_steps=3, guidance_scale=4.0)
+    full = inj.run_injection(
+        sd,
+        [("a red cube", "a blue ball")],
+        layers=[every],
+        metrics=["ssim", "hist"],
+        num_inference_steps=3,
+        guidance_scale=4.0,
+    )
     lab = inj.specialize(inj.summarize(full))
     assert lab["transfer_structure"].iloc[0] == pytest.approx(1.0, abs=1e-3)
     assert lab["transfer_surface"].iloc[0] == pytest.approx(1.0, abs=1e-3)
@@ -163,8 +188,12 @@ def test_injection_rows_match_engine_sweep(dit, pairs):
     res = ls.injection_sweep(dit, *pairs[1], ["transformer_blocks.1"], seeds=(0, 0), **STEPS)
     table = inj.run_injection(dit, pairs[1:], layers=["transformer_blocks.1"], **STEPS)
     pred = read(torch.stack([res.injected["transformer_blocks.1"]])).pred[0]
-    got = table[table["metric"] == "transfer"].sort_values("factor", key=lambda c: c.map(
-        {f: i for i, f in enumerate(["floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation"])}))
+    got = table[table["metric"] == "transfer"].sort_values(
+        "factor",
+        key=lambda c: c.map(
+            {f: i for i, f in enumerate(["floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation"])}
+        ),
+    )
     assert list(got["c_value"]) == list(pred)
 
 
@@ -173,8 +202,8 @@ def test_default_layers_skip_the_denoiser_input_and_layer_aliases():
     sd = tiny("sd")
     names = inj.default_layers(sd, spaces=True)
     lmap = sd.layer_map()
-    assert names[:len(lmap.layers)] == [e.name for e in lmap.layers]
-    spaces = names[len(lmap.layers):]
+    assert names[: len(lmap.layers)] == [e.name for e in lmap.layers]
+    spaces = names[len(lmap.layers) :]
     assert "x_t" not in spaces and "h_space" not in spaces
     assert {"noise", "text_embeds", "text_eos", "vae_latent"} <= set(spaces)
     assert any(s.startswith("skip.") for s in spaces)

@@ -31,10 +31,12 @@ def test_injecting_own_row_changes_nothing(family):
 def test_stored_source_matches_row_source(sd):
     layer = "up_blocks.1.resnets.0"
     e = sd.generate("a blue ball", seeds=1, capture=ls.Capture(layer), **GEN)
-    stored = sd.generate("a red cube", seeds=0, interventions=[ls.replace(layer, ls.Stored(e.capture, sample=0))],
-                         **GEN).images[0]
-    rows = sd.generate(["a red cube", "a blue ball"], seeds=[0, 1],
-                       interventions=[ls.replace(layer, ls.Row(1), targets=[0])], **GEN).images[0]
+    stored = sd.generate(
+        "a red cube", seeds=0, interventions=[ls.replace(layer, ls.Stored(e.capture, sample=0))], **GEN
+    ).images[0]
+    rows = sd.generate(
+        ["a red cube", "a blue ball"], seeds=[0, 1], interventions=[ls.replace(layer, ls.Row(1), targets=[0])], **GEN
+    ).images[0]
     torch.testing.assert_close(stored, rows, atol=1e-5, rtol=0)
 
 
@@ -48,8 +50,9 @@ def test_add_blend_zero(sd):
     # adding a concept direction (the embedding of another prompt) changes the image
     dog = sd.generate("a dog", seeds=0, capture=ls.Capture("text_embeds", steps=[0], branches=["cond"]), **GEN)
     direction = dog.capture["text_embeds"][0, 0, 0].mean(0)
-    moved = sd.generate("a cat", seeds=0, interventions=[ls.add("text_embeds", direction, alpha=2.0,
-                                                                branches=["cond"])], **GEN).images
+    moved = sd.generate(
+        "a cat", seeds=0, interventions=[ls.add("text_embeds", direction, alpha=2.0, branches=["cond"])], **GEN
+    ).images
     assert not torch.allclose(plain, moved)
     # blend alpha=0 is a no-op, alpha=1 equals replace
     rows = ["a cat", "a dog"]
@@ -66,8 +69,13 @@ def test_add_blend_zero(sd):
 def test_step_window_limits_intervention(sd):
     layer = "mid_block"
     rows = ["a cat", "a dog"]
-    late = sd.generate(rows, seeds=[0, 1], capture=ls.Capture(layer, steps=[0]),
-                       interventions=[ls.zero(layer, steps=[2], targets=[0])], **GEN)
+    late = sd.generate(
+        rows,
+        seeds=[0, 1],
+        capture=ls.Capture(layer, steps=[0]),
+        interventions=[ls.zero(layer, steps=[2], targets=[0])],
+        **GEN,
+    )
     plain = sd.generate(rows, seeds=[0, 1], capture=ls.Capture(layer, steps=[0]), **GEN)
     # the capture sees the stream after interventions; at step 0 nothing was zeroed
     assert torch.equal(late.capture[layer], plain.capture[layer])
@@ -84,14 +92,16 @@ def test_skip_patch_leaves_main_stream(sd):
     rows = ["a cat", "a dog"]
     cap = ls.Capture([producer, consumer, "mid_block"], steps=[0])
     plain = sd.generate(rows, seeds=[0, 1], capture=cap, **GEN)
-    patched = sd.generate(rows, seeds=[0, 1], capture=cap,
-                          interventions=[ls.replace(skip.name, ls.Row(1), targets=[0])], **GEN)
+    patched = sd.generate(
+        rows, seeds=[0, 1], capture=cap, interventions=[ls.replace(skip.name, ls.Row(1), targets=[0])], **GEN
+    )
     assert torch.equal(plain.capture[producer], patched.capture[producer])
     assert torch.equal(plain.capture["mid_block"], patched.capture["mid_block"])
     assert not torch.allclose(plain.capture[consumer][0], patched.capture[consumer][0])
     # and it differs from patching the producer's output, which also moves the main stream
-    main = sd.generate(rows, seeds=[0, 1], capture=cap, interventions=[ls.replace(producer, ls.Row(1), targets=[0])],
-                       **GEN)
+    main = sd.generate(
+        rows, seeds=[0, 1], capture=cap, interventions=[ls.replace(producer, ls.Row(1), targets=[0])], **GEN
+    )
     assert not torch.allclose(main.capture["mid_block"][0], plain.capture["mid_block"][0])
 
 
@@ -128,8 +138,13 @@ def test_per_target_source_gives_each_row_its_own_value(sd):
     shape = sd.layer_map()["noise"].shape
     vals = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
     base = sd.generate(["a cat"] * 3, [0, 1, 2], **GEN).images
-    out = sd.generate(["a cat"] * 3, [0, 1, 2], max_batch=2,
-                      interventions=[ls.add("noise", ls.PerTarget(vals), targets=[2, 0])], **GEN).images
+    out = sd.generate(
+        ["a cat"] * 3,
+        [0, 1, 2],
+        max_batch=2,
+        interventions=[ls.add("noise", ls.PerTarget(vals), targets=[2, 0])],
+        **GEN,
+    ).images
     alone0 = sd.generate("a cat", 0, interventions=[ls.add("noise", vals[1])], **GEN).images[0]
     alone2 = sd.generate("a cat", 2, interventions=[ls.add("noise", vals[0])], **GEN).images[0]
     assert torch.allclose(out[0], alone0, atol=1e-5) and torch.allclose(out[2], alone2, atol=1e-5)

@@ -12,8 +12,15 @@ def test_sd_layer_map_names_kinds_shapes(sd):
     lmap = sd.layer_map()
     unet = sd.pipe.unet
     names = lmap.names()
-    for name in ["down_blocks.0.resnets.0", "down_blocks.0.attentions.0", "mid_block.attentions.0", "mid_block",
-                 "up_blocks.1.resnets.0", "down_blocks.0.downsamplers.0", "up_blocks.0.upsamplers.0"]:
+    for name in [
+        "down_blocks.0.resnets.0",
+        "down_blocks.0.attentions.0",
+        "mid_block.attentions.0",
+        "mid_block",
+        "up_blocks.1.resnets.0",
+        "down_blocks.0.downsamplers.0",
+        "up_blocks.0.upsamplers.0",
+    ]:
         assert name in names
         assert sd.module(lmap[name].site.module) is unet.get_submodule(name)
     assert lmap["down_blocks.0.resnets.0"].kind == "resnet"

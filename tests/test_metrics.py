@@ -193,8 +193,15 @@ def test_ci_degenerate_cases():
 
 
 # ------------------------------------------------------------------------------------------------------ CLIP
-VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=2, projection_dim=16)
+VISION = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    projection_dim=16,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -241,8 +248,17 @@ def test_clip_embedder_full_clip_model_with_processor(tmp_path):
         from transformers import CLIPImageProcessorPil as Processor
     except ImportError:
         from transformers import CLIPImageProcessor as Processor
-    text = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=VISION, projection_dim=16)).save_pretrained(tmp_path)
     Processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
@@ -260,8 +276,9 @@ def test_clip_from_local_never_downloads(vision_ckpt, tmp_path, monkeypatch):
     assert ClipEmbedder.from_local(None) is None
     assert ClipEmbedder.from_local() is None
     assert ClipEmbedder.from_local(tmp_path / "missing") is None
-    assert clip_notice(None) == ("CLIP metric skipped: no local CLIP checkpoint "
-                                 f"(set {CLIP_ENV}=/path/to/clip-vit-base-patch32)")
+    assert clip_notice(None) == (
+        f"CLIP metric skipped: no local CLIP checkpoint (set {CLIP_ENV}=/path/to/clip-vit-base-patch32)"
+    )
     monkeypatch.setenv(CLIP_ENV, str(tmp_path / "missing"))
     assert ClipEmbedder.from_local() is None
     assert "is not a folder" in clip_notice(None)

@@ -106,8 +106,9 @@ def test_entropy_and_mi_helpers():
     assert torch.allclose(entropy_bits(both, [4, 3]), torch.tensor([2.0, 0.0], dtype=torch.float64))
     assert float(mi_lower_bound(0.5, y)) == pytest.approx(1.5)
     assert float(mi_lower_bound(3.0, y)) == 0.0  # clipped
-    assert torch.allclose(mi_lower_bound(torch.tensor([[0.5, 0.0]]), both),
-                          torch.tensor([[1.5, 0.0]], dtype=torch.float64))
+    assert torch.allclose(
+        mi_lower_bound(torch.tensor([[0.5, 0.0]]), both), torch.tensor([[1.5, 0.0]], dtype=torch.float64)
+    )
     with pytest.raises(ValueError):
         entropy_bits(y, 3)  # label 3 out of range
     with pytest.raises(ValueError):
@@ -142,8 +143,9 @@ def test_streaming_slots_and_progress():
     """Cells streaming through 2 slots (refills, shrinking) give the grid that 8 slots give, in float64."""
     cells, y = _onset_world(torch.float64)
     calls = []
-    few = fit_probe_grid(cells, y, n_classes=[4, 3], chunk_cells=2, progress=lambda done, total: calls.append(
-        (done, total)))
+    few = fit_probe_grid(
+        cells, y, n_classes=[4, 3], chunk_cells=2, progress=lambda done, total: calls.append((done, total))
+    )
     many = fit_probe_grid(cells, y, n_classes=[4, 3], chunk_cells=8)
     assert torch.equal(few.accuracy, many.accuracy)
     assert torch.allclose(few.cross_entropy, many.cross_entropy, atol=1e-9)

@@ -19,8 +19,12 @@ SANITY = "torch:layerscope.testing.sanity:{}"
 
 def scores_of(spec, **kw):
     result = pr.run(ls.load(spec), pr.Settings(n=kw.pop("n", 32), pairs=kw.pop("pairs", 8), **kw))
-    return (result[pr.SCORES].set_index("property")["score"], result[pr.DETAILS], result.artifacts[pr.STRIPS],
-            result.record)
+    return (
+        result[pr.SCORES].set_index("property")["score"],
+        result[pr.DETAILS],
+        result.artifacts[pr.STRIPS],
+        result.record,
+    )
 
 
 def test_generator_that_ignores_its_latent_is_irrelevant():
@@ -73,8 +77,12 @@ def test_zoo_diffusion_rows_are_what_they_claim():
     """The 'a=1' image of the noise space is prompt A with sample B's noise: the same as generating it directly."""
     model = ls.load("zoo:unet")
     result = pr.run(model, pr.Settings(spaces=("noise", "h_space"), n=4, pairs=2, steps=3, n_boot=200))
-    scores, details, strips, record = (result[pr.SCORES], result[pr.DETAILS], result.artifacts[pr.STRIPS],
-                                       result.record)
+    scores, details, strips, record = (
+        result[pr.SCORES],
+        result[pr.DETAILS],
+        result.artifacts[pr.STRIPS],
+        result.record,
+    )
     assert set(scores["space"]) == {"noise", "h_space"} and set(scores["property"]) == set(pr.PROPERTIES)
     ok = scores["score"].dropna()
     assert ((ok >= 0) & (ok <= 1)).all()
@@ -92,8 +100,7 @@ def test_zoo_diffusion_rows_are_what_they_claim():
 
 def test_open_domain_pipeline_with_pixels_and_a_concept_prompt():
     sd = tiny("sd")
-    result = pr.run(sd, pr.Settings(spaces=("text_eos", "mid_block", "vae_latent"), n=4, pairs=2, steps=2,
-                                    n_boot=100))
+    result = pr.run(sd, pr.Settings(spaces=("text_eos", "mid_block", "vae_latent"), n=4, pairs=2, steps=2, n_boot=100))
     scores, details, record = result[pr.SCORES], result[pr.DETAILS], result.record
     assert record["scorer"] == "pixel" and record["concept"] == pr.OPEN_CONCEPT
     assert set(scores["space"]) == {"text_eos", "mid_block", "vae_latent"}
@@ -129,8 +136,9 @@ def test_errors_before_any_generation():
 def test_cli_properties(tmp_path):
     runner = CliRunner()
     out = tmp_path / "p"
-    res = runner.invoke(command(), ["properties", SANITY.format("linear_decoder"), "--n", "8", "--pairs", "2",
-                                    "--out", str(out)])
+    res = runner.invoke(
+        command(), ["properties", SANITY.format("linear_decoder"), "--n", "8", "--pairs", "2", "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     scores = pd.read_parquet(out / f"{pr.SCORES}.parquet")
     assert scores.equals(Result.load(out)[pr.SCORES])
@@ -151,7 +159,8 @@ def test_result_round_trips_through_save_and_load(tmp_path):
     assert {"spaces", "strip_columns", "concept", "scorer"} <= set(result.record)
     result.save(tmp_path)
     assert {"properties.parquet", "properties_details.parquet", "strips.npz", "result.json"} <= {
-        p.name for p in tmp_path.iterdir()}
+        p.name for p in tmp_path.iterdir()
+    }
     back = Result.load(tmp_path)
     for name in (pr.SCORES, pr.DETAILS):
         pd.testing.assert_frame_equal(back[name], result[name])

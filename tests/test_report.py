@@ -120,9 +120,25 @@ def test_cli_sweep_writes_table_figures_and_labels(tmp_path):
     from layerscope.world.text import prompt_for
 
     out = tmp_path / "sw"
-    args = ["sweep", "zoo:dit", "--pair", prompt_for([0, 3, 6, 7, 0, 7]), prompt_for([5, 8, 1, 0, 2, 0]),
-            "--random-pairs", "1", "--layers", "transformer_blocks.*", "--combine",
-            "transformer_blocks.0,transformer_blocks.1", "--windows", "all,late", "--steps", "4", "--out", out]
+    args = [
+        "sweep",
+        "zoo:dit",
+        "--pair",
+        prompt_for([0, 3, 6, 7, 0, 7]),
+        prompt_for([5, 8, 1, 0, 2, 0]),
+        "--random-pairs",
+        "1",
+        "--layers",
+        "transformer_blocks.*",
+        "--combine",
+        "transformer_blocks.0,transformer_blocks.1",
+        "--windows",
+        "all,late",
+        "--steps",
+        "4",
+        "--out",
+        out,
+    ]
     res = invoke(*args)
     assert res.exit_code == 0, res.output
     table = pd.read_parquet(out / "injection.parquet")

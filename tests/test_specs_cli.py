@@ -35,8 +35,13 @@ def test_bad_specs():
 def test_unsupported_pipeline_class_names_supported_ones():
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 8),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
     with pytest.raises(ls.SpecError, match="StableDiffusionPipeline.*FluxPipeline"):
         ls.load(pipe)

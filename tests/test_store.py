@@ -104,6 +104,10 @@ def test_stored_capture_from_store_as_source(sd, tmp_path):
     sd.generate(["a blue ball"], seeds=[1], capture=ls.Capture(["mid_block"], store=path), **GEN)
     store = ls.ActivationStore.open(path)
     a = sd.generate("a red cube", seeds=0, interventions=[ls.replace("mid_block", ls.Stored(store))], **GEN).images
-    b = sd.generate(["a red cube", "a blue ball"], seeds=[0, 1],
-                    interventions=[ls.replace("mid_block", ls.Row(1), targets=[0])], **GEN).images[0]
+    b = sd.generate(
+        ["a red cube", "a blue ball"],
+        seeds=[0, 1],
+        interventions=[ls.replace("mid_block", ls.Row(1), targets=[0])],
+        **GEN,
+    ).images[0]
     torch.testing.assert_close(a[0], b, atol=1e-5, rtol=0)

@@ -31,8 +31,9 @@ def test_batched_sweep_equals_separate_generations(family):
     plain = model.generate([o, e], seeds=[0, 1], **GEN).images
     assert torch.equal(res.original, plain[0]) or torch.allclose(res.original, plain[0], atol=1e-6)
     for name in layers:
-        sep = model.generate([o, e], seeds=[0, 1], interventions=[ls.replace(name, ls.Row(1), targets=[0])],
-                             **GEN).images[0]
+        sep = model.generate(
+            [o, e], seeds=[0, 1], interventions=[ls.replace(name, ls.Row(1), targets=[0])], **GEN
+        ).images[0]
         torch.testing.assert_close(res.injected[name], sep, atol=1e-5, rtol=0, msg=name)
     moved = sum(not torch.allclose(res.injected[n], res.original, atol=1e-4) for n in layers)
     assert moved >= len(layers) // 2

@@ -29,7 +29,9 @@ from layerscope.world.render import BASE_Y, HEIGHT
 def test_factor_grid_matches_shapes3d():
     assert N_COMBINATIONS == 480_000
     assert [SIZES[f] for f in FACTORS] == [10, 10, 10, 8, 4, 15]
-    assert np.allclose(VALUES["orientation"][[0, -1]], [-30, 30]) and np.allclose(VALUES["scale"][[0, -1]], [0.75, 1.25])
+    assert np.allclose(VALUES["orientation"][[0, -1]], [-30, 30]) and np.allclose(
+        VALUES["scale"][[0, -1]], [0.75, 1.25]
+    )
     idx = np.array([0, 1, 14, 15, 479_999, 123_457])
     assert (to_index(from_index(idx)) == idx).all()
     assert from_index(1).tolist() == [[0, 0, 0, 0, 0, 1]]
@@ -89,7 +91,10 @@ def test_prompts_and_tokenizer():
     ps = prompts_for(f)
     assert ps[0] == prompt_for(f[0])
     assert (np.stack([factors_from_prompt(p) for p in ps]) == f).all()
-    assert prompt_for([0, 1, 2, 0, 2, 7]) == "a tiny yellow sphere on a red floor in front of an orange wall, seen from the front"
+    assert (
+        prompt_for([0, 1, 2, 0, 2, 7])
+        == "a tiny yellow sphere on a red floor in front of an orange wall, seen from the front"
+    )
     with pytest.raises(ValueError, match="not a Shapes-world prompt"):
         factors_from_prompt("a photo of a dog")
     tok = tokenizer()
@@ -98,7 +103,7 @@ def test_prompts_and_tokenizer():
     assert (ids[:, 0] == tok.bos_token_id).all() and ids[3, 1] == tok.eos_token_id and ids[3, 2] == tok.pad_token_id
     words = tok.convert_ids_to_tokens(ids[0])
     n = len(ps[0].replace(",", " ,").split())
-    assert words[1:n + 1] == ps[0].replace(",", " ,").split() and words[n + 1] == "<eos>"
+    assert words[1 : n + 1] == ps[0].replace(",", " ,").split() and words[n + 1] == "<eos>"
     assert tok.unk_token_id not in ids
     assert tok("a dog")["input_ids"][2] == tok.unk_token_id
 
@@ -137,8 +142,9 @@ def test_world_render_cli_and_grid(tmp_path):
 
     g = to_grid(render(sample_factors(5, 0), 16), nrow=4)
     assert g.shape == (3, 2 * 17 + 1, 4 * 17 + 1)
-    r = CliRunner().invoke(app, ["world", "render", str(tmp_path / "g.png"), "--n", "4", "--size", "16",
-                                 "--scale", "1"])
+    r = CliRunner().invoke(
+        app, ["world", "render", str(tmp_path / "g.png"), "--n", "4", "--size", "16", "--scale", "1"]
+    )
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "g.png").size == (4 * 17 + 1, 17 + 1)
     assert "seen from" in r.output

@@ -18,8 +18,10 @@ def zoo(name):
     return _CACHE[name]
 
 
-@pytest.mark.parametrize("name,family,first", [("unet", "unet/shapes", "down_blocks.0.resnets.0"),
-                                               ("dit", "transformer/shapes", "transformer_blocks.0")])
+@pytest.mark.parametrize(
+    "name,family,first",
+    [("unet", "unet/shapes", "down_blocks.0.resnets.0"), ("dit", "transformer/shapes", "transformer_blocks.0")],
+)
 def test_diffusion_zoo_loads_maps_and_generates(name, family, first):
     gen = zoo(name)
     assert gen.family == family

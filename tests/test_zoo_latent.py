@@ -77,11 +77,25 @@ def test_shipped_samples_are_in_distribution(name):
     assert len(np.unique(r.pred[:, 2])) >= 8  # most object hues
 
 
-@pytest.mark.parametrize("name,fn,tiny", [
-    ("vae", train_vae, dict(widths=[16, 8, 8, 4], enc_widths=[4, 8, 8], d_widths=[4, 8, 8], warmup=1, beta_warmup=2,
-                            adv_start=1, aux=0.1)),
-    ("gan", train_gan, dict(widths=[16, 8, 8, 4], d_widths=[4, 8, 8], bn_batches=2, balance=500)),
-])
+@pytest.mark.parametrize(
+    "name,fn,tiny",
+    [
+        (
+            "vae",
+            train_vae,
+            dict(
+                widths=[16, 8, 8, 4],
+                enc_widths=[4, 8, 8],
+                d_widths=[4, 8, 8],
+                warmup=1,
+                beta_warmup=2,
+                adv_start=1,
+                aux=0.1,
+            ),
+        ),
+        ("gan", train_gan, dict(widths=[16, 8, 8, 4], d_widths=[4, 8, 8], bn_batches=2, balance=500)),
+    ],
+)
 def test_smoke_training_writes_everything_and_reloads(tmp_path, name, fn, tiny):
     summary = fn(tmp_path, dict(tiny, steps=3, batch=8), device="cpu", show_progress=False)
     assert summary["steps"] == 3 and summary["params"] > 0 and summary["seconds"] >= 0

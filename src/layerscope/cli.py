@@ -23,8 +23,11 @@ from rich.table import Table
 
 from .errors import LayerscopeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="layerscope: find where a generative image model keeps its representations.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="layerscope: find where a generative image model keeps its representations.",
+)
 console = Console()
 err = Console(stderr=True)
 _ABBREV = {"channel": "c", "token": "tok"}
@@ -92,8 +95,17 @@ def zoo_list() -> None:
     from .world.quality import verdicts
 
     table = Table(title="layerscope zoo (Shapes world, 32x32)")
-    for col in ("model", "params", "MB", "train steps", "train time", "prompt agreement (oracle)",
-                "in-dist.", "FD (floor)", "bars"):
+    for col in (
+        "model",
+        "params",
+        "MB",
+        "train steps",
+        "train time",
+        "prompt agreement (oracle)",
+        "in-dist.",
+        "FD (floor)",
+        "bars",
+    ):
         table.add_column(col, overflow="fold")
     for name in zoo.MODELS:
         c = zoo.card(name)
@@ -107,11 +119,23 @@ def zoo_list() -> None:
             fd = f"{q['frechet_distance']:.2f} ({q['frechet_floor']:.2f})"
             v = verdicts(q)
             bars = "all met" if all(v.values()) else "missed: " + ", ".join(k for k, ok in v.items() if not ok)
-        minutes = (f"{c['train_seconds'] / 60:.0f} min, {c.get('device', '?')} x{c.get('threads', '?')}"
-                   if c.get("train_seconds") else "-")
+        minutes = (
+            f"{c['train_seconds'] / 60:.0f} min, {c.get('device', '?')} x{c.get('threads', '?')}"
+            if c.get("train_seconds")
+            else "-"
+        )
         params = f"{c['parameters'] / 1e6:.2f}M" if c.get("parameters") else "-"
-        table.add_row(c["name"], params, f"{c['weights_bytes'] / 1e6:.1f}", str(c.get("steps") or "-"), minutes,
-                      agree, ind, fd, bars)
+        table.add_row(
+            c["name"],
+            params,
+            f"{c['weights_bytes'] / 1e6:.1f}",
+            str(c.get("steps") or "-"),
+            minutes,
+            agree,
+            ind,
+            fd,
+            bars,
+        )
     out = console if console.is_terminal else Console(width=max(console.width, 200))
     out.print(table)
     try:
@@ -243,19 +267,27 @@ def _folder(out: Optional[str], prefix: str, model: str) -> Path:
 @app.command()
 def sweep(
     model: str = typer.Argument(..., help="model spec: zoo:unet, hf:/path/to/pipeline, tiny:sd, ..."),
-    pair: Optional[list[str]] = typer.Option(None, "--pair", metavar="ORIGINAL EDIT",
-                                             help="an (original, edit) prompt pair: --pair 'a red cube' 'a blue ball'; "
-                                                  "repeatable"),
-    random_pairs: int = typer.Option(0, help="Shapes-world models: add N random held-out prompt pairs that differ "
-                                             "in every factor"),
+    pair: Optional[list[str]] = typer.Option(
+        None,
+        "--pair",
+        metavar="ORIGINAL EDIT",
+        help="an (original, edit) prompt pair: --pair 'a red cube' 'a blue ball'; repeatable",
+    ),
+    random_pairs: int = typer.Option(
+        0, help="Shapes-world models: add N random held-out prompt pairs that differ in every factor"
+    ),
     pair_seed: int = typer.Option(0, help="seed of the random pairs"),
-    layers: Optional[list[str]] = typer.Option(None, "--layers", "-l",
-                                               help="glob(s) of layers/spaces, one injected row each (default: every "
-                                                    "layer)"),
-    combine: Optional[list[str]] = typer.Option(None, help="a comma-separated set of layers injected together "
-                                                           "(one row); repeatable"),
-    spaces: bool = typer.Option(False, "--spaces", help="with the default layers: also the candidate spaces "
-                                                        "(noise, text embeddings, skips; not x_t)"),
+    layers: Optional[list[str]] = typer.Option(
+        None, "--layers", "-l", help="glob(s) of layers/spaces, one injected row each (default: every layer)"
+    ),
+    combine: Optional[list[str]] = typer.Option(
+        None, help="a comma-separated set of layers injected together (one row); repeatable"
+    ),
+    spaces: bool = typer.Option(
+        False,
+        "--spaces",
+        help="with the default layers: also the candidate spaces (noise, text embeddings, skips; not x_t)",
+    ),
     windows: str = typer.Option("all", help="step windows, comma-separated: all, early, middle, late"),
     seeds: str = typer.Option("0", help="seeds, comma-separated (O and E share each seed)"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's)"),
@@ -279,11 +311,21 @@ def sweep(
             raise LayerscopeError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
         sel = list(layers or []) + [tuple(_list(c) or []) for c in combine or []]
         settings = inj.Settings(
-            pairs=tuple(tuple(json.loads(p)) for p in pair or []), random_pairs=random_pairs, pair_seed=pair_seed,
-            seeds=seed_list, layers=sel or None, spaces=spaces, windows=tuple(_list(windows) or []),
-            branches=tuple(_list(branches)) if branches else None, scorer=scorer,
-            metrics=tuple(_list(metrics)) if metrics else None, steps=steps, guidance=guidance, max_batch=max_batch,
-            clip_path=clip)
+            pairs=tuple(tuple(json.loads(p)) for p in pair or []),
+            random_pairs=random_pairs,
+            pair_seed=pair_seed,
+            seeds=seed_list,
+            layers=sel or None,
+            spaces=spaces,
+            windows=tuple(_list(windows) or []),
+            branches=tuple(_list(branches)) if branches else None,
+            scorer=scorer,
+            metrics=tuple(_list(metrics)) if metrics else None,
+            steps=steps,
+            guidance=guidance,
+            max_batch=max_batch,
+            clip_path=clip,
+        )
         gen = load(model)
         folder = _folder(out, "sweep", model)
         console.print(f"{model}: injection sweep -> {folder}")
@@ -300,20 +342,29 @@ def abstractions(
     n: int = typer.Option(320, help="number of samples (zoo: unconditional samples labelled by the oracle)"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's)"),
     layers: Optional[list[str]] = typer.Option(None, "--layers", "-l", help="glob(s) of layers (default: every layer)"),
-    labels: Optional[str] = typer.Option(None, help="CSV with a 'prompt' column and one column per factor (for "
-                                                    "non-zoo models; the prompts are generated, the labels probed)"),
-    conditional: bool = typer.Option(False, help="zoo: sample held-out prompts instead of unconditionally (probes "
-                                                 "and forks)"),
-    project_layers: bool = typer.Option(False, "--project-layers", help="probe a fixed random projection of each "
-                                        "layer's whole map (128 dims) instead of its spatial mean"),
+    labels: Optional[str] = typer.Option(
+        None,
+        help="CSV with a 'prompt' column and one column per factor (for "
+        "non-zoo models; the prompts are generated, the labels probed)",
+    ),
+    conditional: bool = typer.Option(
+        False, help="zoo: sample held-out prompts instead of unconditionally (probes and forks)"
+    ),
+    project_layers: bool = typer.Option(
+        False,
+        "--project-layers",
+        help="probe a fixed random projection of each layer's whole map (128 dims) instead of its spatial mean",
+    ),
     seed: int = typer.Option(0, help="first seed"),
     out: Optional[str] = typer.Option(None, help="output folder (default: probes-<model>)"),
     probes: bool = typer.Option(True, "--probes/--no-probes", help="run the probe grid (--no-probes: forking only)"),
-    forks: int = typer.Option(0, help="forking entropy (zoo): continuations per start and fork step (0: no forking; "
-                                      "e.g. 8)"),
+    forks: int = typer.Option(
+        0, help="forking entropy (zoo): continuations per start and fork step (0: no forking; e.g. 8)"
+    ),
     fork_prompts: int = typer.Option(12, help="forking: number of starts (unconditional unless --conditional)"),
-    taus: Optional[str] = typer.Option(None, help="forking: comma-separated fork steps (default: every step but the "
-                                                  "last)"),
+    taus: Optional[str] = typer.Option(
+        None, help="forking: comma-separated fork steps (default: every step but the last)"
+    ),
     eta: float = typer.Option(1.0, help="forking: DDIM eta of the stochastic sampler (1: DDPM-like)"),
 ) -> None:
     """Linear probes on every layer x step (and x_t) for each factor, with the mutual-information bound; with
@@ -327,9 +378,20 @@ def abstractions(
             fork_taus = tuple(int(t) for t in taus.split(",") if t.strip()) if taus else None
         except ValueError:
             raise LayerscopeError(f"--taus must be comma-separated steps, e.g. 0,2,4; got {taus!r}") from None
-        settings = ab.Settings(n=n, seed=seed, steps=steps or None, layers=tuple(layers) if layers else None,
-                               conditional=conditional, project_layers=project_layers, probes=probes, labels=labels,
-                               forks=forks, fork_prompts=fork_prompts, taus=fork_taus, eta=eta)
+        settings = ab.Settings(
+            n=n,
+            seed=seed,
+            steps=steps or None,
+            layers=tuple(layers) if layers else None,
+            conditional=conditional,
+            project_layers=project_layers,
+            probes=probes,
+            labels=labels,
+            forks=forks,
+            fork_prompts=fork_prompts,
+            taus=fork_taus,
+            eta=eta,
+        )
         gen = load(model)
         folder = _folder(out, "probes", model)
         console.print(f"{model}: abstractions -> {folder}")
@@ -343,16 +405,25 @@ def abstractions(
 @app.command()
 def properties(
     model: str = typer.Argument(..., help="model spec: zoo:unet, zoo:gan, torch:module:factory, hf:/path, ..."),
-    space: Optional[list[str]] = typer.Option(None, "--space", "-s", help="space(s) or layer glob(s) to score "
-                                              "(default: every space the adapter offers); repeatable"),
+    space: Optional[list[str]] = typer.Option(
+        None,
+        "--space",
+        "-s",
+        help="space(s) or layer glob(s) to score (default: every space the adapter offers); repeatable",
+    ),
     n: int = typer.Option(16, help="base samples (the space's distribution is fitted on them)"),
     pairs: int = typer.Option(8, help="interpolation pairs"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's)"),
-    at: Optional[str] = typer.Option(None, help="steps at which per-step spaces are perturbed: a window "
-                                                "(early, middle, late) or a:b (default: every step)"),
+    at: Optional[str] = typer.Option(
+        None,
+        help="steps at which per-step spaces are perturbed: a window "
+        "(early, middle, late) or a:b (default: every step)",
+    ),
     scorer: str = typer.Option("auto", help="auto (oracle for zoo models, pixels otherwise), oracle or pixel"),
-    concept: Optional[str] = typer.Option(None, help="open domain: the concept prompt whose direction is added "
-                                                     "(default 'a dog'; Shapes world: a red object)"),
+    concept: Optional[str] = typer.Option(
+        None,
+        help="open domain: the concept prompt whose direction is added (default 'a dog'; Shapes world: a red object)",
+    ),
     seed: int = typer.Option(0, help="first seed"),
     out: Optional[str] = typer.Option(None, help="output folder (default: properties-<model>)"),
 ) -> None:
@@ -362,8 +433,16 @@ def properties(
     from .report.sections import properties as section
 
     try:
-        settings = pr.Settings(spaces=tuple(space) if space else None, n=n, pairs=pairs, at=at, seed=seed,
-                               scorer=scorer, concept=concept or "auto", steps=steps)
+        settings = pr.Settings(
+            spaces=tuple(space) if space else None,
+            n=n,
+            pairs=pairs,
+            at=at,
+            seed=seed,
+            scorer=scorer,
+            concept=concept or "auto",
+            steps=steps,
+        )
         gen = load(model)
         folder = _folder(out, "properties", model)
         console.print(f"{model}: latent-space property scorecard -> {folder}")

@@ -22,5 +22,8 @@ class GenerationConfig:
 
     def describe(self) -> dict:
         d = asdict(self)
-        d["extra"] = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(type(v))) for k, v in self.extra.items()}
+        d["extra"] = {
+            k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(type(v)))
+            for k, v in self.extra.items()
+        }
         return d

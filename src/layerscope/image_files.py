@@ -18,7 +18,7 @@ def to_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1, fill: float = 1.0
     for i in range(n):
         r, k = divmod(i, nrow)
         y, x = pad + r * (h + pad), pad + k * (w + pad)
-        out[:, y:y + h, x:x + w] = images[i].float().clamp(0, 1)
+        out[:, y : y + h, x : x + w] = images[i].float().clamp(0, 1)
     return out
 
 

@@ -129,7 +129,9 @@ class LayerMap(Sequence[LayerInfo]):
     def spaces(self) -> list[LayerInfo]:
         return [e for e in self.entries if e.is_space]
 
-    def select(self, patterns: str | Iterable[str] | None = None, *, kinds: Iterable[str] | None = None) -> list[LayerInfo]:
+    def select(
+        self, patterns: str | Iterable[str] | None = None, *, kinds: Iterable[str] | None = None
+    ) -> list[LayerInfo]:
         """Entries matching any of the glob ``patterns`` (``None``: every layer, no spaces), in map order.
 
         An exact name or glob that matches nothing raises :class:`LayerNameError` listing the closest names.

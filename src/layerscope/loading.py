@@ -76,8 +76,9 @@ class AdapterEntry:
 _ADAPTERS: dict[str, AdapterEntry] = {}
 
 
-def register_adapter(pipeline_class: str | type, adapter: type[PipelineGenerator], variant: str,
-                     *, replace: bool = False) -> None:
+def register_adapter(
+    pipeline_class: str | type, adapter: type[PipelineGenerator], variant: str, *, replace: bool = False
+) -> None:
     """Serve pipelines of ``pipeline_class`` (a class or its name) with ``adapter`` as ``variant``."""
     name = pipeline_class if isinstance(pipeline_class, str) else pipeline_class.__name__
     if not (isinstance(adapter, type) and issubclass(adapter, PipelineGenerator)):
@@ -92,8 +93,10 @@ def adapters() -> dict[str, AdapterEntry]:
     return dict(_ADAPTERS)
 
 
-for _table, _cls in ((unet.SUPPORTED, unet.UNetPipelineGenerator),
-                     (transformer.SUPPORTED, transformer.TransformerPipelineGenerator)):
+for _table, _cls in (
+    (unet.SUPPORTED, unet.UNetPipelineGenerator),
+    (transformer.SUPPORTED, transformer.TransformerPipelineGenerator),
+):
     for _name, _variant in _table.items():
         register_adapter(_name, _cls, _variant)
 
@@ -103,8 +106,10 @@ def adapter_for_pipeline(pipe: Any, spec: str, **opts: Any) -> Generator:
     cls = type(pipe).__name__
     entry = _ADAPTERS.get(cls)
     if entry is None:
-        raise SpecError(f"{cls} is not supported; supported pipeline classes: {', '.join(_ADAPTERS)} "
-                        "(or register one with layerscope.register_adapter)")
+        raise SpecError(
+            f"{cls} is not supported; supported pipeline classes: {', '.join(_ADAPTERS)} "
+            "(or register one with layerscope.register_adapter)"
+        )
     return entry.adapter(pipe, spec, variant=entry.variant, **opts)
 
 
@@ -120,8 +125,9 @@ def _from_object(obj: Any, spec: str, **opts: Any) -> Generator:
         return LatentGenerator(obj, spec, **opts)
     if hasattr(obj, "components") and callable(obj):  # a diffusers pipeline of an unregistered class
         return adapter_for_pipeline(obj, spec, **opts)
-    raise SpecError(f"cannot load a {type(obj).__name__}: give a spec string, a diffusers pipeline or a torch "
-                    "nn.Module generator")
+    raise SpecError(
+        f"cannot load a {type(obj).__name__}: give a spec string, a diffusers pipeline or a torch nn.Module generator"
+    )
 
 
 def load(spec: Any, **kwargs: Any) -> Generator:
@@ -153,6 +159,7 @@ def load(spec: Any, **kwargs: Any) -> Generator:
 
 
 # -- the built-in schemes --------------------------------------------------------------------------------------------
+
 
 def _load_hf(target: str, spec: str, kw: dict[str, Any]) -> Any:
     import torch

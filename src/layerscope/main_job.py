@@ -22,8 +22,13 @@ from .loading import load
 from .models.base import Generator
 
 
-def run_main_job(out: str | Path, quick: bool = False, only: list[str] | None = None, progress: bool = True,
-                 log: Callable[[str], None] = print) -> Path:
+def run_main_job(
+    out: str | Path,
+    quick: bool = False,
+    only: list[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Run every section's experiment (or ``only`` these section keys), save the Results, build the HTML page."""
     from .report import RUN_FILE, build_report
     from .report.sections import SECTIONS
@@ -37,8 +42,12 @@ def run_main_job(out: str | Path, quick: bool = False, only: list[str] | None = 
     secs = [s for s in SECTIONS if not only or s.KEY in only]
     jobs = {s.KEY: s.EXPERIMENT.main_job(quick) for s in secs}  # settings are built (and checked) before any run
     out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"version": __version__, "quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                              "sections": {}}
+    record: dict[str, Any] = {
+        "version": __version__,
+        "quick": quick,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "sections": {},
+    }
     for sec in secs:
         t0 = time.perf_counter()
         models: dict[str, Generator] = {}
@@ -57,10 +66,22 @@ def run_main_job(out: str | Path, quick: bool = False, only: list[str] | None = 
                 if n not in notes:
                     notes.append(n)
                     log(n)
-            done.append({"spec": job.spec, "folder": folder.name, "part": job.part, "note": job.note,
-                         "settings": settings_dict(job.settings), "seconds": round(time.perf_counter() - t1, 1),
-                         "card": model.card})
-        record["sections"][sec.KEY] = {"seconds": round(time.perf_counter() - t0, 1), "notes": notes,
-                                       "models": [j["spec"] for j in done if j["part"] == "model"], "jobs": done}
+            done.append(
+                {
+                    "spec": job.spec,
+                    "folder": folder.name,
+                    "part": job.part,
+                    "note": job.note,
+                    "settings": settings_dict(job.settings),
+                    "seconds": round(time.perf_counter() - t1, 1),
+                    "card": model.card,
+                }
+            )
+        record["sections"][sec.KEY] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "notes": notes,
+            "models": [j["spec"] for j in done if j["part"] == "model"],
+            "jobs": done,
+        }
     (out / RUN_FILE).write_text(json.dumps(record, indent=1, default=str))
     return build_report(out)

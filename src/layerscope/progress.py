@@ -19,8 +19,14 @@ def progress_callback(progress: ProgressArg, description: str) -> Iterator[Calla
     if callable(progress):
         yield progress
         return
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), transient=False)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
     task = None
 
     def update(done: int, total: int) -> None:

@@ -35,8 +35,9 @@ class Backend(Protocol):
         """The module a :class:`~layerscope.layers.Site` names (``Site.module``)."""
         ...
 
-    def run_batch(self, prompts: Sequence[Any], seeds: Sequence[int],
-                  cfg: GenerationConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    def run_batch(
+        self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Generate one batch with whatever hooks are installed: images (n, 3, H, W) in [0, 1] and meta
         (``timesteps``: the scheduler's timesteps of the steps, in order)."""
         ...
@@ -49,8 +50,9 @@ class Backend(Protocol):
         """Denoiser calls per generation with this configuration (0 for single-pass generators)."""
         ...
 
-    def site_index(self, key: str, prompts: Sequence[Any], cfg: GenerationConfig,
-                   branches: Sequence[str]) -> torch.Tensor:
+    def site_index(
+        self, key: str, prompts: Sequence[Any], cfg: GenerationConfig, branches: Sequence[str]
+    ) -> torch.Tensor:
         """Per-row token index of sites with ``Site.index`` (e.g. each prompt's end-of-sentence token), rows in
         batch layout order."""
         ...

@@ -36,14 +36,17 @@ class GenerationResult:
     timesteps: list[float] = field(default_factory=list)
 
 
-
 def trace_shapes(gen: Backend, lmap: LayerMap, cfg: GenerationConfig) -> LayerMap:
     """Run one 2-step generation of one sample (PixArt cannot run 1 step) and fill in every entry's per-sample shape."""
     run = RunState(1, ["cond"])
     recorders = {e.name: ShapeRecorder(e) for e in lmap}
     trace_cfg = GenerationConfig(
-        num_inference_steps=2, guidance_scale=1.0, height=cfg.height, width=cfg.width,
-        negative_prompt=cfg.negative_prompt, extra=dict(cfg.extra),
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        height=cfg.height,
+        width=cfg.width,
+        negative_prompt=cfg.negative_prompt,
+        extra=dict(cfg.extra),
     )
     inputs = gen.trace_inputs()
     set_indices(gen, recorders, inputs, trace_cfg, ["cond"])
@@ -61,7 +64,6 @@ def trace_shapes(gen: Backend, lmap: LayerMap, cfg: GenerationConfig) -> LayerMa
         assert r.shape is not None  # every recorder saw its site (checked above)
         entries.append(e.with_shape(r.shape, r.in_shape))
     return LayerMap(entries, model=lmap.model)
-
 
 
 def _chunks(ids: list[int], size: int) -> list[list[int]]:
@@ -147,8 +149,12 @@ def execute(
                 if name not in by_layer and name not in cap_names:
                     continue
                 handlers[name] = SiteHandler(
-                    info, run, ids, by_layer.get(name, []),
-                    capture if name in cap_names else None, cap_plan if name in cap_names else None,
+                    info,
+                    run,
+                    ids,
+                    by_layer.get(name, []),
+                    capture if name in cap_names else None,
+                    cap_plan if name in cap_names else None,
                 )
             chunk_prompts = [prompts[i] for i in ids]
             set_indices(gen, handlers, chunk_prompts, cfg, branches)
@@ -162,8 +168,12 @@ def execute(
             timesteps = [float(t) for t in meta.get("timesteps", [])]
             images.append((ids, imgs.detach().float().cpu()))
             if cap_plan is not None:
-                items = [(cap_plan.specs[(what, name)], data)
-                         for name, h in handlers.items() if name in cap_names for what, data in h.finish().items()]
+                items = [
+                    (cap_plan.specs[(what, name)], data)
+                    for name, h in handlers.items()
+                    if name in cap_names
+                    for what, data in h.finish().items()
+                ]
                 if store is not None:
                     assert writer is not None
                     if pending is not None:
@@ -232,8 +242,11 @@ def _store_attrs(
         "branches": None if capture.branches is None else list(capture.branches),
         "pooled": capture.pooled,
         # only when used, so stores written before the option existed keep their fingerprint
-        **({"unpooled": [capture.unpooled] if isinstance(capture.unpooled, str) else list(capture.unpooled)}
-           if capture.unpooled else {}),
+        **(
+            {"unpooled": [capture.unpooled] if isinstance(capture.unpooled, str) else list(capture.unpooled)}
+            if capture.unpooled
+            else {}
+        ),
         "update": capture.update,
         "dtype": str(capture.dtype),
         "interventions": [iv.describe() for iv in interventions],
@@ -256,4 +269,3 @@ def _store_attrs(
     }
     attrs["fingerprint"] = fingerprint({k: v for k, v in attrs.items() if k not in ("timesteps", "layerscope")})
     return attrs
-

@@ -29,7 +29,6 @@ class RunState:
         return [b * self.n + i for b in branch_idx for i in samples]
 
 
-
 class SiteHandler:
     """Everything that happens at one site in one chunk: interventions, then capture."""
 
@@ -62,12 +61,8 @@ class SiteHandler:
                 self.ivs.append((p, tl, src_local))
         self.cap = cap
         self.cap_steps = set(cap_plan.steps) if cap_plan else set()
-        self.cap_specs = (
-            [s for (_, name), s in cap_plan.specs.items() if name == info.name] if cap_plan else []
-        )
-        self.cap_branch_idx = (
-            resolve_branches(info, cap.branches, run.branches, "capture") if cap is not None else []
-        )
+        self.cap_specs = [s for (_, name), s in cap_plan.specs.items() if name == info.name] if cap_plan else []
+        self.cap_branch_idx = resolve_branches(info, cap.branches, run.branches, "capture") if cap is not None else []
         self.buffers: dict[str, torch.Tensor] = {}
         self.filled: dict[str, int] = {}
         self.calls_at: int | None = None
@@ -191,7 +186,6 @@ class SiteHandler:
         return out
 
 
-
 class ShapeRecorder:
     """Records per-sample output (and input) shapes of every site during a trace run."""
 
@@ -215,4 +209,3 @@ class ShapeRecorder:
                 if isinstance(inp, torch.Tensor):
                     self.in_shape = tuple(inp.shape[1:])
         return x
-

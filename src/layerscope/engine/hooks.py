@@ -42,12 +42,16 @@ def process_site(handler: SiteProcessor, x: Any, get_in: Callable[[], torch.Tens
     return out
 
 
-def set_indices(gen: Backend, handlers: Mapping[str, SiteProcessor], prompts: Sequence[Any], cfg: GenerationConfig,
-                 branches: Sequence[str]) -> None:
+def set_indices(
+    gen: Backend,
+    handlers: Mapping[str, SiteProcessor],
+    prompts: Sequence[Any],
+    cfg: GenerationConfig,
+    branches: Sequence[str],
+) -> None:
     for h in handlers.values():
         key = h.info.site.index
         h.index = gen.site_index(key, prompts, cfg, branches if h.info.branched else ["none"]) if key else None
-
 
 
 @contextmanager
@@ -68,8 +72,12 @@ def installed_hooks(
             if site.hook == "output":
 
                 def fwd(
-                    _mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
-                    _h: SiteProcessor = handler, _s: Site = site,
+                    _mod: Any,
+                    args: tuple[Any, ...],
+                    kwargs: dict[str, Any],
+                    out: Any,
+                    _h: SiteProcessor = handler,
+                    _s: Site = site,
                 ) -> Any:
                     x = get_path(out, _s.path)
                     get_in = (  # mypy checks the lambda body also without the `is not None` narrowing
@@ -86,8 +94,11 @@ def installed_hooks(
             else:
 
                 def pre(
-                    _mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                    _h: SiteProcessor = handler, _s: Site = site,
+                    _mod: Any,
+                    args: tuple[Any, ...],
+                    kwargs: dict[str, Any],
+                    _h: SiteProcessor = handler,
+                    _s: Site = site,
                 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
                     x = get_input(_s, args, kwargs, _s.path)
                     new = process_site(_h, x, None)

@@ -55,9 +55,7 @@ def _branch_labels(info: LayerInfo, branches: Sequence[str]) -> list[str]:
     return list(branches) if info.branched else ["none"]
 
 
-def resolve_branches(
-    info: LayerInfo, wanted: Sequence[str] | None, branches: Sequence[str], what: str
-) -> list[int]:
+def resolve_branches(info: LayerInfo, wanted: Sequence[str] | None, branches: Sequence[str], what: str) -> list[int]:
     labels = _branch_labels(info, branches)
     if wanted is None or not info.branched:
         return list(range(len(labels)))
@@ -209,7 +207,9 @@ def _check_stored(p: PlannedIntervention, src: Stored, info: LayerInfo, branches
     layer = src.layer or info.name
     cap.check_layer(layer, src.what)
     if not 0 <= src.sample < cap.n_samples(layer, src.what):
-        raise ConfigError(f"{what}: stored sample {src.sample} is outside the capture's {cap.n_samples(layer, src.what)}")
+        raise ConfigError(
+            f"{what}: stored sample {src.sample} is outside the capture's {cap.n_samples(layer, src.what)}"
+        )
     feat = cap.feature_shape(layer, src.what)
     view = (feat[0],) if len(feat) == 1 else feat
     probe = channel_view(torch.empty(view, device="meta"), info)
@@ -231,4 +231,3 @@ def _check_stored(p: PlannedIntervention, src: Stored, info: LayerInfo, branches
             p.stored_branch[b] = labels[b]
         else:
             raise ConfigError(f"{what}: the stored capture has no branch {labels[b]!r}; it has {', '.join(stored_br)}")
-

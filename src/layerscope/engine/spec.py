@@ -71,7 +71,6 @@ class Capture:
     budget_bytes: int = 4 * 2**30
     dtype: torch.dtype = torch.float32
 
-
     def pools(self, layer: str) -> bool:
         """Whether ``layer`` is captured pooled in this capture."""
         import fnmatch

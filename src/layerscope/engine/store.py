@@ -192,7 +192,8 @@ class ActivationStore(_Lookup):
                 raise StoreMismatchError(f"{str(path)!r} exists and is not a layerscope store; choose another path")
             if old.get("fingerprint") != fp:
                 diff = sorted(
-                    k for k in set(old) | set(attrs)
+                    k
+                    for k in set(old) | set(attrs)
                     if k not in ("fingerprint", "timesteps", "layerscope") and old.get(k) != _jsonable(attrs.get(k))
                 )
                 raise StoreMismatchError(
@@ -208,10 +209,22 @@ class ActivationStore(_Lookup):
         subs = {what: group.require_group(what) for what in {s.what for s in specs}}
         for s in specs:
             subs[s.what].create_array(
-                s.layer, shape=s.shape, chunks=_chunks(s.shape, chunk_samples, np_dtype.itemsize), dtype=np_dtype,
-                compressors=None, fill_value=0,
-                attributes=_jsonable({"layer": s.layer, "what": s.what, "dims": list(s.dims), "steps": s.steps,
-                                      "branches": s.branches, **s.attrs}),
+                s.layer,
+                shape=s.shape,
+                chunks=_chunks(s.shape, chunk_samples, np_dtype.itemsize),
+                dtype=np_dtype,
+                compressors=None,
+                fill_value=0,
+                attributes=_jsonable(
+                    {
+                        "layer": s.layer,
+                        "what": s.what,
+                        "dims": list(s.dims),
+                        "steps": s.steps,
+                        "branches": s.branches,
+                        **s.attrs,
+                    }
+                ),
             )
         group.create_array("done", shape=(n,), chunks=(max(n, 1),), dtype=bool, fill_value=False)
         # attrs last: a folder without them is an unfinished creation and is re-created

@@ -40,8 +40,6 @@ class SweepResult:
         return torch.stack([self.original, self.edit, *self.injected.values()])
 
 
-
-
 def layer_sets(lmap: "LayerMap", layers: str | Sequence[str | Sequence[str]] | None) -> list[tuple[str, ...]]:
     """Resolve a sweep's layer selection into layer sets, one injected row each (errors name close matches).
 

@@ -125,13 +125,20 @@ def collect_features(
     names = [e.name for e in lmap.layers] if layers is None else [e.name for e in lmap.select(layers)]
     base = baseline_layer(lmap) if baseline else None
     # one generation: layers pooled, x_t whole (its spatial mean is only a mean colour) for the projection
-    cap = Capture(names + ([base] if base else []), steps=steps, branches=["cond"], pooled=True,
-                  unpooled=([base] if base else []) + (names if project_layers else []), store=store)
+    cap = Capture(
+        names + ([base] if base else []),
+        steps=steps,
+        branches=["cond"],
+        pooled=True,
+        unpooled=([base] if base else []) + (names if project_layers else []),
+        store=store,
+    )
     with tempfile.TemporaryDirectory(prefix="layerscope-probes-") as tmp:
         if store is None and model.capture_bytes(cap, len(prompts), **gen_kwargs) > cap.budget_bytes:
             cap = dataclasses.replace(cap, store=Path(tmp) / "features.zarr")
-        res = model.generate(list(prompts), list(seeds), capture=cap, max_batch=max_batch, progress=progress,
-                             **gen_kwargs)
+        res = model.generate(
+            list(prompts), list(seeds), capture=cap, max_batch=max_batch, progress=progress, **gen_kwargs
+        )
 
         def at(name: str, k: int) -> torch.Tensor:  # (n, *feature) of one step, from memory or the store
             return torch.as_tensor(np.asarray(res.capture[name][:, k, 0])).float()
@@ -146,18 +153,30 @@ def collect_features(
             return x @ projections[d]
 
         step_ids = [int(s) for s in res.capture.steps_of(names[0])]
-        cells = {(name, s): projected(name, k) if project_layers else at(name, k)
-                 for name in names for k, s in enumerate(step_ids)}
+        cells = {
+            (name, s): projected(name, k) if project_layers else at(name, k)
+            for name in names
+            for k, s in enumerate(step_ids)
+        }
         order = list(names)
         if base:
             for k, s in enumerate(step_ids):
                 cells[(base, s)] = projected(base, k)
             order = [base] + order
     all_t = [float(t) for t in res.timesteps]
-    return Features(cells, order, step_ids, [all_t[s] for s in step_ids] if all_t else [], res.images,
-                    {"projection": projection if base else None, "project_layers": project_layers, "settings": {
-                        "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale}},
-                    baseline=base)
+    return Features(
+        cells,
+        order,
+        step_ids,
+        [all_t[s] for s in step_ids] if all_t else [],
+        res.images,
+        {
+            "projection": projection if base else None,
+            "project_layers": project_layers,
+            "settings": {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale},
+        },
+        baseline=base,
+    )
 
 
 def shapes_labels(images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
@@ -197,10 +216,14 @@ def probe_table(grid: ProbeGrid, feats: Features, model: str, n_boot: int = 200)
     if grid.test_correct is not None:
         lo, hi = grid.accuracy_ci(n_boot=n_boot)
         c, f = lo.shape
-        extra = pd.DataFrame({"cell": [k for k in grid.keys for _ in range(2 * f)],
-                              "factor": [grid.factors[j] for _ in range(c) for j in range(f) for _ in range(2)],
-                              "metric": ["accuracy_low", "accuracy_high"] * (c * f),
-                              "value": torch.stack([lo, hi], dim=-1).reshape(-1).numpy()})
+        extra = pd.DataFrame(
+            {
+                "cell": [k for k in grid.keys for _ in range(2 * f)],
+                "factor": [grid.factors[j] for _ in range(c) for j in range(f) for _ in range(2)],
+                "metric": ["accuracy_low", "accuracy_high"] * (c * f),
+                "value": torch.stack([lo, hi], dim=-1).reshape(-1).numpy(),
+            }
+        )
         t = pd.concat([t, extra[t.columns]], ignore_index=True)
     layer_index = {name: i for i, name in enumerate(feats.layers)}
     tsteps = dict(zip(feats.steps, feats.timesteps))
@@ -209,13 +232,22 @@ def probe_table(grid: ProbeGrid, feats: Features, model: str, n_boot: int = 200)
     t["layer_index"] = t["layer"].map(layer_index)
     t["timestep"] = t["step"].map(tsteps)
     t.insert(0, "model", model)
-    return t.drop(columns=["cell"])[["model", "layer", "layer_index", "step", "timestep", "factor", "metric",
-                                     "value"]]
+    return t.drop(columns=["cell"])[["model", "layer", "layer_index", "step", "timestep", "factor", "metric", "value"]]
 
 
-def run_probes(model: "Generator", n: int = 320, *, seed: int = 0, steps: Any = None, layers: Any = None,
-               conditional: bool = False, project_layers: bool = False, max_batch: int | None = None,
-               progress: ProgressArg = None, **gen_kwargs: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
+def run_probes(
+    model: "Generator",
+    n: int = 320,
+    *,
+    seed: int = 0,
+    steps: Any = None,
+    layers: Any = None,
+    conditional: bool = False,
+    project_layers: bool = False,
+    max_batch: int | None = None,
+    progress: ProgressArg = None,
+    **gen_kwargs: Any,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The probe grid on a Shapes-world model: ``n`` samples (unconditional unless ``conditional``: then held-out
     prompts), labels read by the oracle, every layer x step plus the ``x_t`` baseline. Returns the tidy table and a
     record (entropies, chance levels, oracle confidence, solver convergence, timing, the baseline's name)."""
@@ -228,21 +260,38 @@ def run_probes(model: "Generator", n: int = 320, *, seed: int = 0, steps: Any = 
         prompts = [""] * n
         gen_kwargs.setdefault("guidance_scale", 1.0)
     seeds = list(range(seed, seed + n))
-    feats = collect_features(model, prompts, seeds, layers=layers, steps=steps, project_layers=project_layers,
-                             max_batch=max_batch, progress=progress, **gen_kwargs)
+    feats = collect_features(
+        model,
+        prompts,
+        seeds,
+        layers=layers,
+        steps=steps,
+        project_layers=project_layers,
+        max_batch=max_batch,
+        progress=progress,
+        **gen_kwargs,
+    )
     labels, conf = shapes_labels(feats.images)
-    grid = fit_probe_grid(feats.cells, labels, n_classes=[SIZES[f] for f in FACTORS], factor_names=list(FACTORS),
-                          seed=seed)
+    grid = fit_probe_grid(
+        feats.cells, labels, n_classes=[SIZES[f] for f in FACTORS], factor_names=list(FACTORS), seed=seed
+    )
     table = probe_table(grid, feats, model.spec)
-    record = {"samples": n, "conditional": conditional, "settings": feats.meta["settings"],
-              "projection": feats.meta["projection"], "steps": feats.steps, "timesteps": feats.timesteps,
-              "layers": feats.layers, "baseline": feats.baseline,
-              "entropy_bits": dict(zip(FACTORS, [float(v) for v in grid.entropy])),
-              "chance": dict(zip(FACTORS, [float(v) for v in grid.chance])),
-              "oracle_confidence": dict(zip(FACTORS, [float(v) for v in conf.mean(0)])),
-              "in_distribution": float((conf >= 0.9).all(1).mean()),
-              "fit_seconds": float(grid.seconds),
-              "onset_ci": {f: list(v) for f, v in onset_intervals(grid, exclude=_excluded(feats.baseline)).items()}}
+    record = {
+        "samples": n,
+        "conditional": conditional,
+        "settings": feats.meta["settings"],
+        "projection": feats.meta["projection"],
+        "steps": feats.steps,
+        "timesteps": feats.timesteps,
+        "layers": feats.layers,
+        "baseline": feats.baseline,
+        "entropy_bits": dict(zip(FACTORS, [float(v) for v in grid.entropy])),
+        "chance": dict(zip(FACTORS, [float(v) for v in grid.chance])),
+        "oracle_confidence": dict(zip(FACTORS, [float(v) for v in conf.mean(0)])),
+        "in_distribution": float((conf >= 0.9).all(1).mean()),
+        "fit_seconds": float(grid.seconds),
+        "onset_ci": {f: list(v) for f, v in onset_intervals(grid, exclude=_excluded(feats.baseline)).items()},
+    }
     return table, record
 
 
@@ -256,8 +305,9 @@ def baseline_of(record: dict[str, Any]) -> tuple[str, ...]:
     return _excluded(record.get("baseline"))
 
 
-def readable_onsets(table: pd.DataFrame, threshold: float = 0.9, metric: str = "accuracy",
-                    exclude: Sequence[str] = ()) -> dict[str, dict[str, Any] | None]:
+def readable_onsets(
+    table: pd.DataFrame, threshold: float = 0.9, metric: str = "accuracy", exclude: Sequence[str] = ()
+) -> dict[str, dict[str, Any] | None]:
     """Per factor, the first step at which some layer's held-out ``metric`` reaches ``threshold`` (best layer).
     ``exclude``: layers left out, e.g. the baseline (:func:`baseline_of` the probe record)."""
     t = table[(table["metric"] == metric) & ~table["layer"].isin(exclude)]
@@ -265,34 +315,69 @@ def readable_onsets(table: pd.DataFrame, threshold: float = 0.9, metric: str = "
     for f, sub in t.groupby("factor", sort=False):
         best = sub.loc[sub.groupby("step")["value"].idxmax()].sort_values("step")
         hit = best[best["value"] >= threshold]
-        out[f] = ({"step": int(hit["step"].iloc[0]), "layer": str(hit["layer"].iloc[0]),
-                   "value": float(hit["value"].iloc[0])} if len(hit) else None)
+        out[f] = (
+            {"step": int(hit["step"].iloc[0]), "layer": str(hit["layer"].iloc[0]), "value": float(hit["value"].iloc[0])}
+            if len(hit)
+            else None
+        )
     return out
 
 
-def run_probes_csv(model: "Generator", labels_csv: str | Path, *, seed: int = 0, steps: Any = None,
-                   layers: Any = None, project_layers: bool = False, max_batch: int | None = None,
-                   progress: ProgressArg = None, **gen_kwargs: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
+def run_probes_csv(
+    model: "Generator",
+    labels_csv: str | Path,
+    *,
+    seed: int = 0,
+    steps: Any = None,
+    layers: Any = None,
+    project_layers: bool = False,
+    max_batch: int | None = None,
+    progress: ProgressArg = None,
+    **gen_kwargs: Any,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The probe grid on any text-to-image pipeline with the user's labels (:func:`labels_from_csv`): each prompt is
     generated once (seed ``seed + row``) and its features are probed for the CSV's label columns."""
     prompts, labels, factors, sizes = labels_from_csv(labels_csv)
     seeds = list(range(seed, seed + len(prompts)))
-    feats = collect_features(model, prompts, seeds, layers=layers, steps=steps, project_layers=project_layers,
-                             max_batch=max_batch, progress=progress, **gen_kwargs)
+    feats = collect_features(
+        model,
+        prompts,
+        seeds,
+        layers=layers,
+        steps=steps,
+        project_layers=project_layers,
+        max_batch=max_batch,
+        progress=progress,
+        **gen_kwargs,
+    )
     grid = fit_probe_grid(feats.cells, labels, n_classes=sizes, factor_names=factors, seed=seed)
     table = probe_table(grid, feats, model.spec)
-    record = {"samples": len(prompts), "conditional": True, "labels": str(labels_csv),
-              "settings": feats.meta["settings"], "projection": feats.meta["projection"], "steps": feats.steps,
-              "timesteps": feats.timesteps, "layers": feats.layers, "baseline": feats.baseline,
-              "entropy_bits": dict(zip(factors, [float(v) for v in grid.entropy])),
-              "chance": dict(zip(factors, [float(v) for v in grid.chance])),
-              "fit_seconds": float(grid.seconds),
-              "onset_ci": {f: list(v) for f, v in onset_intervals(grid, exclude=_excluded(feats.baseline)).items()}}
+    record = {
+        "samples": len(prompts),
+        "conditional": True,
+        "labels": str(labels_csv),
+        "settings": feats.meta["settings"],
+        "projection": feats.meta["projection"],
+        "steps": feats.steps,
+        "timesteps": feats.timesteps,
+        "layers": feats.layers,
+        "baseline": feats.baseline,
+        "entropy_bits": dict(zip(factors, [float(v) for v in grid.entropy])),
+        "chance": dict(zip(factors, [float(v) for v in grid.chance])),
+        "fit_seconds": float(grid.seconds),
+        "onset_ci": {f: list(v) for f, v in onset_intervals(grid, exclude=_excluded(feats.baseline)).items()},
+    }
     return table, record
 
 
-def onset_intervals(grid: ProbeGrid, frac: float = 0.5, confidence: float = 0.95, n_boot: int = 200, seed: int = 0,
-                    exclude: Sequence[str] = ()) -> dict[str, tuple[float, float]]:
+def onset_intervals(
+    grid: ProbeGrid,
+    frac: float = 0.5,
+    confidence: float = 0.95,
+    n_boot: int = 200,
+    seed: int = 0,
+    exclude: Sequence[str] = (),
+) -> dict[str, tuple[float, float]]:
     """Per factor, a percentile bootstrap interval of the half-way step of :func:`relative_onsets` (the held-out
     samples resampled, the probes kept): (low, high) steps, inf where a resample never rises above chance.
     ``exclude``: layers (cells ``(layer, step)``) left out, e.g. the baseline."""
@@ -308,13 +393,15 @@ def onset_intervals(grid: ProbeGrid, frac: float = 0.5, confidence: float = 0.95
     first = np.where(reached.any(axis=1), uniq[reached.argmax(axis=1)], np.inf).astype(float)
     first[top <= chance] = np.inf
     q = (1 - confidence) / 2
-    return {f: (float(np.quantile(first[:, j], q, method="lower")), float(np.quantile(first[:, j], 1 - q,
-                                                                                      method="higher")))
-            for j, f in enumerate(grid.factors)}
+    return {
+        f: (float(np.quantile(first[:, j], q, method="lower")), float(np.quantile(first[:, j], 1 - q, method="higher")))
+        for j, f in enumerate(grid.factors)
+    }
 
 
-def relative_onsets(table: pd.DataFrame, chance: dict[str, float], frac: float = 0.5,
-                    exclude: Sequence[str] = ()) -> dict[str, dict[str, Any] | None]:
+def relative_onsets(
+    table: pd.DataFrame, chance: dict[str, float], frac: float = 0.5, exclude: Sequence[str] = ()
+) -> dict[str, dict[str, Any] | None]:
     """Per factor, the first step at which the best layer's held-out accuracy has come ``frac`` of the way from
     chance to its highest value over all steps (None when it never rises above chance). ``exclude``: layers left
     out, e.g. the baseline (:func:`baseline_of` the probe record).
@@ -332,8 +419,13 @@ def relative_onsets(table: pd.DataFrame, chance: dict[str, float], frac: float =
             continue
         level = chance[f] + frac * (top - chance[f])
         hit = best[best["value"] >= level]
-        out[f] = {"step": int(hit["step"].iloc[0]), "layer": str(hit["layer"].iloc[0]),
-                  "value": float(hit["value"].iloc[0]), "level": level, "top": top}
+        out[f] = {
+            "step": int(hit["step"].iloc[0]),
+            "layer": str(hit["layer"].iloc[0]),
+            "value": float(hit["value"].iloc[0]),
+            "level": level,
+            "top": top,
+        }
     return out
 
 
@@ -342,13 +434,18 @@ def fork_plan(n_prompts: int, n_forks: int, taus: Sequence[int], seed: int = 0) 
     """One row per generation: tau, prompt (index), fork, seed (the start: initial noise and the noise before the
     fork) and fork_seed. Rows are grouped by (tau, prompt) so a batch of a multiple of ``n_forks`` rows keeps the forks
     of a start together. Fork k of prompt p has the same fork seed at every tau (common random numbers)."""
-    rows = [(int(tau), p, k, seed + p, 10_000 + seed + p * n_forks + k)
-            for tau in taus for p in range(n_prompts) for k in range(n_forks)]
+    rows = [
+        (int(tau), p, k, seed + p, 10_000 + seed + p * n_forks + k)
+        for tau in taus
+        for p in range(n_prompts)
+        for k in range(n_forks)
+    ]
     return pd.DataFrame(rows, columns=["tau", "prompt", "fork", "seed", "fork_seed"])
 
 
-def fork_entropy_table(plan: pd.DataFrame, pred: np.ndarray, confidence: np.ndarray, factors: Sequence[str],
-                       sizes: Sequence[int]) -> pd.DataFrame:
+def fork_entropy_table(
+    plan: pd.DataFrame, pred: np.ndarray, confidence: np.ndarray, factors: Sequence[str], sizes: Sequence[int]
+) -> pd.DataFrame:
     """Per (tau, prompt, factor): the plug-in entropy (bits) of the forks' readings ``pred`` (rows of ``plan``, one
     column per factor), normalised by log2(number of values of the factor), the number of distinct values, the
     share of forks on the most common value and the oracle's mean confidence."""
@@ -357,10 +454,19 @@ def fork_entropy_table(plan: pd.DataFrame, pred: np.ndarray, confidence: np.ndar
         for j, (f, k) in enumerate(zip(factors, sizes)):
             v = pred[idx, j]
             h = plugin_entropy(v)
-            rows.append({"tau": int(tau), "factor": f, "prompt": int(prompt), "entropy": h,
-                         "normalised": h / np.log2(k), "distinct": int(np.unique(v).size),
-                         "mode_share": float(np.bincount(v).max() / len(v)),
-                         "confidence": float(confidence[idx, j].mean()), "forks": int(len(idx))})
+            rows.append(
+                {
+                    "tau": int(tau),
+                    "factor": f,
+                    "prompt": int(prompt),
+                    "entropy": h,
+                    "normalised": h / np.log2(k),
+                    "distinct": int(np.unique(v).size),
+                    "mode_share": float(np.bincount(v).max() / len(v)),
+                    "confidence": float(confidence[idx, j].mean()),
+                    "forks": int(len(idx)),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -370,14 +476,23 @@ def entropy_summary(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFra
     keys = ["model", "tau", "factor"] if "model" in table else ["tau", "factor"]
     for key, sub in table.groupby(keys, sort=False):
         mean, lo, hi = mean_ci(sub["entropy"].to_numpy(), confidence)
-        rows.append({**dict(zip(keys, key)), "entropy": mean, "low": lo, "high": hi,
-                     "normalised": float(sub["normalised"].mean()), "mode_share": float(sub["mode_share"].mean()),
-                     "prompts": int(len(sub))})
+        rows.append(
+            {
+                **dict(zip(keys, key)),
+                "entropy": mean,
+                "low": lo,
+                "high": hi,
+                "normalised": float(sub["normalised"].mean()),
+                "mode_share": float(sub["mode_share"].mean()),
+                "prompts": int(len(sub)),
+            }
+        )
     return pd.DataFrame(rows).sort_values(keys[:-1], kind="stable").reset_index(drop=True)
 
 
-def commitment_times(summary: pd.DataFrame, threshold: float = COMMIT_BITS, fraction: float | None = None
-                     ) -> dict[str, int | None]:
+def commitment_times(
+    summary: pd.DataFrame, threshold: float = COMMIT_BITS, fraction: float | None = None
+) -> dict[str, int | None]:
     """Per factor, the first tau from which the mean entropy stays at or below ``threshold`` bits at every later tau
     of ``summary`` (an :func:`entropy_summary` of one model), or, with ``fraction``, at or below ``fraction`` times
     its value at the first tau. None when it is above at the last tau."""
@@ -397,9 +512,19 @@ def commitment_times(summary: pd.DataFrame, threshold: float = COMMIT_BITS, frac
     return out
 
 
-def run_forking(model: "Generator", n_prompts: int = 16, n_forks: int = 8, taus: Sequence[int] | None = None,
-                *, seed: int = 0, conditional: bool = False, eta: float = 1.0, max_batch: int | None = None,
-                progress: ProgressArg = None, **gen_kwargs: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
+def run_forking(
+    model: "Generator",
+    n_prompts: int = 16,
+    n_forks: int = 8,
+    taus: Sequence[int] | None = None,
+    *,
+    seed: int = 0,
+    conditional: bool = False,
+    eta: float = 1.0,
+    max_batch: int | None = None,
+    progress: ProgressArg = None,
+    **gen_kwargs: Any,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Forking entropy on a Shapes-world model (Corallo et al. 2024).
 
     ``n_prompts`` starts (unconditional, empty prompt and no guidance, as :func:`run_probes`; or with
@@ -435,9 +560,16 @@ def run_forking(model: "Generator", n_prompts: int = 16, n_forks: int = 8, taus:
     batch = max_batch or n_forks * max(1, model.default_max_batch * 2 // n_forks)
     batch = max(n_forks, batch - batch % n_forks)
     t0 = time.perf_counter()
-    res = model.generate([texts[p] for p in plan["prompt"]], plan["seed"].tolist(), fork_at=plan["tau"].tolist(),
-                         fork_seeds=plan["fork_seed"].tolist(), max_batch=batch, progress=progress, eta=eta,
-                         **gen_kwargs)
+    res = model.generate(
+        [texts[p] for p in plan["prompt"]],
+        plan["seed"].tolist(),
+        fork_at=plan["tau"].tolist(),
+        fork_seeds=plan["fork_seed"].tolist(),
+        max_batch=batch,
+        progress=progress,
+        eta=eta,
+        **gen_kwargs,
+    )
     gen_seconds = time.perf_counter() - t0
     reading = read(res.images)
     sizes = [SIZES[f] for f in FACTORS]
@@ -445,24 +577,49 @@ def run_forking(model: "Generator", n_prompts: int = 16, n_forks: int = 8, taus:
     all_t = [float(t) for t in res.timesteps]
     table["timestep"] = table["tau"].map(lambda t: all_t[t] if all_t else np.nan)
     table.insert(0, "model", model.spec)
-    table = table[["model", "tau", "timestep", "factor", "prompt", "entropy", "normalised", "distinct", "mode_share",
-                   "confidence", "forks"]]
+    table = table[
+        [
+            "model",
+            "tau",
+            "timestep",
+            "factor",
+            "prompt",
+            "entropy",
+            "normalised",
+            "distinct",
+            "mode_share",
+            "confidence",
+            "forks",
+        ]
+    ]
     summary = entropy_summary(table)
     record: dict[str, Any] = {
-        "model": model.spec, "starts": n_prompts, "forks": n_forks, "taus": taus, "conditional": conditional,
-        "generations": len(plan), "seed": seed,
-        "settings": {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
-                     "eta": eta, "sampler": model.capabilities.sampler},
+        "model": model.spec,
+        "starts": n_prompts,
+        "forks": n_forks,
+        "taus": taus,
+        "conditional": conditional,
+        "generations": len(plan),
+        "seed": seed,
+        "settings": {
+            "num_inference_steps": cfg.num_inference_steps,
+            "guidance_scale": cfg.guidance_scale,
+            "eta": eta,
+            "sampler": model.capabilities.sampler,
+        },
         "timesteps": [all_t[t] for t in taus] if all_t else [],
         "entropy": "plug-in (maximum-likelihood) entropy of the oracle's readings across the forks of one start, "
-                   "bits; mean over starts with a 95% bootstrap CI",
+        "bits; mean over starts with a 95% bootstrap CI",
         "max_bits": {f: float(np.log2(min(n_forks, k))) for f, k in zip(FACTORS, sizes)},
-        "threshold_bits": COMMIT_BITS, "fraction": COMMIT_FRACTION,
+        "threshold_bits": COMMIT_BITS,
+        "fraction": COMMIT_FRACTION,
         "summary": summary.drop(columns=["model"]).to_dict(orient="records"),
         "commitment": commitment_times(summary, COMMIT_BITS),
         "commitment_relative": commitment_times(summary, fraction=COMMIT_FRACTION),
         "oracle_confidence": dict(zip(FACTORS, [float(v) for v in reading.confidence.mean(0)])),
-        "generate_seconds": gen_seconds, "seconds_per_generation": gen_seconds / len(plan), "max_batch": batch,
+        "generate_seconds": gen_seconds,
+        "seconds_per_generation": gen_seconds / len(plan),
+        "max_batch": batch,
     }
     if factors is not None:
         agree = reading.pred == np.asarray(factors)[plan["prompt"].to_numpy()]
@@ -471,6 +628,7 @@ def run_forking(model: "Generator", n_prompts: int = 16, n_forks: int = 8, taus:
 
 
 # -- the experiment: settings -> run -> Result ---------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -507,12 +665,16 @@ def _check(model: "Generator", st: Settings, gen_kw: dict[str, Any]) -> None:
         raise ConfigError(f"{model.spec} generates in one pass: the probe grid and forking need a denoising model")
     shapes = caps.oracle == "shapes"
     if st.forks and not shapes:
-        raise ConfigError(f"forking reads each ending with the Shapes oracle, which does not read "
-                          f"{model.spec}'s images: it needs a zoo model")
+        raise ConfigError(
+            f"forking reads each ending with the Shapes oracle, which does not read "
+            f"{model.spec}'s images: it needs a zoo model"
+        )
     if st.probes and st.labels is None:
         if not shapes:
-            raise ConfigError(f"the Shapes oracle does not read {model.spec}'s images, so its samples have no labels: "
-                              "give --labels CSV (a 'prompt' column and one column per factor)")
+            raise ConfigError(
+                f"the Shapes oracle does not read {model.spec}'s images, so its samples have no labels: "
+                "give --labels CSV (a 'prompt' column and one column per factor)"
+            )
         if st.n < MIN_SAMPLES:
             raise ConfigError(f"the probe grid needs at least {MIN_SAMPLES} samples (--n), got {st.n}")
     if st.probes and st.labels is not None:
@@ -534,8 +696,7 @@ def _check(model: "Generator", st: Settings, gen_kw: dict[str, Any]) -> None:
             raise ConfigError(f"fork steps (taus) must be in 0..{steps - 1} for {steps} steps, got {bad}")
 
 
-def run(model: "Generator", settings: Settings, out: str | Path | None = None,
-        progress: ProgressArg = None) -> Result:
+def run(model: "Generator", settings: Settings, out: str | Path | None = None, progress: ProgressArg = None) -> Result:
     """The probe grid (:func:`run_probes`, or :func:`run_probes_csv` with ``labels``) and then forking
     (:func:`run_forking`, with ``forks``) on a loaded model, after checking the settings against the model's
     capabilities. Tables ``probes`` / ``forks``; the record holds ``model``, ``settings`` and the probe and forking
@@ -548,16 +709,40 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None,
     record: dict[str, Any] = {"model": model.spec, "settings": settings_dict(st), "notes": []}
     if st.probes and st.labels is None:
         tables[PROBES], record["probes"] = run_probes(
-            model, n=st.n, seed=st.seed, layers=layers, conditional=st.conditional, project_layers=st.project_layers,
-            max_batch=st.max_batch, progress=progress, **gen_kw)
+            model,
+            n=st.n,
+            seed=st.seed,
+            layers=layers,
+            conditional=st.conditional,
+            project_layers=st.project_layers,
+            max_batch=st.max_batch,
+            progress=progress,
+            **gen_kw,
+        )
     elif st.probes and st.labels is not None:
         tables[PROBES], record["probes"] = run_probes_csv(
-            model, st.labels, seed=st.seed, layers=layers, project_layers=st.project_layers, max_batch=st.max_batch,
-            progress=progress, **gen_kw)
+            model,
+            st.labels,
+            seed=st.seed,
+            layers=layers,
+            project_layers=st.project_layers,
+            max_batch=st.max_batch,
+            progress=progress,
+            **gen_kw,
+        )
     if st.forks:
         tables[FORKS], record["forking"] = run_forking(
-            model, st.fork_prompts, st.forks, list(st.taus) if st.taus is not None else None, seed=st.seed,
-            conditional=st.conditional, eta=st.eta, max_batch=st.max_batch, progress=progress, **gen_kw)
+            model,
+            st.fork_prompts,
+            st.forks,
+            list(st.taus) if st.taus is not None else None,
+            seed=st.seed,
+            conditional=st.conditional,
+            eta=st.eta,
+            max_batch=st.max_batch,
+            progress=progress,
+            **gen_kw,
+        )
     return Result(NAME, tables, record)
 
 

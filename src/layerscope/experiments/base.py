@@ -68,8 +68,13 @@ class Result:
             table.to_parquet(folder / f"{name}.parquet", index=False)
         for name, arrays in self.artifacts.items():
             np.savez_compressed(folder / f"{name}.npz", **{_escape(k): v for k, v in arrays.items()})
-        meta = {"experiment": self.experiment, "layerscope": __version__, "tables": list(self.tables),
-                "artifacts": list(self.artifacts), "record": self.record}
+        meta = {
+            "experiment": self.experiment,
+            "layerscope": __version__,
+            "tables": list(self.tables),
+            "artifacts": list(self.artifacts),
+            "record": self.record,
+        }
         tmp = folder / (RESULT_FILE + ".tmp")
         tmp.write_text(json.dumps(meta, indent=1, default=_json_default))
         tmp.replace(folder / RESULT_FILE)  # written last: a folder with result.json holds a whole result
@@ -127,8 +132,9 @@ def settings_dict(settings: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(settings), default=_json_default))
 
 
-def generation_kwargs(steps: int | None = None, guidance: float | None = None,
-                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def generation_kwargs(
+    steps: int | None = None, guidance: float | None = None, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Keyword arguments for ``model.generate`` from a settings object's generation fields (None: the model's)."""
     kw: dict[str, Any] = dict(extra or {})
     if steps is not None:

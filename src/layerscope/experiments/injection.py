@@ -82,8 +82,11 @@ def default_layers(model: "Generator", spaces: bool = True, **size: Any) -> list
     names = [e.name for e in lmap.layers]
     if spaces:
         layer_sites = {e.site for e in lmap.layers}
-        names += [e.name for e in lmap.spaces
-                  if e.role != "denoiser_input" and e.site not in layer_sites and e.name not in names]
+        names += [
+            e.name
+            for e in lmap.spaces
+            if e.role != "denoiser_input" and e.site not in layer_sites and e.name not in names
+        ]
     return names
 
 
@@ -148,15 +151,31 @@ def plan_injection(
     info = {}
     for group in sets:
         e = lmap[group[0]]
-        info["+".join(group)] = {"kind": e.kind if len(group) == 1 else "combination", "stage": e.stage,
-                                 "is_space": e.is_space, "index": len(info)}
-    settings = {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
-                "height": cfg.height, "width": cfg.width}
+        info["+".join(group)] = {
+            "kind": e.kind if len(group) == 1 else "combination",
+            "stage": e.stage,
+            "is_space": e.is_space,
+            "index": len(info),
+        }
+    settings = {
+        "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": cfg.guidance_scale,
+        "height": cfg.height,
+        "width": cfg.width,
+    }
     settings.update({k: v for k, v in gen_kwargs.items() if k not in settings and _jsonable(v)})
-    return InjectionPlan(model=model.spec, pairs=[(_as_text(o), _as_text(e)) for o, e in pairs], seeds=seeds,
-                         layer_sets=[list(g) for g in sets], windows=list(windows),
-                         branches=list(branches) if branches is not None else None, scorer=kind, metrics=mets,
-                         settings=settings, layer_info=info)
+    return InjectionPlan(
+        model=model.spec,
+        pairs=[(_as_text(o), _as_text(e)) for o, e in pairs],
+        seeds=seeds,
+        layer_sets=[list(g) for g in sets],
+        windows=list(windows),
+        branches=list(branches) if branches is not None else None,
+        scorer=kind,
+        metrics=mets,
+        settings=settings,
+        layer_info=info,
+    )
 
 
 def _jsonable(v: Any) -> bool:
@@ -170,8 +189,10 @@ def _jsonable(v: Any) -> bool:
 def _as_text(p: Any) -> str:
     if isinstance(p, str):
         return p
-    raise ConfigError("the injection experiment takes text prompts (Kandinsky's image embeddings: use "
-                      "layerscope.injection_sweep directly)")
+    raise ConfigError(
+        "the injection experiment takes text prompts (Kandinsky's image embeddings: use "
+        "layerscope.injection_sweep directly)"
+    )
 
 
 def run_injection(
@@ -201,8 +222,17 @@ def run_injection(
     Columns: model, pair, seed, window, layer, layer_index, stage, factor, metric, value, o_value, e_value, c_value
     (oracle readings of the factor; NaN for image metrics).
     """
-    plan = plan_injection(model, pairs, seeds=seeds, layers=layers, windows=windows, branches=branches,
-                          scorer=scorer, metrics=metrics, **gen_kwargs)
+    plan = plan_injection(
+        model,
+        pairs,
+        seeds=seeds,
+        layers=layers,
+        windows=windows,
+        branches=branches,
+        scorer=scorer,
+        metrics=metrics,
+        **gen_kwargs,
+    )
     folder = Path(out) if out is not None else None
     if folder is not None:
         _check_meta(folder, plan)
@@ -217,8 +247,17 @@ def run_injection(
             part = _load_cell(folder, p, s, w) if folder is not None else None
             if part is None:
                 o, e = plan.pairs[p]
-                res = injection_sweep(model, o, e, sets, seeds=(s, s), steps=None if w == "all" else w,
-                                      branches=plan.branches, max_batch=max_batch, **gen_kwargs)
+                res = injection_sweep(
+                    model,
+                    o,
+                    e,
+                    sets,
+                    seeds=(s, s),
+                    steps=None if w == "all" else w,
+                    branches=plan.branches,
+                    max_batch=max_batch,
+                    **gen_kwargs,
+                )
                 images = res.stack()
                 part = score(images, plan, p, s, w)
                 if folder is not None:
@@ -233,6 +272,7 @@ def run_injection(
 
 
 # -- scoring -------------------------------------------------------------------------------------------------------
+
 
 def _rows(plan: InjectionPlan, p: int, s: int, w: str) -> dict[str, Any]:
     return {"model": plan.model, "pair": p, "seed": s, "window": w}
@@ -255,16 +295,28 @@ def _oracle_scorer() -> Callable[..., pd.DataFrame]:
             for f, factor in enumerate(FACTORS):
                 differ = o[f] != e[f]
                 for metric, val in (("transfer", c[j, f] == e[f]), ("keep", c[j, f] == o[f])):
-                    recs.append({**base, "layer": name, "layer_index": meta["index"], "stage": meta["stage"],
-                                 "factor": factor, "metric": metric, "value": float(val) if differ else np.nan,
-                                 "o_value": int(o[f]), "e_value": int(e[f]), "c_value": int(c[j, f])})
+                    recs.append(
+                        {
+                            **base,
+                            "layer": name,
+                            "layer_index": meta["index"],
+                            "stage": meta["stage"],
+                            "factor": factor,
+                            "metric": metric,
+                            "value": float(val) if differ else np.nan,
+                            "o_value": int(o[f]),
+                            "e_value": int(e[f]),
+                            "c_value": int(c[j, f]),
+                        }
+                    )
         return pd.DataFrame.from_records(recs)
 
     return score
 
 
-def _image_scorer(plan: InjectionPlan, clip_path: str | Path | None,
-                  notify: Callable[[str], None] | None) -> Callable[..., pd.DataFrame]:
+def _image_scorer(
+    plan: InjectionPlan, clip_path: str | Path | None, notify: Callable[[str], None] | None
+) -> Callable[..., pd.DataFrame]:
     from ..metrics.similarity import ClipEmbedder, clip_notice, injection_scores
 
     metrics = list(plan.metrics)
@@ -288,15 +340,27 @@ def _image_scorer(plan: InjectionPlan, clip_path: str | Path | None,
             name = "+".join(group)
             meta = plan.layer_info[name]
             for metric, vals in scores.items():
-                recs.append({**base, "layer": name, "layer_index": meta["index"], "stage": meta["stage"],
-                             "factor": None, "metric": metric, "value": float(vals[j]),
-                             "o_value": np.nan, "e_value": np.nan, "c_value": np.nan})
+                recs.append(
+                    {
+                        **base,
+                        "layer": name,
+                        "layer_index": meta["index"],
+                        "stage": meta["stage"],
+                        "factor": None,
+                        "metric": metric,
+                        "value": float(vals[j]),
+                        "o_value": np.nan,
+                        "e_value": np.nan,
+                        "c_value": np.nan,
+                    }
+                )
         return pd.DataFrame.from_records(recs)
 
     return score
 
 
 # -- the output folder (one part per cell, resumable) -------------------------------------------------------------
+
 
 def _cell_stem(folder: Path, p: int, s: int, w: str) -> Path:
     return folder / "cells" / f"pair{p:03d}_seed{s}_{w}"
@@ -309,7 +373,8 @@ def _check_meta(folder: Path, plan: InjectionPlan) -> None:
         old = json.loads(meta.read_text())
         if old.get("key") != json.loads(json.dumps(plan.key())):
             raise StoreMismatchError(
-                f"{folder} holds an injection sweep with other settings; use a new folder or delete it")
+                f"{folder} holds an injection sweep with other settings; use a new folder or delete it"
+            )
     else:
         meta.write_text(json.dumps({"key": plan.key(), "layer_info": plan.layer_info}, indent=1))
 
@@ -320,8 +385,9 @@ def _load_cell(folder: Path, p: int, s: int, w: str) -> pd.DataFrame | None:
     return pd.read_parquet(done) if done.exists() else None
 
 
-def _save_cell(folder: Path, p: int, s: int, w: str, part: pd.DataFrame, images: torch.Tensor,
-               names: list[str]) -> None:
+def _save_cell(
+    folder: Path, p: int, s: int, w: str, part: pd.DataFrame, images: torch.Tensor, names: list[str]
+) -> None:
     stem = _cell_stem(folder, p, s, w)
     stem.parent.mkdir(parents=True, exist_ok=True)
     arr = (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
@@ -347,6 +413,7 @@ def load_images(folder: str | Path, pair: int, seed: int, window: str) -> tuple[
 
 
 # -- aggregation -----------------------------------------------------------------------------------------------------
+
 
 def _group_of(factor: str) -> str:
     from ..world.factors import GROUPS
@@ -392,11 +459,15 @@ def summarize(table: pd.DataFrame, confidence: float = 0.95, seed: int = 0) -> p
         for key, sub in frame.groupby(keys + ["target", "metric"], sort=False):
             vals = sub["value"].dropna().to_numpy()
             est, lo, hi = stat(vals, confidence=confidence, seed=seed) if len(vals) else (np.nan, np.nan, np.nan)
-            out.append(dict(zip(keys + ["target", "metric"], key), level=level, estimate=est, ci_low=lo,
-                            ci_high=hi, n=len(vals)))
+            out.append(
+                dict(
+                    zip(keys + ["target", "metric"], key), level=level, estimate=est, ci_low=lo, ci_high=hi, n=len(vals)
+                )
+            )
     cols = keys + ["level", "target", "metric", "estimate", "ci_low", "ci_high", "n"]
-    return pd.DataFrame.from_records(out, columns=cols).sort_values(["model", "window", "layer_index"],
-                                                                    kind="stable", ignore_index=True)
+    return pd.DataFrame.from_records(out, columns=cols).sort_values(
+        ["model", "window", "layer_index"], kind="stable", ignore_index=True
+    )
 
 
 def label(scores: dict[str, float]) -> str:
@@ -447,6 +518,7 @@ def specialize(summary: pd.DataFrame) -> pd.DataFrame:
 
 # -- Shapes-world pairs and sanity ---------------------------------------------------------------------------------
 
+
 def shapes_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """``n`` prompt pairs of held-out Shapes combinations whose O and E differ in every factor (as the paper's pairs
     differ in object, background and style)."""
@@ -471,12 +543,15 @@ def sanity(model: "Generator", pair: tuple[str, str], seed: int = 0, **gen_kwarg
     every = tuple(model.layer_map().names())
     res = injection_sweep(model, pair[0], pair[1], [every], seeds=(seed, seed), **gen_kwargs)
     plain = model.generate([pair[0]], seeds=[seed], **gen_kwargs).images[0]
-    return {"no_layer_vs_O": float((res.original - plain).abs().max()),
-            "every_layer_vs_E": float((res.injected["+".join(every)] - res.edit).abs().max()),
-            "O_vs_E": float((res.original - res.edit).abs().max())}
+    return {
+        "no_layer_vs_O": float((res.original - plain).abs().max()),
+        "every_layer_vs_E": float((res.injected["+".join(every)] - res.edit).abs().max()),
+        "O_vs_E": float((res.original - res.edit).abs().max()),
+    }
 
 
 # -- the experiment: settings -> run -> Result ---------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -508,12 +583,16 @@ def _pairs(model: "Generator", st: Settings) -> list[tuple[str, str]]:
     if st.random_pairs < 0:
         raise ConfigError(f"random_pairs must be >= 0, got {st.random_pairs}")
     if st.random_pairs and model.capabilities.oracle != "shapes":
-        raise ConfigError(f"random pairs are Shapes-world prompts, for models the Shapes oracle reads (zoo: models); "
-                          f"{model.spec} is open-domain: give pairs (--pair O E)")
+        raise ConfigError(
+            f"random pairs are Shapes-world prompts, for models the Shapes oracle reads (zoo: models); "
+            f"{model.spec} is open-domain: give pairs (--pair O E)"
+        )
     pairs = [tuple(p) for p in st.pairs] + shapes_pairs(st.random_pairs, seed=st.pair_seed)
     if not pairs:
-        raise ConfigError("give at least one (original, edit) prompt pair (--pair O E), or random pairs for "
-                          "Shapes-world models (--random-pairs N)")
+        raise ConfigError(
+            "give at least one (original, edit) prompt pair (--pair O E), or random pairs for "
+            "Shapes-world models (--random-pairs N)"
+        )
     return pairs  # type: ignore[return-value]
 
 
@@ -524,13 +603,14 @@ def _selection(model: "Generator", st: Settings, gen_kw: dict[str, Any]) -> Any:
         cfg = model.config(**gen_kw)
         return default_layers(model, spaces=True, height=cfg.height, width=cfg.width)
     if st.spaces:
-        raise ConfigError("spaces=True adds the candidate spaces to the default layers; with layers, name the "
-                          "spaces in the globs instead")
+        raise ConfigError(
+            "spaces=True adds the candidate spaces to the default layers; with layers, name the "
+            "spaces in the globs instead"
+        )
     return st.layers if isinstance(st.layers, str) else [x if isinstance(x, str) else tuple(x) for x in st.layers]
 
 
-def run(model: "Generator", settings: Settings, out: str | Path | None = None,
-        progress: ProgressArg = None) -> Result:
+def run(model: "Generator", settings: Settings, out: str | Path | None = None, progress: ProgressArg = None) -> Result:
     """The injection study on a loaded model: tables ``injection`` (one row per pair, seed, window, layer, factor,
     metric), ``summary`` (:func:`summarize`) and ``labels`` (:func:`specialize`); the record holds the plan, the
     sanity anchors (if asked) and notes. ``out``: each finished cell is saved there and a rerun resumes."""
@@ -539,18 +619,42 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None,
     pairs = _pairs(model, st)
     sel = _selection(model, st, gen_kw)
     notes: list[str] = []
-    table = run_injection(model, pairs, seeds=st.seeds, layers=sel, windows=st.windows,
-                          branches=list(st.branches) if st.branches is not None else None, scorer=st.scorer,
-                          metrics=list(st.metrics) if st.metrics else None, out=out, max_batch=st.max_batch,
-                          progress=progress, clip_path=st.clip_path, notify=notes.append, **gen_kw)
+    table = run_injection(
+        model,
+        pairs,
+        seeds=st.seeds,
+        layers=sel,
+        windows=st.windows,
+        branches=list(st.branches) if st.branches is not None else None,
+        scorer=st.scorer,
+        metrics=list(st.metrics) if st.metrics else None,
+        out=out,
+        max_batch=st.max_batch,
+        progress=progress,
+        clip_path=st.clip_path,
+        notify=notes.append,
+        **gen_kw,
+    )
     summary = summarize(table)
     labels = specialize(summary)
-    plan = plan_injection(model, pairs, seeds=st.seeds, layers=sel, windows=st.windows,
-                          branches=list(st.branches) if st.branches is not None else None, scorer=st.scorer,
-                          metrics=list(st.metrics) if st.metrics else None, **gen_kw)
-    record: dict[str, Any] = {"model": model.spec, "settings": settings_dict(st),
-                              "plan": json.loads(json.dumps(plan.key())), "layer_info": plan.layer_info,
-                              "notes": notes}
+    plan = plan_injection(
+        model,
+        pairs,
+        seeds=st.seeds,
+        layers=sel,
+        windows=st.windows,
+        branches=list(st.branches) if st.branches is not None else None,
+        scorer=st.scorer,
+        metrics=list(st.metrics) if st.metrics else None,
+        **gen_kw,
+    )
+    record: dict[str, Any] = {
+        "model": model.spec,
+        "settings": settings_dict(st),
+        "plan": json.loads(json.dumps(plan.key())),
+        "layer_info": plan.layer_info,
+        "notes": notes,
+    }
     if st.sanity:
         record["sanity"] = sanity(model, pairs[0], seed=st.seeds[0], **gen_kw)
     return Result(NAME, {"injection": table, "summary": summary, "labels": labels}, record)

@@ -82,8 +82,16 @@ IN_DIST_QUANTILE = 0.95
 STILL = 0.01  # open domain: endpoints closer than this share of d_far "read alike"
 CONCEPT = ("object_hue", 0)  # Shapes world: a red object
 OPEN_CONCEPT = "a dog"
-OPEN_PROMPTS = ("a photo of a cat", "a house by a lake", "a bowl of fruit on a table", "a city street at night",
-                "a portrait of an old man", "a red car in a field", "a mountain landscape", "a bird on a branch")
+OPEN_PROMPTS = (
+    "a photo of a cat",
+    "a house by a lake",
+    "a bowl of fruit on a table",
+    "a city street at night",
+    "a portrait of an old man",
+    "a red car in a field",
+    "a mountain landscape",
+    "a bird on a branch",
+)
 CONDITION_ROLE = "condition"  # prompt conditions (text tokens, EOS, image embeddings): perturbed on the cond branch
 NOT_A_SPACE_ROLE = "denoiser_input"  # x_t: perturbing it does not change the sampler's own latent
 #: the Result's tables and artifact (saved as ``properties.parquet``, ``properties_details.parquet``, ``strips.npz``)
@@ -100,8 +108,7 @@ def mark(score: float) -> str:
 def candidate_spaces(model: "Generator", **size: Any) -> list[str]:
     """The spaces the adapter offers (noise, text tokens, EOS, VAE latent, h-space, skips; a GAN/VAE latent), less
     the denoiser's input (role ``denoiser_input``), which the sampler does not read back."""
-    return [e.name for e in model.layer_map(size.get("height"), size.get("width")).spaces
-            if e.role != NOT_A_SPACE_ROLE]
+    return [e.name for e in model.layer_map(size.get("height"), size.get("width")).spaces if e.role != NOT_A_SPACE_ROLE]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -124,9 +131,18 @@ class PropertiesPlan:
 
     def record(self) -> dict[str, Any]:
         """What the report shows of the plan; ``generation``: the keywords passed to ``generate``."""
-        return {"model": self.model, "spaces": self.spaces, "steps": self.steps, "n": len(self.seeds),
-                "pairs": len(self.pairs), "scorer": self.scorer, "concept": _concept_text(self.concept),
-                "radii": list(RADII), "interior": [round(a, 4) for a in INTERIOR], "generation": self.gen_kwargs}
+        return {
+            "model": self.model,
+            "spaces": self.spaces,
+            "steps": self.steps,
+            "n": len(self.seeds),
+            "pairs": len(self.pairs),
+            "scorer": self.scorer,
+            "concept": _concept_text(self.concept),
+            "radii": list(RADII),
+            "interior": [round(a, 4) for a in INTERIOR],
+            "generation": self.gen_kwargs,
+        }
 
 
 def _concept_text(concept: Any) -> str | None:
@@ -137,9 +153,19 @@ def _concept_text(concept: Any) -> str | None:
     return concept
 
 
-def plan_properties(model: "Generator", spaces: Any = None, *, n: int = 16, pairs: int = 8, steps: Any = None,
-                    prompts: Sequence[Any] | None = None, seed: int = 0, scorer: str = "auto",
-                    concept: Any = "auto", **gen_kwargs: Any) -> PropertiesPlan:
+def plan_properties(
+    model: "Generator",
+    spaces: Any = None,
+    *,
+    n: int = 16,
+    pairs: int = 8,
+    steps: Any = None,
+    prompts: Sequence[Any] | None = None,
+    seed: int = 0,
+    scorer: str = "auto",
+    concept: Any = "auto",
+    **gen_kwargs: Any,
+) -> PropertiesPlan:
     """Validate the settings and resolve spaces, steps, samples and scorer before any generation.
 
     ``steps``: the steps at which per-step spaces are perturbed (None: every step). ``scorer``: ``auto`` picks the
@@ -158,8 +184,10 @@ def plan_properties(model: "Generator", spaces: Any = None, *, n: int = 16, pair
         bad = [s for s in asked if s in lmap and lmap[s].role == NOT_A_SPACE_ROLE]
         names = [e.name for e in lmap.select(asked) if e.role != NOT_A_SPACE_ROLE]  # globs skip x_t
         if bad:
-            raise ConfigError(f"{bad[0]} is the denoiser's input, which the sampler does not read back; score "
-                              "'noise' or a layer instead")
+            raise ConfigError(
+                f"{bad[0]} is the denoiser's input, which the sampler does not read back; score "
+                "'noise' or a layer instead"
+            )
     if not names:
         raise ConfigError(f"no space of {model.spec} matches {spaces!r}")
     num = model.num_steps(cfg)
@@ -176,8 +204,10 @@ def plan_properties(model: "Generator", spaces: Any = None, *, n: int = 16, pair
         if latent:
             prompts = [None] * n
         elif not text:
-            raise ConfigError(f"{model.spec} is conditioned on {caps.conditioning}, not text: give n={n} prompts "
-                              f"({caps.conditioning}), one per base sample")
+            raise ConfigError(
+                f"{model.spec} is conditioned on {caps.conditioning}, not text: give n={n} prompts "
+                f"({caps.conditioning}), one per base sample"
+            )
         elif scorer == "oracle":
             from ..world.factors import sample_factors
             from ..world.text import prompts_for
@@ -197,11 +227,22 @@ def plan_properties(model: "Generator", spaces: Any = None, *, n: int = 16, pair
         if scorer != "oracle":
             raise ConfigError("a Shapes-world concept (factor, value) needs the oracle scorer")
         if not (text or latent):
-            raise ConfigError(f"a Shapes-world concept needs a text-conditioned or latent generator; {model.spec} "
-                              f"is conditioned on {caps.conditioning}")
-    return PropertiesPlan(model.spec, names, step_list, prompts, [seed + i for i in range(n)],
-                          [(i, (i + 1) % n) for i in range(pairs)], scorer, concept,
-                          {k: v for k, v in gen_kwargs.items()}, text)
+            raise ConfigError(
+                f"a Shapes-world concept needs a text-conditioned or latent generator; {model.spec} "
+                f"is conditioned on {caps.conditioning}"
+            )
+    return PropertiesPlan(
+        model.spec,
+        names,
+        step_list,
+        prompts,
+        [seed + i for i in range(n)],
+        [(i, (i + 1) % n) for i in range(pairs)],
+        scorer,
+        concept,
+        {k: v for k, v in gen_kwargs.items()},
+        text,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,8 +268,11 @@ class _Reader:
             from ..world.quality import IN_DISTRIBUTION
 
             r = read(images, self.oracle)
-            return {"features": r.features.double(), "pred": r.pred,
-                    "in_dist": (r.confidence >= IN_DISTRIBUTION).all(axis=1).astype(float)}
+            return {
+                "features": r.features.double(),
+                "pred": r.pred,
+                "in_dist": (r.confidence >= IN_DISTRIBUTION).all(axis=1).astype(float),
+            }
         feats = images.flatten(1).double()
         return {"features": feats, "pred": None, "in_dist": self._nn_in_dist(feats)}
 
@@ -295,24 +339,41 @@ def _space_values(result: Any, name: str) -> torch.Tensor:
     return result.capture[name][:, :, 0].double()
 
 
-def _interventions(info: Any, op: str, values: torch.Tensor, rows: list[int], steps: list[int] | None,
-                   branches: list[str] | None, shared: bool = False) -> list[Intervention]:
+def _interventions(
+    info: Any,
+    op: str,
+    values: torch.Tensor,
+    rows: list[int],
+    steps: list[int] | None,
+    branches: list[str] | None,
+    shared: bool = False,
+) -> list[Intervention]:
     """``values``: (rows, step, *shape) per-row values, or (step, *shape) for one value shared by all rows."""
     out = []
     per_step = info.per_step and steps is not None
     for k, s in enumerate(steps if per_step else [None]):
         v = values[k] if shared else values[:, k]
         src = v.float() if shared else PerTarget(v.float())
-        out.append(Intervention(info.name, op, src, targets=rows, steps=[s] if per_step else None,
-                                branches=branches))
+        out.append(Intervention(info.name, op, src, targets=rows, steps=[s] if per_step else None, branches=branches))
     return out
 
 
-def run_properties(gen: "Generator", spaces: Any = None, *, n: int = 16, pairs: int = 8,
-                   steps: Any = None, prompts: Sequence[Any] | None = None, seed: int = 0, scorer: str = "auto",
-                   concept: Any = "auto", max_batch: int | None = 64, progress: ProgressArg = False,
-                   n_boot: int = 1000, **gen_kwargs: Any) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray],
-                                                                   dict[str, Any]]:
+def run_properties(
+    gen: "Generator",
+    spaces: Any = None,
+    *,
+    n: int = 16,
+    pairs: int = 8,
+    steps: Any = None,
+    prompts: Sequence[Any] | None = None,
+    seed: int = 0,
+    scorer: str = "auto",
+    concept: Any = "auto",
+    max_batch: int | None = 64,
+    progress: ProgressArg = False,
+    n_boot: int = 1000,
+    **gen_kwargs: Any,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray], dict[str, Any]]:
     """Score each space of the loaded model ``gen`` on the four properties (the work behind :func:`run`).
 
     Returns ``(scores, details, strips, record)``: the tidy scores (``model, space, kind, property, score, low,
@@ -320,8 +381,18 @@ def run_properties(gen: "Generator", spaces: Any = None, *, n: int = 16, pairs: 
     (uint8, (k, 3, H, W): base, a density sample, the radii, the interpolation path, the concept addition) and the
     plan's record with the strips' column names.
     """
-    plan = plan_properties(gen, spaces, n=n, pairs=pairs, steps=steps, prompts=prompts, seed=seed, scorer=scorer,
-                           concept=concept, **gen_kwargs)
+    plan = plan_properties(
+        gen,
+        spaces,
+        n=n,
+        pairs=pairs,
+        steps=steps,
+        prompts=prompts,
+        seed=seed,
+        scorer=scorer,
+        concept=concept,
+        **gen_kwargs,
+    )
     cfg = gen.config(**gen_kwargs)
     lmap = gen.layer_map(cfg.height, cfg.width)
     infos = {s: lmap[s] for s in plan.spaces}
@@ -372,8 +443,12 @@ def run_properties(gen: "Generator", spaces: Any = None, *, n: int = 16, pairs: 
             path_src = [a for (a, _b) in plan.pairs for _ in (*INTERIOR, 1.0)]
             r_path = block(len(path_src), path_src)
             alphas = torch.tensor([*INTERIOR, 1.0], dtype=torch.float64)
-            interp = torch.cat([(1 - alphas.view(-1, *[1] * (v.ndim - 1))) * v[a] + alphas.view(-1, *[1] * (v.ndim - 1))
-                                * v[b] for a, b in plan.pairs])
+            interp = torch.cat(
+                [
+                    (1 - alphas.view(-1, *[1] * (v.ndim - 1))) * v[a] + alphas.view(-1, *[1] * (v.ndim - 1)) * v[b]
+                    for a, b in plan.pairs
+                ]
+            )
             ivs += _interventions(info, "replace", interp, r_path, plan.steps, branches)
             r_con: list[int] = []
             if directions is not None and space in directions:
@@ -400,34 +475,60 @@ def run_properties(gen: "Generator", spaces: Any = None, *, n: int = 16, pairs: 
                 "density": bootstrap_ci(_density, [rd["in_dist"][r_dens], base_read["in_dist"]], **boot),
                 "smoothness": bootstrap_ci(_smoothness, [smooth_vals], **boot),
                 "organization": bootstrap_ci(_organization, [path_vals, rho_vals], **boot),
-                "relevance": bootstrap_ci(_relevance, [unit_vals] + [a for a in (added, base_c) if a is not None],
-                                          **boot),
+                "relevance": bootstrap_ci(
+                    _relevance, [unit_vals] + [a for a in (added, base_c) if a is not None], **boot
+                ),
             }
             kind = info.kind if info.is_space else "layer"
             for prop, (s, lo, hi) in est.items():
-                scores.append({"model": gen.spec, "space": space, "kind": kind, "property": prop, "score": s,
-                               "low": lo, "high": hi, "mark": mark(s)})
+                scores.append(
+                    {
+                        "model": gen.spec,
+                        "space": space,
+                        "kind": kind,
+                        "property": prop,
+                        "score": s,
+                        "low": lo,
+                        "high": hi,
+                        "mark": mark(s),
+                    }
+                )
             det = {f"change@{r:g}": float(np.mean(c[r])) for r in RADII}
             det.update({f"in_dist@{r:g}": float(np.mean(rd["in_dist"][r_rad[r]])) for r in RADII})
-            det.update({"in_dist_base": float(np.mean(base_read["in_dist"])),
-                        "in_dist_resampled": float(np.mean(rd["in_dist"][r_dens])),
-                        "path": float(np.mean(path_vals)), "rho_distance": float(np.mean(rho_vals)),
-                        "unit_change": float(np.mean(unit_vals)), "d_far": d_far,
-                        "space_dims": int(np.prod(info.shape)), "rows": len(rows_p)})
+            det.update(
+                {
+                    "in_dist_base": float(np.mean(base_read["in_dist"])),
+                    "in_dist_resampled": float(np.mean(rd["in_dist"][r_dens])),
+                    "path": float(np.mean(path_vals)),
+                    "rho_distance": float(np.mean(rho_vals)),
+                    "unit_change": float(np.mean(unit_vals)),
+                    "d_far": d_far,
+                    "space_dims": int(np.prod(info.shape)),
+                    "rows": len(rows_p),
+                }
+            )
             if r_con and base_c is not None:  # Shapes world: shares of images read as the concept
-                det.update(concept_base=float(np.mean(base_c)), concept_added=float(np.mean(added)),
-                           concept_gain=_gain(added, base_c))
+                det.update(
+                    concept_base=float(np.mean(base_c)),
+                    concept_added=float(np.mean(added)),
+                    concept_gain=_gain(added, base_c),
+                )
             elif r_con:  # open domain: the share of the distance to the concept image closed
                 det["concept_gain"] = float(np.mean(added))
             details += [{"model": gen.spec, "space": space, "metric": k, "value": val} for k, val in det.items()]
-            pick = [r_dens[0]] + [r_rad[r][0] for r in RADII] + r_path[:len(INTERIOR) + 1] + r_con[:1]
+            pick = [r_dens[0]] + [r_rad[r][0] for r in RADII] + r_path[: len(INTERIOR) + 1] + r_con[:1]
             imgs = torch.cat([base.images[:1], out.images[pick]])
             strips[space] = (imgs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
             if report is not None:
                 report(si + 1, len(plan.spaces))
     record = plan.record()
-    record["strip_columns"] = (["sample", "density"] + [f"+{r:g} sd" for r in RADII]
-                               + [f"a={a:.2f}" for a in INTERIOR] + ["a=1"] + (["+concept"] if directions else []))
+    record["strip_columns"] = (
+        ["sample", "density"]
+        + [f"+{r:g} sd" for r in RADII]
+        + [f"a={a:.2f}" for a in INTERIOR]
+        + ["a=1"]
+        + (["+concept"] if directions else [])
+    )
     return pd.DataFrame.from_records(scores), pd.DataFrame.from_records(details), strips, record
 
 
@@ -485,9 +586,9 @@ def _paths(plan: PropertiesPlan, rd: dict, rows: list[int], base_read: dict, d_f
     k = len(INTERIOR) + 1
     out = []
     for p, (a, _b) in enumerate(plan.pairs):
-        seg = rows[p * k:(p + 1) * k]
+        seg = rows[p * k : (p + 1) * k]
         if rd["pred"] is not None:
-            seq = np.concatenate([base_read["pred"][a:a + 1], rd["pred"][seg]])  # (k + 1, factors)
+            seq = np.concatenate([base_read["pred"][a : a + 1], rd["pred"][seg]])  # (k + 1, factors)
             e0, e1 = seq[0], seq[-1]
             differ = np.flatnonzero(e0 != e1)
             out.append(float(np.mean([_monotone(seq[:, f], f) for f in differ])) if len(differ) else 0.0)
@@ -515,7 +616,7 @@ def _monotone(col: np.ndarray, f: int) -> float:
     e0, e1 = int(col[0]), int(col[-1])
     if name == "shape":
         hit = np.flatnonzero(col == e1)
-        return float(np.isin(col, (e0, e1)).all() and np.all(col[hit[0]:] == e1))
+        return float(np.isin(col, (e0, e1)).all() and np.all(col[hit[0] :] == e1))
     if name.endswith("_hue"):
         k = SIZES[name]
         arcs = [((col - e0) * d) % k for d in (1, -1)]
@@ -556,8 +657,9 @@ def scorecard(scores: pd.DataFrame) -> pd.DataFrame:
 def holds_all(scores: pd.DataFrame) -> pd.DataFrame:
     """Per model and space: whether all four properties are full (V), and the lowest score."""
     g = scores.groupby(["model", "space"], sort=False)
-    return pd.DataFrame({"all_full": g["mark"].apply(lambda m: bool((m == "V").all())),
-                         "lowest": g["score"].min()}).reset_index()
+    return pd.DataFrame(
+        {"all_full": g["mark"].apply(lambda m: bool((m == "V").all())), "lowest": g["score"].min()}
+    ).reset_index()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -599,8 +701,7 @@ def _check(st: Settings) -> None:
         raise ConfigError(f"steps must be at least 1 denoising step, got {st.steps}")
 
 
-def run(model: "Generator", settings: Settings, out: str | Path | None = None,
-        progress: ProgressArg = None) -> Result:
+def run(model: "Generator", settings: Settings, out: str | Path | None = None, progress: ProgressArg = None) -> Result:
     """The property scorecard of a loaded model: tables ``properties`` (one row per space x property: score, CI,
     mark) and ``properties_details`` (the measurements behind the scores), the artifact ``strips`` (one image strip
     per space) and a record of the plan, the strips' columns and the settings. ``out`` is unused: the experiment
@@ -609,9 +710,20 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None,
     _check(st)
     spaces = st.spaces if st.spaces is None or isinstance(st.spaces, str) else list(st.spaces)
     scores, details, strips, plan_record = run_properties(
-        model, spaces, n=st.n, pairs=st.pairs, steps=st.at, prompts=None if st.prompts is None else list(st.prompts),
-        seed=st.seed, scorer=st.scorer, concept=st.concept, max_batch=st.max_batch, progress=progress,
-        n_boot=st.n_boot, **generation_kwargs(st.steps, None, st.generation))
+        model,
+        spaces,
+        n=st.n,
+        pairs=st.pairs,
+        steps=st.at,
+        prompts=None if st.prompts is None else list(st.prompts),
+        seed=st.seed,
+        scorer=st.scorer,
+        concept=st.concept,
+        max_batch=st.max_batch,
+        progress=progress,
+        n_boot=st.n_boot,
+        **generation_kwargs(st.steps, None, st.generation),
+    )
     record = {"model": model.spec, "settings": settings_dict(st), **plan_record}
     return Result(NAME, {SCORES: scores, DETAILS: details}, record, {STRIPS: strips})
 
@@ -619,15 +731,25 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None,
 #: the main job: zoo:unet every space it offers, zoo:dit its spaces and every transformer block, the GAN/VAE latent
 _DIFFUSION = Settings(n=16, pairs=8, steps=10)
 _LATENT = Settings(n=64, pairs=16)
-FULL: dict[str, Settings] = {"zoo:unet": _DIFFUSION, "zoo:dit": Settings(n=16, pairs=8, steps=10, spaces=("*",)),
-                             "zoo:vae": _LATENT, "zoo:gan": _LATENT}
-QUICK: dict[str, Settings] = {"zoo:unet": Settings(n=8, pairs=4, steps=4, spaces=("noise", "text_embeds", "h_space")),
-                              "zoo:vae": Settings(n=32, pairs=8), "zoo:gan": Settings(n=32, pairs=8)}
+FULL: dict[str, Settings] = {
+    "zoo:unet": _DIFFUSION,
+    "zoo:dit": Settings(n=16, pairs=8, steps=10, spaces=("*",)),
+    "zoo:vae": _LATENT,
+    "zoo:gan": _LATENT,
+}
+QUICK: dict[str, Settings] = {
+    "zoo:unet": Settings(n=8, pairs=4, steps=4, spaces=("noise", "text_embeds", "h_space")),
+    "zoo:vae": Settings(n=32, pairs=8),
+    "zoo:gan": Settings(n=32, pairs=8),
+}
 #: the sanity generators built to fail (``layerscope.testing.sanity``, loaded by spec: experiments do not import
 #: test doubles) and what each must show; their settings (full, quick)
 SANITY_SPEC = "torch:layerscope.testing.sanity:{}"
-SANITY = {"ignores_latent": "relevance ~0", "hash_of_latent": "smoothness and organization ~0",
-          "linear_decoder": "all four high"}
+SANITY = {
+    "ignores_latent": "relevance ~0",
+    "hash_of_latent": "smoothness and organization ~0",
+    "linear_decoder": "all four high",
+}
 SANITY_FULL = Settings(n=32, pairs=8)
 SANITY_QUICK = Settings(n=16, pairs=4)
 
@@ -635,5 +757,6 @@ SANITY_QUICK = Settings(n=16, pairs=4)
 def main_job(quick: bool = False) -> list[Job]:
     """The scorecard of the zoo's diffusion models and GAN/VAE latents, then of each sanity generator."""
     models, sanity = (QUICK, SANITY_QUICK) if quick else (FULL, SANITY_FULL)
-    return ([Job(spec, st) for spec, st in models.items()]
-            + [Job(SANITY_SPEC.format(name), sanity, part="sanity", note=note) for name, note in SANITY.items()])
+    return [Job(spec, st) for spec, st in models.items()] + [
+        Job(SANITY_SPEC.format(name), sanity, part="sanity", note=note) for name, note in SANITY.items()
+    ]

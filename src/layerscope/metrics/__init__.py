@@ -11,5 +11,11 @@ from .similarity import (
 )
 
 __all__ = [
-    "CLIP_ENV", "DEFAULT_METRICS", "METRICS", "ClipEmbedder", "clip_notice", "injection_scores", "similarity",
+    "CLIP_ENV",
+    "DEFAULT_METRICS",
+    "METRICS",
+    "ClipEmbedder",
+    "clip_notice",
+    "injection_scores",
+    "similarity",
 ]

@@ -164,8 +164,10 @@ def _features(metric: str, x: np.ndarray, clip: ClipEmbedder | None) -> list[Any
     if metric == "lbp":
         return [_lbp_features(img) for img in x]
     if clip is None:
-        raise ValueError("the clip metric needs a ClipEmbedder (ClipEmbedder.from_local(path) or "
-                         f"{CLIP_ENV}=/path/to/clip-checkpoint); none was given")
+        raise ValueError(
+            "the clip metric needs a ClipEmbedder (ClipEmbedder.from_local(path) or "
+            f"{CLIP_ENV}=/path/to/clip-checkpoint); none was given"
+        )
     return list(clip.embed(x.transpose(0, 3, 1, 2)).double().numpy())
 
 
@@ -190,9 +192,13 @@ def similarity(a: ImageLike, b: ImageLike, metric: str, clip: ClipEmbedder | Non
     return np.array([score(fa[i], fb[j]) for i, j in zip(ia, ib)], dtype=np.float64)
 
 
-def injection_scores(original: ImageLike, edit: ImageLike, injected: ImageLike,
-                     metrics: Sequence[str] = DEFAULT_METRICS, clip: ClipEmbedder | None = None
-                     ) -> dict[str, np.ndarray]:
+def injection_scores(
+    original: ImageLike,
+    edit: ImageLike,
+    injected: ImageLike,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    clip: ClipEmbedder | None = None,
+) -> dict[str, np.ndarray]:
     """Baseline-subtracted similarity of each injected image C to the edit E and to the original O.
 
     For each metric m: ``m_to_E`` = max(0, sim(C, E) - sim(O, E)), ``m_to_O`` = max(0, sim(C, O) - sim(O, E)) and
@@ -224,9 +230,17 @@ def injection_scores(original: ImageLike, edit: ImageLike, injected: ImageLike,
 class ClipEmbedder:
     """L2-normalised CLIP image embeddings from a local checkpoint folder (never downloads)."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any = None, image_size: int = 224,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 64, path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Any = None,
+        image_size: int = 224,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        path: str | Path | None = None,
+    ) -> None:
         from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         self.model = model.to(device).eval()
@@ -239,8 +253,9 @@ class ClipEmbedder:
         self.path = Path(path) if path is not None else None
 
     @classmethod
-    def from_local(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
-                   batch_size: int = 64) -> ClipEmbedder | None:
+    def from_local(
+        cls, path: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 64
+    ) -> ClipEmbedder | None:
         """Load the checkpoint at ``path`` (else $LAYERSCOPE_CLIP); None if none is set or the folder is missing."""
         path = path if path is not None else os.environ.get(CLIP_ENV) or None
         if path is None or not Path(path).expanduser().is_dir():
@@ -271,10 +286,11 @@ class ClipEmbedder:
         h, w = x.shape[-2:]
         f = s / min(h, w)
         size = (max(s, round(h * f)), max(s, round(w * f)))
-        x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False,
-                                            antialias=True).clamp(0, 1)
+        x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(
+            0, 1
+        )
         top, left = (size[0] - s) // 2, (size[1] - s) // 2
-        x = x[..., top:top + s, left:left + s]
+        x = x[..., top : top + s, left : left + s]
         return (x - self.mean) / self.std
 
     @torch.no_grad()
@@ -284,7 +300,7 @@ class ClipEmbedder:
         dtype = next(self.model.parameters()).dtype
         out = []
         for i in range(0, len(x), self.batch_size):
-            pix = self._pixels(x[i:i + self.batch_size]).to(self.device, dtype)
+            pix = self._pixels(x[i : i + self.batch_size]).to(self.device, dtype)
             pooled = self.model.vision_model(pixel_values=pix).pooler_output
             out.append(self.model.visual_projection(pooled).float().cpu())
         return torch.nn.functional.normalize(torch.cat(out), dim=-1)

@@ -36,7 +36,9 @@ class CaptureHandle:
 
     def __getitem__(self, layer: str) -> Any:
         if self.result is None:
-            raise ConfigError("nothing captured yet: call model.generate(...) inside the `with model.capture(...)` block")
+            raise ConfigError(
+                "nothing captured yet: call model.generate(...) inside the `with model.capture(...)` block"
+            )
         return self.result[layer]
 
 
@@ -78,8 +80,15 @@ class Generator(ABC):
     supports_fork: bool = False  # adapters that can fork a generation at a step (see :meth:`generate`)
     conditioning: str = "text"
 
-    def __init__(self, spec: str, *, defaults: dict[str, Any] | None = None, card: dict[str, Any] | None = None,
-                 oracle: str | None = None, size: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        spec: str,
+        *,
+        defaults: dict[str, Any] | None = None,
+        card: dict[str, Any] | None = None,
+        oracle: str | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> None:
         self.spec = spec
         self.taps = nn.ModuleDict()
         self._maps: dict[tuple[int | None, int | None], LayerMap] = {}
@@ -103,8 +112,13 @@ class Generator(ABC):
     @property
     def capabilities(self) -> Capabilities:
         """What this generator is and can do (see :class:`Capabilities`)."""
-        return Capabilities(oracle=self.oracle, conditioning=self.conditioning, iterative=self.step_module is not None,
-                            forkable=self.supports_fork, sampler=self.sampler_name())
+        return Capabilities(
+            oracle=self.oracle,
+            conditioning=self.conditioning,
+            iterative=self.step_module is not None,
+            forkable=self.supports_fork,
+            sampler=self.sampler_name(),
+        )
 
     def sampler_name(self) -> str | None:
         """The scheduler's class name (None for single-pass generators)."""
@@ -120,7 +134,9 @@ class Generator(ABC):
         """The module a :class:`~layerscope.layers.Site` names."""
 
     @abstractmethod
-    def run_batch(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
+    def run_batch(
+        self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig
+    ) -> tuple[torch.Tensor, dict]:
         """Generate one batch: images (n, 3, H, W) in [0, 1] and meta (``timesteps``)."""
 
     def trace_inputs(self) -> list[Any]:
@@ -137,8 +153,9 @@ class Generator(ABC):
     def default_size(self) -> tuple[int, int] | None:
         return None
 
-    def site_index(self, key: str, prompts: Sequence[Any], cfg: GenerationConfig,
-                   branches: Sequence[str]) -> torch.Tensor:
+    def site_index(
+        self, key: str, prompts: Sequence[Any], cfg: GenerationConfig, branches: Sequence[str]
+    ) -> torch.Tensor:
         """Per-row token index for sites with ``Site.index`` (rows in batch layout order)."""
         raise ConfigError(f"{type(self).__name__} has no per-row index {key!r}")
 
@@ -261,11 +278,16 @@ class Generator(ABC):
         if fork_at is None or fork_seeds is None:
             raise ConfigError("forking needs both fork_at (the step) and fork_seeds (one per row)")
         if not self.supports_fork:
-            raise ConfigError(f"{type(self).__name__} cannot fork a generation: forking needs a diffusers pipeline "
-                              "with a stochastic sampler")
+            raise ConfigError(
+                f"{type(self).__name__} cannot fork a generation: forking needs a diffusers pipeline "
+                "with a stochastic sampler"
+            )
         at = [int(fork_at)] * n if isinstance(fork_at, (int, np.integer)) else [int(a) for a in fork_at]
-        fs = ([int(fork_seeds) + i for i in range(n)] if isinstance(fork_seeds, (int, np.integer))
-              else [int(f) for f in fork_seeds])
+        fs = (
+            [int(fork_seeds) + i for i in range(n)]
+            if isinstance(fork_seeds, (int, np.integer))
+            else [int(f) for f in fork_seeds]
+        )
         if len(at) != n or len(fs) != n:
             raise ConfigError(f"got {n} prompts but {len(at)} fork steps and {len(fs)} fork seeds; give one per row")
         steps = self.num_steps(cfg)
@@ -308,7 +330,9 @@ class ForkedSeed(int):
         return f"ForkedSeed({int(self)}, at={self.at}, fork_seed={self.fork_seed})"
 
 
-def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+def seeded_noise(
+    seeds: Sequence[int], shape: Sequence[int], device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
     """Initial noise, one independent CPU generator per row, so a row's noise does not depend on its batch."""
     rows = [torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
     return torch.stack(rows).to(device=device, dtype=dtype)

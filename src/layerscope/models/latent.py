@@ -40,8 +40,14 @@ class LatentGenerator(Generator):
     step_module = None
     conditioning = "latent"
 
-    def __init__(self, module: nn.Module, spec: str, latent_dim: int | Sequence[int] | None = None,
-                 output_range: tuple[float, float] | None = None, **opts: Any) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        spec: str,
+        latent_dim: int | Sequence[int] | None = None,
+        output_range: tuple[float, float] | None = None,
+        **opts: Any,
+    ) -> None:
         super().__init__(spec, **opts)
         if not isinstance(module, nn.Module):
             raise ConfigError(f"a latent generator must be a torch.nn.Module, got {type(module).__name__}")
@@ -74,18 +80,38 @@ class LatentGenerator(Generator):
     def build_map(self) -> LayerMap:
         named = self._layer_names()
         entries = [
-            LayerInfo(name, type(mod).__name__.lower(), f"depth {d}/{len(named)}",
-                      Site(name, "output", (), (0,)), depth=d, per_step=False, branched=False)
+            LayerInfo(
+                name,
+                type(mod).__name__.lower(),
+                f"depth {d}/{len(named)}",
+                Site(name, "output", (), (0,)),
+                depth=d,
+                per_step=False,
+                branched=False,
+            )
             for d, (name, mod) in enumerate(named)
         ]
-        entries.append(LayerInfo("z", "latent", "input", Site("", "input", (0,)), per_step=False, branched=False,
-                                 is_space=True, note="the generator's latent vector", role="latent"))
+        entries.append(
+            LayerInfo(
+                "z",
+                "latent",
+                "input",
+                Site("", "input", (0,)),
+                per_step=False,
+                branched=False,
+                is_space=True,
+                note="the generator's latent vector",
+                role="latent",
+            )
+        )
         return LayerMap(entries, model=self.spec)
 
     def trace_inputs(self) -> list[Any]:
         return [None]
 
-    def run_batch(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
+    def run_batch(
+        self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig
+    ) -> tuple[torch.Tensor, dict]:
         param = next(self.net.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None else torch.float32

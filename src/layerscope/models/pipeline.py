@@ -69,8 +69,17 @@ class PipelineGenerator(Generator):
 
     # -- spaces shared by all families ----------------------------------------------------------------------------
     def _noise_space(self) -> LayerInfo:
-        return LayerInfo("noise", "noise", "input", Site("taps.noise"), per_step=False, branched=False,
-                         is_space=True, note="initial latent noise x_T, one seeded generator per sample", role="noise")
+        return LayerInfo(
+            "noise",
+            "noise",
+            "input",
+            Site("taps.noise"),
+            per_step=False,
+            branched=False,
+            is_space=True,
+            note="initial latent noise x_T, one seeded generator per sample",
+            role="noise",
+        )
 
     @property
     def pixel_space(self) -> bool:
@@ -83,13 +92,40 @@ class PipelineGenerator(Generator):
     def _vae_space(self) -> list[LayerInfo]:
         if self.pixel_space:
             return []
-        return [LayerInfo("vae_latent", "vae_latent", "output", Site("taps.vae_latent"), per_step=False, branched=False,
-                         is_space=True, note="final latent handed to the VAE decoder", role="latent")]
+        return [
+            LayerInfo(
+                "vae_latent",
+                "vae_latent",
+                "output",
+                Site("taps.vae_latent"),
+                per_step=False,
+                branched=False,
+                is_space=True,
+                note="final latent handed to the VAE decoder",
+                role="latent",
+            )
+        ]
 
-    def _denoiser_input(self, name: str, kind: str, path: tuple, note: str, kw_fallback: int | None = None,
-                        dims: tuple[str, ...] = (), role: str = "condition") -> LayerInfo:
-        return LayerInfo(name, kind, "input", Site(self.denoiser_name, "input", path, kw_fallback=kw_fallback),
-                         is_space=True, note=note, dims=dims, role=role)
+    def _denoiser_input(
+        self,
+        name: str,
+        kind: str,
+        path: tuple,
+        note: str,
+        kw_fallback: int | None = None,
+        dims: tuple[str, ...] = (),
+        role: str = "condition",
+    ) -> LayerInfo:
+        return LayerInfo(
+            name,
+            kind,
+            "input",
+            Site(self.denoiser_name, "input", path, kw_fallback=kw_fallback),
+            is_space=True,
+            note=note,
+            dims=dims,
+            role=role,
+        )
 
     # -- end-of-sentence token -------------------------------------------------------------------------------------
     eos_tokenizer: str | None = None  # pipeline attribute of the tokenizer whose tokens open encoder_hidden_states
@@ -98,18 +134,26 @@ class PipelineGenerator(Generator):
     def _eos_space(self) -> list[LayerInfo]:
         if self.eos_tokenizer is None or getattr(self.pipe, self.eos_tokenizer, None) is None:
             return []
-        return [LayerInfo("text_eos", "text_eos", "input",
-                          Site(self.denoiser_name, "input", ("encoder_hidden_states",), index="eos"),
-                          is_space=True, note="text encoder state at each prompt's end-of-sentence token",
-                          role="condition")]
+        return [
+            LayerInfo(
+                "text_eos",
+                "text_eos",
+                "input",
+                Site(self.denoiser_name, "input", ("encoder_hidden_states",), index="eos"),
+                is_space=True,
+                note="text encoder state at each prompt's end-of-sentence token",
+                role="condition",
+            )
+        ]
 
     def _eos_positions(self, texts: Sequence[str]) -> list[int]:
         tok = getattr(self.pipe, self.eos_tokenizer)
         ids = tok(list(texts), truncation=True, max_length=self.eos_max_length)["input_ids"]
         return [len(row) - 1 for row in ids]
 
-    def site_index(self, key: str, prompts: Sequence[Any], cfg: GenerationConfig,
-                   branches: Sequence[str]) -> torch.Tensor:
+    def site_index(
+        self, key: str, prompts: Sequence[Any], cfg: GenerationConfig, branches: Sequence[str]
+    ) -> torch.Tensor:
         if key != "eos":
             return super().site_index(key, prompts, cfg, branches)
         pos = self._eos_positions(self._check_prompts(prompts))
@@ -128,9 +172,12 @@ class PipelineGenerator(Generator):
         """One sampler-noise generator per row, seeded from the row's own seed (or its fork seed when it forks at
         step 0), so a row's noise does not depend on its batch. Only stochastic samplers draw from them; the
         deterministic ones (DDIM eta=0, Euler, flow matching) ignore them."""
-        return [torch.Generator("cpu").manual_seed(
-            sampler_seed(s.fork_seed, FORK_STREAM) if getattr(s, "at", None) == 0 else sampler_seed(int(s)))
-            for s in seeds]
+        return [
+            torch.Generator("cpu").manual_seed(
+                sampler_seed(s.fork_seed, FORK_STREAM) if getattr(s, "at", None) == 0 else sampler_seed(int(s))
+            )
+            for s in seeds
+        ]
 
     def _fork_callback(self, seeds: Sequence[int], gens: list[torch.Generator], kw: dict) -> None:
         """Re-seed each forking row's generator with its fork seed at the end of step ``at - 1``, i.e. before the
@@ -191,7 +238,8 @@ class PipelineGenerator(Generator):
             raise ConfigError(
                 f"cannot fork with a deterministic sampler ({what}): continuations from one state would all be the "
                 "same. Use a stochastic sampler, e.g. DDIM with eta > 0 (eta=1 is DDPM-like: pass eta=1.0), or a "
-                f"scheduler among {', '.join(sorted(STOCHASTIC_SCHEDULERS))}")
+                f"scheduler among {', '.join(sorted(STOCHASTIC_SCHEDULERS))}"
+            )
 
     def _decode_kl(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from the final latent (pixel-space pipelines: the sample itself, in [-1, 1])."""
@@ -247,8 +295,15 @@ class PipelineGenerator(Generator):
 
 
 # schedulers whose every step (but possibly the last) draws fresh noise from the generator it is passed
-STOCHASTIC_SCHEDULERS = frozenset({"DDPMScheduler", "DDPMParallelScheduler", "EulerAncestralDiscreteScheduler",
-                                   "KDPM2AncestralDiscreteScheduler", "LCMScheduler"})
+STOCHASTIC_SCHEDULERS = frozenset(
+    {
+        "DDPMScheduler",
+        "DDPMParallelScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "LCMScheduler",
+    }
+)
 SAMPLER_STREAM = 1  # sampler noise is seeded from (seed, stream): not the seed itself, which drew x_T
 FORK_STREAM = 2
 

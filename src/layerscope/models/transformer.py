@@ -64,20 +64,46 @@ class TransformerPipelineGenerator(PipelineGenerator):
                     site = Site(f"transformer.{stack}.{i}", "output", (), ("hidden_states",), kw_fallback=0)
                 else:  # joint / double / single blocks return (encoder_hidden_states, hidden_states)
                     site = Site(f"transformer.{stack}.{i}", "output", (1,), ("hidden_states",), kw_fallback=0)
-                layers.append(LayerInfo(f"{stack}.{i}", "transformer_block", f"depth {depth}/{total}", site,
-                                        depth=depth, dims=("token", "channel")))
+                layers.append(
+                    LayerInfo(
+                        f"{stack}.{i}",
+                        "transformer_block",
+                        f"depth {depth}/{total}",
+                        site,
+                        depth=depth,
+                        dims=("token", "channel"),
+                    )
+                )
                 depth += 1
         spaces = [
             self._noise_space(),
-            self._denoiser_input("x_t", "x_t", ("hidden_states",), "noisy latent entering the transformer",
-                                 kw_fallback=0, role="denoiser_input"),
-            self._denoiser_input("text_embeds", "text_embeds", ("encoder_hidden_states",),
-                                 "per-token text encoder states", dims=("token", "channel")),
+            self._denoiser_input(
+                "x_t",
+                "x_t",
+                ("hidden_states",),
+                "noisy latent entering the transformer",
+                kw_fallback=0,
+                role="denoiser_input",
+            ),
+            self._denoiser_input(
+                "text_embeds",
+                "text_embeds",
+                ("encoder_hidden_states",),
+                "per-token text encoder states",
+                dims=("token", "channel"),
+            ),
         ]
         spaces += self._eos_space()
         if self.variant in ("sd3", "flux"):
-            spaces.append(self._denoiser_input("text_pooled", "text_pooled", ("pooled_projections",),
-                                               "pooled CLIP (end-of-sentence) embedding", role="pooled_condition"))
+            spaces.append(
+                self._denoiser_input(
+                    "text_pooled",
+                    "text_pooled",
+                    ("pooled_projections",),
+                    "pooled CLIP (end-of-sentence) embedding",
+                    role="pooled_condition",
+                )
+            )
         spaces += self._vae_space()
         return LayerMap(layers + spaces, model=self.spec)
 
@@ -87,7 +113,9 @@ class TransformerPipelineGenerator(PipelineGenerator):
         s = getattr(self.pipe.transformer.config, "sample_size", None) or getattr(self.pipe, "default_sample_size", 64)
         return (s * f, s * f)
 
-    def run_batch(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
+    def run_batch(
+        self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig
+    ) -> tuple[torch.Tensor, dict]:
         texts = self._check_prompts(prompts)
         f = self.vae_factor
         kw = self._common_kwargs(cfg, seeds)

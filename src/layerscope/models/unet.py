@@ -50,8 +50,9 @@ def unet_layer_entries(unet: Any, prefix: str = "unet") -> tuple[list[LayerInfo]
 
     def add(name: str, kind: str, stage: str, path: tuple = (), in_path: tuple | None = _IN) -> None:
         nonlocal depth
-        layers.append(LayerInfo(name, kind, stage, Site(f"{prefix}.{name}", "output", path, in_path, kw_fallback=0),
-                                depth=depth))
+        layers.append(
+            LayerInfo(name, kind, stage, Site(f"{prefix}.{name}", "output", path, in_path, kw_fallback=0), depth=depth)
+        )
         depth += 1
 
     producers: list[str] = ["conv_in"]
@@ -87,11 +88,17 @@ def unet_layer_entries(unet: Any, prefix: str = "unet") -> tuple[list[LayerInfo]
                 add(f"up_blocks.{i}.attentions.{j}", "attention", "decoder", _attn_path(block.attentions[j]))
             # resnet j pops the last remaining tensor of the tuple it was handed
             idx = n_res - 1 - j
-            skips.append(LayerInfo(
-                f"skip.up_blocks.{i}.resnets.{j}", "skip", "skip",
-                Site(f"{prefix}.up_blocks.{i}", "input", ("res_hidden_states_tuple", idx)),
-                is_space=True, note=f"skip tensor from {taken[idx]} into up_blocks.{i}.resnets.{j}", role="skip",
-            ))
+            skips.append(
+                LayerInfo(
+                    f"skip.up_blocks.{i}.resnets.{j}",
+                    "skip",
+                    "skip",
+                    Site(f"{prefix}.up_blocks.{i}", "input", ("res_hidden_states_tuple", idx)),
+                    is_space=True,
+                    note=f"skip tensor from {taken[idx]} into up_blocks.{i}.resnets.{j}",
+                    role="skip",
+                )
+            )
         if _has(block, "upsamplers"):
             add(f"up_blocks.{i}.upsamplers.0", "upsampler", "decoder")
         add(f"up_blocks.{i}", "block", "decoder")
@@ -119,25 +126,55 @@ class UNetPipelineGenerator(PipelineGenerator):
     # -- map ------------------------------------------------------------------------------------------------------
     def build_map(self) -> LayerMap:
         layers, skips = unet_layer_entries(self.pipe.unet)
-        spaces = [self._noise_space(),
-                  self._denoiser_input("x_t", "x_t", ("sample",), "noisy latent entering the U-Net", kw_fallback=0,
-                                      role="denoiser_input")]
+        spaces = [
+            self._noise_space(),
+            self._denoiser_input(
+                "x_t", "x_t", ("sample",), "noisy latent entering the U-Net", kw_fallback=0, role="denoiser_input"
+            ),
+        ]
         if self.variant == "kandinsky22":
-            spaces.append(self._denoiser_input("image_embeds", "image_embeds", ("added_cond_kwargs", "image_embeds"),
-                                               "CLIP image embedding from the prior (the decoder's condition)"))
+            spaces.append(
+                self._denoiser_input(
+                    "image_embeds",
+                    "image_embeds",
+                    ("added_cond_kwargs", "image_embeds"),
+                    "CLIP image embedding from the prior (the decoder's condition)",
+                )
+            )
         else:
-            spaces.append(self._denoiser_input("text_embeds", "text_embeds", ("encoder_hidden_states",),
-                                               "per-token text encoder states (incl. the end-of-sentence token)",
-                                               dims=("token", "channel")))
+            spaces.append(
+                self._denoiser_input(
+                    "text_embeds",
+                    "text_embeds",
+                    ("encoder_hidden_states",),
+                    "per-token text encoder states (incl. the end-of-sentence token)",
+                    dims=("token", "channel"),
+                )
+            )
             spaces += self._eos_space()
             if self.variant == "sdxl":
-                spaces.append(self._denoiser_input("text_pooled", "text_pooled", ("added_cond_kwargs", "text_embeds"),
-                                                   "pooled (end-of-sentence) embedding of the second text encoder",
-                                                   role="pooled_condition"))
+                spaces.append(
+                    self._denoiser_input(
+                        "text_pooled",
+                        "text_pooled",
+                        ("added_cond_kwargs", "text_embeds"),
+                        "pooled (end-of-sentence) embedding of the second text encoder",
+                        role="pooled_condition",
+                    )
+                )
         mid = next((e for e in layers if e.name == "mid_block"), None)
         if mid is not None:
-            spaces.append(LayerInfo("h_space", "h_space", "bottleneck", mid.site, is_space=True,
-                                    note="mid-block output (h-space)", role="bottleneck"))
+            spaces.append(
+                LayerInfo(
+                    "h_space",
+                    "h_space",
+                    "bottleneck",
+                    mid.site,
+                    is_space=True,
+                    note="mid-block output (h-space)",
+                    role="bottleneck",
+                )
+            )
         spaces += skips
         spaces += self._vae_space()
         return LayerMap(layers + spaces, model=self.spec)
@@ -174,7 +211,9 @@ class UNetPipelineGenerator(PipelineGenerator):
             raise ConfigError(f"height and width must be multiples of {f} for this model, got {cfg.height}x{cfg.width}")
         return (c, cfg.height // f, cfg.width // f)
 
-    def run_batch(self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig) -> tuple[torch.Tensor, dict]:
+    def run_batch(
+        self, prompts: Sequence[Any], seeds: Sequence[int], cfg: GenerationConfig
+    ) -> tuple[torch.Tensor, dict]:
         latents = self._noise(seeds, self._latent_shape(cfg))
         kw = self._common_kwargs(cfg, seeds)
         if self.variant == "kandinsky22":

@@ -55,8 +55,9 @@ def read_run(folder: str | Path) -> dict[str, Any]:
     """The main job's record (``run.json``) of a report folder."""
     path = Path(folder) / RUN_FILE
     if not path.exists():
-        raise ConfigError(f"{folder} is not a layerscope report folder ({RUN_FILE} is missing); "
-                          "create one with `layerscope run`")
+        raise ConfigError(
+            f"{folder} is not a layerscope report folder ({RUN_FILE} is missing); create one with `layerscope run`"
+        )
     return json.loads(path.read_text())
 
 

@@ -25,9 +25,18 @@ def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
     return buf.getvalue()
 
 
-def heatmaps(panels: Sequence[tuple[str, np.ndarray]], rows: Sequence[str], cols: Sequence[str], *,
-             title: str = "", vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis",
-             row_notes: Sequence[str] | None = None, cbar_label: str = "") -> Figure:
+def heatmaps(
+    panels: Sequence[tuple[str, np.ndarray]],
+    rows: Sequence[str],
+    cols: Sequence[str],
+    *,
+    title: str = "",
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    cmap: str = "viridis",
+    row_notes: Sequence[str] | None = None,
+    cbar_label: str = "",
+) -> Figure:
     """Side-by-side heatmaps (one per panel, e.g. per step window) of a rows x cols matrix, values annotated.
 
     NaN cells are drawn grey. ``row_notes`` are appended to the row labels of the last panel (e.g. a layer's label).
@@ -50,8 +59,15 @@ def heatmaps(panels: Sequence[tuple[str, np.ndarray]], rows: Sequence[str], cols
         if len(rows) * len(cols) <= 160:  # beyond that the numbers are too small to read
             for (i, j), v in np.ndenumerate(np.asarray(mat, dtype=float)):
                 if not np.isnan(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if v < (vmin + vmax) / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if v < (vmin + vmax) / 2 else "black",
+                    )
         if row_notes is not None and k == n - 1:
             ax2 = ax.twinx()
             ax2.set_ylim(ax.get_ylim())
@@ -65,12 +81,12 @@ def heatmaps(panels: Sequence[tuple[str, np.ndarray]], rows: Sequence[str], cols
     return fig
 
 
-def image_grid(rows: Sequence[tuple[str, np.ndarray]], col_labels: Sequence[str], *, title: str = "",
-               cell: float = 0.62) -> Figure:
+def image_grid(
+    rows: Sequence[tuple[str, np.ndarray]], col_labels: Sequence[str], *, title: str = "", cell: float = 0.62
+) -> Figure:
     """A grid of images: one row per (label, uint8 array (k, 3, H, W)), columns labelled (e.g. O, E, layers)."""
     ncol = max(len(imgs) for _, imgs in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(0.8 + cell * ncol, 0.35 + cell * len(rows) + 1.0),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(0.8 + cell * ncol, 0.35 + cell * len(rows) + 1.0), squeeze=False)
     for r, (name, imgs) in enumerate(rows):
         for c in range(ncol):
             ax = axes[r, c]
@@ -81,8 +97,7 @@ def image_grid(rows: Sequence[tuple[str, np.ndarray]], col_labels: Sequence[str]
             if c < len(imgs):
                 ax.imshow(np.asarray(imgs[c]).transpose(1, 2, 0), interpolation="nearest")
             if r == 0 and c < len(col_labels):
-                ax.set_title(col_labels[c], fontsize=6, rotation=70, ha="left", va="bottom",
-                             rotation_mode="anchor")
+                ax.set_title(col_labels[c], fontsize=6, rotation=70, ha="left", va="bottom", rotation_mode="anchor")
             if c == 0:
                 ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
     fig.subplots_adjust(wspace=0.05, hspace=0.05)

@@ -48,14 +48,15 @@ class Page:
         self.n_figures += 1
         data = base64.b64encode(png).decode("ascii")
         cmd = f"<br>Reproduce: <code>{self.esc(command)}</code>" if command else ""
-        return (f'<figure><img src="data:image/png;base64,{data}" alt="{self.esc(alt or caption)}">'
-                f"<figcaption><b>Figure {self.n_figures}.</b> {self.esc(caption)}{cmd}</figcaption></figure>")
+        return (
+            f'<figure><img src="data:image/png;base64,{data}" alt="{self.esc(alt or caption)}">'
+            f"<figcaption><b>Figure {self.n_figures}.</b> {self.esc(caption)}{cmd}</figcaption></figure>"
+        )
 
     def table(self, df: pd.DataFrame, caption: str = "", floats: str = "{:.2f}", max_rows: int = 400) -> str:
         """A DataFrame as an HTML table (first ``max_rows`` rows)."""
         shown = df.head(max_rows)
-        body = shown.to_html(index=False, classes="data", border=0, na_rep="–",
-                             float_format=lambda v: floats.format(v))
+        body = shown.to_html(index=False, classes="data", border=0, na_rep="–", float_format=lambda v: floats.format(v))
         more = f"<p><i>{len(df) - max_rows} more rows in the saved table.</i></p>" if len(df) > max_rows else ""
         cap = f"<p><b>{self.esc(caption)}</b></p>" if caption else ""
         return cap + body + more
@@ -78,18 +79,24 @@ def _model_cards(cards: list[dict[str, Any]], page: Page) -> str:
         if c.get("description"):
             rows.append(f"<p>{page.esc(c['description'])}</p><ul>")
             if c.get("parameters"):
-                rows.append(f"<li>{c['parameters'] / 1e6:.2f}M parameters, {c['resolution']}x{c['resolution']} "
-                            f"pixels, {c['weights_bytes'] / 1e6:.1f} MB of weights</li>")
+                rows.append(
+                    f"<li>{c['parameters'] / 1e6:.2f}M parameters, {c['resolution']}x{c['resolution']} "
+                    f"pixels, {c['weights_bytes'] / 1e6:.1f} MB of weights</li>"
+                )
             if c.get("steps"):
-                mins = f", {c['train_seconds'] / 60:.0f} min on {c.get('device', '?')}" if c.get("train_seconds") else ""
+                mins = (
+                    f", {c['train_seconds'] / 60:.0f} min on {c.get('device', '?')}" if c.get("train_seconds") else ""
+                )
                 rows.append(f"<li>trained {c['steps']} steps{mins}</li>")
             q = c.get("quality")
             if q:
                 if q.get("prompt_agreement"):
                     ag = ", ".join(f"{k} {100 * v:.1f}%" for k, v in q["prompt_agreement"].items())
                     rows.append(f"<li>prompt agreement (oracle, {q['samples']} samples): {page.esc(ag)}</li>")
-                rows.append(f"<li>in-distribution {100 * q['in_distribution']:.1f}%; Frechet distance "
-                            f"{q['frechet_distance']:.1f} (floor {q['frechet_floor']:.1f})</li>")
+                rows.append(
+                    f"<li>in-distribution {100 * q['in_distribution']:.1f}%; Frechet distance "
+                    f"{q['frechet_distance']:.1f} (floor {q['frechet_floor']:.1f})</li>"
+                )
                 if q.get("settings"):
                     rows.append(f"<li>sampling: {page.esc(json.dumps(q['settings']))}</li>")
             rows.append("</ul>")
@@ -118,18 +125,23 @@ def build(folder: Path) -> Path:
         secs = f"<p><i>computed in {info.get('seconds', '?')} s</i></p>"
         body.append(f'<section id="{sec.KEY}"><h2>{page.esc(sec.TITLE)}</h2>{secs}{notes}{frag}</section>')
         toc.append(f'<li><a href="#{sec.KEY}">{page.esc(sec.TITLE)}</a></li>')
-    card_html = (f'<section id="models"><h2>Models</h2>{_model_cards(list(cards.values()), page)}</section>'
-                 if cards else "")
+    card_html = (
+        f'<section id="models"><h2>Models</h2>{_model_cards(list(cards.values()), page)}</section>' if cards else ""
+    )
     mode = "quick mode (small settings, for tests)" if record.get("quick") else "full run"
-    head = (f"<h1>layerscope report</h1><p>layerscope {page.esc(record.get('version', __version__))}, "
-            f"{page.esc(mode)}, run {page.esc(record.get('started', '?'))}; page built "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}. Rebuild from the saved tables: "
-            f"<code>layerscope report {page.esc(folder)}</code>.</p>")
+    head = (
+        f"<h1>layerscope report</h1><p>layerscope {page.esc(record.get('version', __version__))}, "
+        f"{page.esc(mode)}, run {page.esc(record.get('started', '?'))}; page built "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}. Rebuild from the saved tables: "
+        f"<code>layerscope report {page.esc(folder)}</code>.</p>"
+    )
     if card_html:
         toc.append('<li><a href="#models">Models</a></li>')
     nav = f"<nav><ul>{''.join(toc)}</ul></nav>"
-    doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>layerscope report</title>'
-           f"<style>{CSS}</style></head><body>{head}{nav}{''.join(body)}{card_html}</body></html>")
+    doc = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>layerscope report</title>'
+        f"<style>{CSS}</style></head><body>{head}{nav}{''.join(body)}{card_html}</body></html>"
+    )
     out = folder / PAGE
     out.write_text(doc, encoding="utf-8")
     return out

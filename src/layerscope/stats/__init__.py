@@ -5,5 +5,15 @@ from .bootstrap import bootstrap_ci, mean_ci, median_ci, percentile_interval, re
 from .entropy import entropy_bits, mi_lower_bound, plugin_entropy
 from .probes import ProbeGrid, fit_probe_grid
 
-__all__ = ["ProbeGrid", "bootstrap_ci", "entropy_bits", "fit_probe_grid", "mean_ci", "median_ci", "mi_lower_bound",
-           "percentile_interval", "plugin_entropy", "resample_weights"]
+__all__ = [
+    "ProbeGrid",
+    "bootstrap_ci",
+    "entropy_bits",
+    "fit_probe_grid",
+    "mean_ci",
+    "median_ci",
+    "mi_lower_bound",
+    "percentile_interval",
+    "plugin_entropy",
+    "resample_weights",
+]

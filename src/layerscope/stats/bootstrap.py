@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 
-def _boot_ci(values: Any, stat: Callable[..., Any], confidence: float, n_resamples: int,
-             seed: int) -> tuple[float, float, float]:
+def _boot_ci(
+    values: Any, stat: Callable[..., Any], confidence: float, n_resamples: int, seed: int
+) -> tuple[float, float, float]:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
     x = np.asarray(values, dtype=np.float64).ravel()
@@ -60,20 +61,27 @@ def _boot_ci(values: Any, stat: Callable[..., Any], confidence: float, n_resampl
     return point, float(ci.low), float(ci.high)
 
 
-def median_ci(values: Any, confidence: float = 0.95, n_resamples: int = 2000,
-              seed: int = 0) -> tuple[float, float, float]:
+def median_ci(
+    values: Any, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """(median, low, high): the median with a bootstrap CI (scipy BCa, percentile on degenerate data); NaNs dropped."""
     return _boot_ci(values, np.median, confidence, n_resamples, seed)
 
 
-def mean_ci(values: Any, confidence: float = 0.95, n_resamples: int = 2000,
-            seed: int = 0) -> tuple[float, float, float]:
+def mean_ci(
+    values: Any, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean, low, high): the mean (e.g. a share of 0/1 outcomes) with a bootstrap CI, as :func:`median_ci`."""
     return _boot_ci(values, np.mean, confidence, n_resamples, seed)
 
 
-def bootstrap_ci(stat: Callable[..., float], arrays: Sequence[np.ndarray], n_boot: int = 1000, seed: int = 0,
-              confidence: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_ci(
+    stat: Callable[..., float],
+    arrays: Sequence[np.ndarray],
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float, float]:
     """(estimate, low, high): ``stat(*arrays)`` with a percentile CI, each array resampled independently."""
     arrays = [np.asarray(a, dtype=float) for a in arrays]
     point = float(stat(*arrays))

@@ -22,7 +22,6 @@ def plugin_entropy(values: Sequence[Any]) -> float:
     return float(max(0.0, -(p * np.log2(p)).sum()))
 
 
-
 def entropy_bits(labels: torch.Tensor, n_classes: int | Sequence[int]) -> torch.Tensor:
     """Entropy in bits of the empirical distribution of integer labels: (n,) -> scalar, (n, F) -> (F,).
 

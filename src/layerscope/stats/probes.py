@@ -118,8 +118,9 @@ class ProbeGrid:
         w = resample_weights(n, n_boot, seed)
         return torch.einsum("cfn,bn->bcf", self.test_correct.double(), w) / n
 
-    def accuracy_ci(self, confidence: float = 0.95, n_boot: int = 200,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def accuracy_ci(
+        self, confidence: float = 0.95, n_boot: int = 200, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Percentile bootstrap interval (low, high), each (C, F), of the held-out accuracy."""
         return percentile_interval(self.bootstrap_accuracy(n_boot, seed), confidence)
 
@@ -184,8 +185,9 @@ def _stack(features, widths) -> tuple[torch.Tensor, torch.Tensor | None, list[Ha
         return x, w, keys
     x = torch.as_tensor(features)
     if x.ndim != 3:
-        raise ConfigError(f"features must be a (C, n, d) tensor or a dict of (n, d) tensors, got shape "
-                          f"{tuple(x.shape)}")
+        raise ConfigError(
+            f"features must be a (C, n, d) tensor or a dict of (n, d) tensors, got shape {tuple(x.shape)}"
+        )
     if widths is not None:
         widths = torch.as_tensor(widths).long().cpu()
         if widths.shape != (x.shape[0],):
@@ -255,7 +257,7 @@ class _Segments:
         # (Kt,) -> (F, Kmax) index for small tensors; slot Kt is a filler
         gather = torch.full((self.F * self.Kmax,), self.Kt, dtype=torch.long)
         for f, k in enumerate(ks):
-            gather[f * self.Kmax: f * self.Kmax + k] = torch.arange(offsets[f], offsets[f] + k)
+            gather[f * self.Kmax : f * self.Kmax + k] = torch.arange(offsets[f], offsets[f] + k)
         self.gather = gather.to(device)
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -279,7 +281,7 @@ class _Segments:
         """Per group: (first factor, number of factors, the (c, F_g, K, n) view of logits-like z (c, Kt, n))."""
         c, _, n = z.shape
         for col, f, nf, k in self.groups:
-            yield f, nf, z[:, col: col + nf * k].view(c, nf, k, n)
+            yield f, nf, z[:, col : col + nf * k].view(c, nf, k, n)
 
     def true_index(self, y: torch.Tensor) -> torch.Tensor:
         """Flat index (F * n,) of each sample's true-class logit in a (Kt, n) block, factor-major."""
@@ -294,13 +296,13 @@ class _Segments:
         c, _, n = z.shape
         m = torch.empty(c, self.F, n, dtype=z.dtype, device=z.device)
         for (f, nf, zv), (_, _, ev) in zip(self.views(z), self.views(e)):
-            torch.amax(zv, 2, out=m[:, f: f + nf])
-            torch.sub(zv, m[:, f: f + nf].unsqueeze(2), out=ev)
+            torch.amax(zv, 2, out=m[:, f : f + nf])
+            torch.sub(zv, m[:, f : f + nf].unsqueeze(2), out=ev)
         e.clamp_min_(-80.0)  # exp of less is 0 to float precision; denormal results would be ~10x slower
         e.exp_()
         s = torch.empty_like(m)
         for f, nf, ev in self.views(e):
-            torch.sum(ev, 2, out=s[:, f: f + nf])
+            torch.sum(ev, 2, out=s[:, f : f + nf])
         zy = z.view(c, -1).gather(1, idx.expand(c, -1)).view(c, self.F, n)
         ce = (m + s.log() - zy).mean(-1)
         return ce, s
@@ -308,7 +310,7 @@ class _Segments:
     def normalize(self, e: torch.Tensor, s: torch.Tensor) -> None:
         """e /= s in place, per factor: exp(z - max) -> softmax."""
         for f, nf, ev in self.views(e):
-            ev.div_(s[:, f: f + nf].unsqueeze(2))
+            ev.div_(s[:, f : f + nf].unsqueeze(2))
 
     def argmax(self, z: torch.Tensor) -> torch.Tensor:
         """Per-factor predicted class (c, F, n) of logits (c, Kt, n), the first one on ties.
@@ -333,8 +335,19 @@ class _Pool:
     own L-BFGS history, step and stopping test; only the arithmetic is shared.
     """
 
-    def __init__(self, seg: _Segments, slots: int, ytr: torch.Tensor, yte: torch.Tensor, D: int, l2: float,
-                 tol: float, max_iter: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        seg: _Segments,
+        slots: int,
+        ytr: torch.Tensor,
+        yte: torch.Tensor,
+        D: int,
+        l2: float,
+        tol: float,
+        max_iter: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.seg, self.l2, self.tol, self.max_iter = seg, l2, tol, max_iter
         self.dt, self.dev = dtype, device
         self.ytr, self.yte = ytr, yte
@@ -349,8 +362,24 @@ class _Pool:
 
     # -- slot storage ----------------------------------------------------------------------------------------------
 
-    _SLOT = ("xt", "xte", "fmask", "pen", "u", "ut", "lam", "xy", "w", "g", "gn", "f0", "gamma", "done",
-             "n_iter", "cell")
+    _SLOT = (
+        "xt",
+        "xte",
+        "fmask",
+        "pen",
+        "u",
+        "ut",
+        "lam",
+        "xy",
+        "w",
+        "g",
+        "gn",
+        "f0",
+        "gamma",
+        "done",
+        "n_iter",
+        "cell",
+    )
 
     def _alloc(self, B: int) -> None:
         seg, dt, dev, n, D = self.seg, self.dt, self.dev, self.n, self.D
@@ -398,8 +427,9 @@ class _Pool:
         self.B = int(keep.numel())
         self._buffers()
 
-    def load(self, slots: torch.Tensor, cells: torch.Tensor, xtr: torch.Tensor, xte: torch.Tensor,
-             fmask: torch.Tensor) -> None:
+    def load(
+        self, slots: torch.Tensor, cells: torch.Tensor, xtr: torch.Tensor, xte: torch.Tensor, fmask: torch.Tensor
+    ) -> None:
         """Put new cells (standardized features (k, D, n) with a row of ones last) into free slots, at W = 0."""
         seg = self.seg
         self.xt[slots] = xtr
@@ -417,7 +447,7 @@ class _Pool:
         self.ut[slots] = u.transpose(1, 2).to(self.dt)
         k_slots = len(slots)
         for j, (_, _, nf, k) in enumerate(seg.groups):
-            a = torch.eye(k, dtype=torch.float64, device=self.dev) / k - 1.0 / k ** 2
+            a = torch.eye(k, dtype=torch.float64, device=self.dev) / k - 1.0 / k**2
             av, ua = torch.linalg.eigh(a)
             self.av[j][slots] = av.clamp_min(0.0).to(self.dt).expand(k_slots, nf, k)
             self.ua[j][slots] = ua.to(self.dt).expand(k_slots, nf, k, k)
@@ -470,12 +500,12 @@ class _Pool:
         pen[-1] = 0.0
         out = torch.empty_like(rot)
         for j, (col, _, nf, k) in enumerate(seg.groups):
-            v = rot[:, :, col: col + nf * k].view(B, D, nf, k).transpose(1, 2)  # (B, F_g, D, K)
+            v = rot[:, :, col : col + nf * k].view(B, D, nf, k).transpose(1, 2)  # (B, F_g, D, K)
             v = v @ self.ua[j]  # in A's eigenbasis
             den = lam.view(B, 1, D, 1) * self.av[j].unsqueeze(2) + pen.view(1, 1, D, 1)
             v = torch.where(den > 1e-10, v / den.clamp_min(1e-10), torch.zeros_like(v))
             v = v @ self.ua[j].transpose(2, 3)
-            out[:, :, col: col + nf * k] = v.transpose(1, 2).reshape(B, D, nf * k)
+            out[:, :, col : col + nf * k] = v.transpose(1, 2).reshape(B, D, nf * k)
         out = torch.cat([self.u @ out[:, :-1], out[:, -1:]], dim=1)
         return out * self.fmask
 
@@ -592,8 +622,15 @@ def _single_thread(on: bool) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _prepare(x: torch.Tensor, cells: torch.Tensor, width: torch.Tensor, tr: torch.Tensor, te: torch.Tensor,
-             dt: torch.dtype, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prepare(
+    x: torch.Tensor,
+    cells: torch.Tensor,
+    width: torch.Tensor,
+    tr: torch.Tensor,
+    te: torch.Tensor,
+    dt: torch.dtype,
+    dev: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Standardized train and held-out features (k, d+1, n) of some cells, a row of ones last; feature mask (k, D, 1).
 
     Columns past a cell's width are zeroed first; mean and standard deviation come from the train samples, and
@@ -613,8 +650,9 @@ def _prepare(x: torch.Tensor, cells: torch.Tensor, width: torch.Tensor, tr: torc
     return xs.index_select(2, tr), xs.index_select(2, te), fmask
 
 
-def _score(w: torch.Tensor, xt: torch.Tensor, y: torch.Tensor, seg: _Segments
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _score(
+    w: torch.Tensor, xt: torch.Tensor, y: torch.Tensor, seg: _Segments
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy in bits, accuracy ((c, F) each) and per-sample hits ((c, F, n) bool), on the CPU, of weights
     (c, D, Kt) on features (c, D, n)."""
     z = torch.bmm(w.transpose(1, 2), xt)  # (c, Kt, n)
@@ -669,8 +707,10 @@ def fit_probe_grid(
     n_test = int(round(n * test_fraction))
     n_train = n - n_test
     if n_test < 1 or n_train < 2:
-        raise ConfigError(f"n = {n} samples is too few for test_fraction={test_fraction}: need at least 2 to train "
-                          f"and 1 to test, got {n_train} and {n_test}")
+        raise ConfigError(
+            f"n = {n} samples is too few for test_fraction={test_fraction}: need at least 2 to train "
+            f"and 1 to test, got {n_train} and {n_test}"
+        )
     if l2 < 0 or not math.isfinite(l2):
         raise ConfigError(f"l2 must be a finite number >= 0, got {l2}")
     if max_iter < 1:
@@ -738,15 +778,35 @@ def fit_probe_grid(
 
     entropy = entropy_bits(yte, ks)
     counts = [torch.bincount(ytr[:, f], minlength=k) for f, k in enumerate(ks)]
-    chance = torch.tensor([float((yte[:, f] == int(cnt.argmax())).double().mean()) for f, cnt in enumerate(counts)],
-                          dtype=torch.float64)
+    chance = torch.tensor(
+        [float((yte[:, f] == int(cnt.argmax())).double().mean()) for f, cnt in enumerate(counts)], dtype=torch.float64
+    )
     converged = gnorm <= tol
     if not bool(converged.all()):
         bad = (~converged).nonzero().tolist()
-        warnings.warn(f"{len(bad)} of {C * F} probes did not reach tol={tol:g} in {max_iter} iterations "
-                      f"(largest gradient entry {float(gnorm.max()):.2e}; first: cell {keys[bad[0][0]]!r}, factor "
-                      f"{names[bad[0][1]]!r}); raise max_iter or l2", RuntimeWarning, stacklevel=2)
-    return ProbeGrid(accuracy=acc, cross_entropy=ce, entropy=entropy, mi_bound=(entropy - ce).clamp_min(0.0),
-                     chance=chance, keys=keys, factors=names, seconds=time.perf_counter() - t0, n_iter=n_iter,
-                     grad_norm=gnorm, converged=converged, n_train=n_train, n_test=n_test, l2=float(l2),
-                     tol=float(tol), train_accuracy=acc_tr, test_correct=hits)
+        warnings.warn(
+            f"{len(bad)} of {C * F} probes did not reach tol={tol:g} in {max_iter} iterations "
+            f"(largest gradient entry {float(gnorm.max()):.2e}; first: cell {keys[bad[0][0]]!r}, factor "
+            f"{names[bad[0][1]]!r}); raise max_iter or l2",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return ProbeGrid(
+        accuracy=acc,
+        cross_entropy=ce,
+        entropy=entropy,
+        mi_bound=(entropy - ce).clamp_min(0.0),
+        chance=chance,
+        keys=keys,
+        factors=names,
+        seconds=time.perf_counter() - t0,
+        n_iter=n_iter,
+        grad_norm=gnorm,
+        converged=converged,
+        n_train=n_train,
+        n_test=n_test,
+        l2=float(l2),
+        tol=float(tol),
+        train_accuracy=acc_tr,
+        test_correct=hits,
+    )

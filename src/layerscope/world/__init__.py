@@ -23,7 +23,22 @@ from .render import render
 from .text import encode, factors_from_prompt, prompt_for, prompts_for, tokenizer, vocabulary
 
 __all__ = [
-    "FACTORS", "GROUPS", "N_COMBINATIONS", "SHAPES", "SIZES", "VALUES", "ShapesDataset", "encode",
-    "factors_from_prompt", "from_index", "is_held_out", "prompt_for", "prompts_for", "render", "sample_factors",
-    "to_index", "tokenizer", "vocabulary",
+    "FACTORS",
+    "GROUPS",
+    "N_COMBINATIONS",
+    "SHAPES",
+    "SIZES",
+    "VALUES",
+    "ShapesDataset",
+    "encode",
+    "factors_from_prompt",
+    "from_index",
+    "is_held_out",
+    "prompt_for",
+    "prompts_for",
+    "render",
+    "sample_factors",
+    "to_index",
+    "tokenizer",
+    "vocabulary",
 ]

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 FACTORS: tuple[str, ...] = ("floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation")
-SIZES: dict[str, int] = {"floor_hue": 10, "wall_hue": 10, "object_hue": 10, "scale": 8, "shape": 4,
-                         "orientation": 15}
+SIZES: dict[str, int] = {"floor_hue": 10, "wall_hue": 10, "object_hue": 10, "scale": 8, "shape": 4, "orientation": 15}
 SHAPES: tuple[str, ...] = ("cube", "cylinder", "sphere", "capsule")
 #: the value each index stands for (hues in [0, 1), scale factor, shape index, orientation in degrees)
 VALUES: dict[str, np.ndarray] = {
@@ -31,7 +30,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "surface": ("object_hue", "floor_hue", "wall_hue"),
 }
 N_COMBINATIONS = int(np.prod([SIZES[f] for f in FACTORS]))  # 480,000
-_RADIX = np.array([int(np.prod([SIZES[g] for g in FACTORS[i + 1:]])) for i in range(len(FACTORS))], dtype=np.int64)
+_RADIX = np.array([int(np.prod([SIZES[g] for g in FACTORS[i + 1 :]])) for i in range(len(FACTORS))], dtype=np.int64)
 
 
 def to_index(factors: np.ndarray | torch.Tensor | Sequence[Sequence[int]]) -> np.ndarray:

@@ -28,8 +28,12 @@ INPUT = 32
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
     )
 
@@ -79,7 +83,7 @@ def read(images: torch.Tensor, oracle: Oracle | None = None, batch: int = 1024) 
     probs: dict[str, list[torch.Tensor]] = {f: [] for f in FACTORS}
     feats: list[torch.Tensor] = []
     for s in range(0, len(images), batch):
-        x = images[s:s + batch].to(device)
+        x = images[s : s + batch].to(device)
         h = model.features(x)
         feats.append(h.float().cpu())
         for i, f in enumerate(FACTORS):
@@ -139,8 +143,16 @@ def evaluate(model: Oracle, n: int = 10_000, seed: int = 12345, size: int = 32) 
     return out
 
 
-def train_oracle(out: Path | None = None, steps: int = 2500, batch: int = 256, lr: float = 2e-3, seed: int = 0,
-                 device: str | None = None, bf16: bool = True, show_progress: bool = True) -> dict:
+def train_oracle(
+    out: Path | None = None,
+    steps: int = 2500,
+    batch: int = 256,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str | None = None,
+    bf16: bool = True,
+    show_progress: bool = True,
+) -> dict:
     """Train the oracle on fresh renders, fit temperatures, evaluate, save to ``out`` (default: the package)."""
     out = Path(out or WEIGHTS / "oracle")
     dev = pick_device(device)
@@ -174,13 +186,24 @@ def train_oracle(out: Path | None = None, steps: int = 2500, batch: int = 256, l
     from safetensors.torch import save_model
 
     save_model(model, str(out / "model.safetensors"))
-    write_json(out / "config.json", {
-        "architecture": {"width": model.width, "features": model.n_features, "input": INPUT},
-        "training": {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "device": str(dev), "bf16": bf16,
-                     "seconds": round(seconds, 1), "data": "fresh renders of the training split, pixel noise <= 0.05"},
-        "temperature": [round(float(t), 4) for t in model.temperature],
-        "heldout": metrics,
-    })
+    write_json(
+        out / "config.json",
+        {
+            "architecture": {"width": model.width, "features": model.n_features, "input": INPUT},
+            "training": {
+                "steps": steps,
+                "batch": batch,
+                "lr": lr,
+                "seed": seed,
+                "device": str(dev),
+                "bf16": bf16,
+                "seconds": round(seconds, 1),
+                "data": "fresh renders of the training split, pixel noise <= 0.05",
+            },
+            "temperature": [round(float(t), 4) for t in model.temperature],
+            "heldout": metrics,
+        },
+    )
     return metrics
 
 
@@ -189,9 +212,7 @@ def load_oracle(path: str | None = None) -> Oracle:
     """The shipped oracle (or one saved at ``path``), in eval mode on CPU."""
     folder = Path(path) if path else WEIGHTS / "oracle"
     if not (folder / "model.safetensors").exists():
-        raise FileNotFoundError(
-            f"no oracle weights in {folder}; train them with `layerscope zoo train oracle`"
-        )
+        raise FileNotFoundError(f"no oracle weights in {folder}; train them with `layerscope zoo train oracle`")
     cfg = read_json(folder / "config.json")["architecture"]
     model = Oracle(cfg["width"], cfg["features"])
     from safetensors.torch import load_model

@@ -38,8 +38,9 @@ def reference_features(n: int, seed: int, size: int = 32) -> torch.Tensor:
     return read(render(sample_factors(n, seed, split="test"), size)).features
 
 
-def measure(model: Any, n: int = 1000, seed: int = 0, batch: int = 250, progress: bool = False,
-            **gen_kwargs: Any) -> dict:
+def measure(
+    model: Any, n: int = 1000, seed: int = 0, batch: int = 250, progress: bool = False, **gen_kwargs: Any
+) -> dict:
     """Quality numbers of a loaded :class:`~layerscope.models.base.Generator` (text-conditioned or latent)."""
     oracle = load_oracle()
     text = model.capabilities.conditioning == "text"

@@ -41,8 +41,13 @@ def _coverage(sdf: torch.Tensor, res: float) -> torch.Tensor:
     return torch.clamp(0.5 - sdf * res, 0.0, 1.0)
 
 
-def render(factors: np.ndarray | torch.Tensor | Sequence[Sequence[int]], size: int | tuple[int, int] = 32, *,
-           device: str | torch.device = "cpu", uint8: bool = False) -> torch.Tensor:
+def render(
+    factors: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
+    size: int | tuple[int, int] = 32,
+    *,
+    device: str | torch.device = "cpu",
+    uint8: bool = False,
+) -> torch.Tensor:
     """Images (n, 3, H, W) in [0, 1] (or uint8 with ``uint8=True``) of factor indices (n, 6) in :data:`FACTORS` order."""
     f = check_factors(factors)
     h, w = (size, size) if isinstance(size, int) else size
@@ -52,8 +57,8 @@ def render(factors: np.ndarray | torch.Tensor | Sequence[Sequence[int]], size: i
     ft = torch.as_tensor(f, device=device)
     with torch.no_grad():
         for s in range(0, len(f), CHUNK):
-            img = _render_chunk(ft[s:s + CHUNK], h, w, torch.device(device))
-            out[s:s + CHUNK] = (img * 255.0 + 0.5).to(torch.uint8) if uint8 else img
+            img = _render_chunk(ft[s : s + CHUNK], h, w, torch.device(device))
+            out[s : s + CHUNK] = (img * 255.0 + 0.5).to(torch.uint8) if uint8 else img
     return out
 
 

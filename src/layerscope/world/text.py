@@ -26,7 +26,23 @@ SIZES_WORDS: tuple[str, ...] = ("tiny", "small", "little", "medium", "big", "lar
 ANGLES: tuple[int, ...] = tuple(int(round(abs(a))) for a in VALUES["orientation"])  # 30 26 21 17 13 9 4 0 4 ...
 MAX_LENGTH = 24
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-_FILLER = ("a", "an", "on", "floor", "in", "front", "of", "wall", ",", "seen", "from", "the", "degrees", "left", "right")
+_FILLER = (
+    "a",
+    "an",
+    "on",
+    "floor",
+    "in",
+    "front",
+    "of",
+    "wall",
+    ",",
+    "seen",
+    "from",
+    "the",
+    "degrees",
+    "left",
+    "right",
+)
 
 
 def orientation_phrase(i: int) -> str:
@@ -40,8 +56,10 @@ def orientation_phrase(i: int) -> str:
 def prompt_for(factors: Sequence[int] | np.ndarray) -> str:
     """The prompt of one combination (six factor indices)."""
     fl, wa, ob, sc, sh, ori = (int(x) for x in check_factors(factors)[0])
-    return (f"a {SIZES_WORDS[sc]} {COLOURS[ob]} {SHAPES[sh]} on {_a(COLOURS[fl])} floor in front of "
-            f"{_a(COLOURS[wa])} wall, {orientation_phrase(ori)}")
+    return (
+        f"a {SIZES_WORDS[sc]} {COLOURS[ob]} {SHAPES[sh]} on {_a(COLOURS[fl])} floor in front of "
+        f"{_a(COLOURS[wa])} wall, {orientation_phrase(ori)}"
+    )
 
 
 def _a(word: str) -> str:
@@ -77,8 +95,11 @@ def factors_from_prompt(prompt: str) -> np.ndarray:
     if m["deg"] is None:
         out["orientation"] = 7
     else:
-        cands = [i for i, a in enumerate(ANGLES) if a == int(m["deg"]) and a != 0
-                 and (VALUES["orientation"][i] < 0) == (m["side"] == "left")]
+        cands = [
+            i
+            for i, a in enumerate(ANGLES)
+            if a == int(m["deg"]) and a != 0 and (VALUES["orientation"][i] < 0) == (m["side"] == "left")
+        ]
         if not cands:
             raise ValueError(f"no orientation of {m['deg']} degrees in the grid (valid: {sorted(set(ANGLES))})")
         out["orientation"] = cands[0]
@@ -106,12 +127,18 @@ def tokenizer():
         single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        model_max_length=MAX_LENGTH, padding_side="right",
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=MAX_LENGTH,
+        padding_side="right",
     )
 
 
 def encode(prompts: Sequence[str]) -> torch.Tensor:
     """Token ids (n, MAX_LENGTH) of prompts, padded like Stable Diffusion's text input."""
-    return tokenizer()(list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                       return_tensors="pt").input_ids
+    return tokenizer()(
+        list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids

@@ -76,8 +76,14 @@ def progress(total: int, description: str, enabled: bool = True) -> Iterator[Any
         TimeRemainingColumn,
     )
 
-    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    cols = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
     with Progress(*cols, transient=False) as bar:
         task = bar.add_task(description, total=total, info="")
 

@@ -32,8 +32,10 @@ def forks_command(spec: str, settings: dict[str, Any], out: str) -> str:
     """The CLI command that reproduces a job's forking study (table, figure) into ``out``."""
     taus = f" --taus {','.join(str(t) for t in settings['taus'])}" if settings.get("taus") is not None else ""
     steps = f" --steps {settings['steps']}" if settings.get("steps") is not None else ""
-    return (f"layerscope abstractions {spec} --no-probes --forks {settings['forks']} --fork-prompts "
-            f"{settings['fork_prompts']}{taus}{steps} --out {out}")
+    return (
+        f"layerscope abstractions {spec} --no-probes --forks {settings['forks']} --fork-prompts "
+        f"{settings['fork_prompts']}{taus}{steps} --out {out}"
+    )
 
 
 def _half_way(table: pd.DataFrame, record: dict[str, Any]) -> dict[str, Any]:
@@ -72,8 +74,12 @@ def forking_figure(table: pd.DataFrame, record: dict[str, Any]) -> Any:
     return fig
 
 
-def commitment_table(table: pd.DataFrame, record: dict[str, Any], probes: pd.DataFrame | None = None,
-                     probe_record: dict[str, Any] | None = None) -> pd.DataFrame:
+def commitment_table(
+    table: pd.DataFrame,
+    record: dict[str, Any],
+    probes: pd.DataFrame | None = None,
+    probe_record: dict[str, Any] | None = None,
+) -> pd.DataFrame:
     """Per factor: commitment tau (absolute and relative criteria), mean entropy at the first and last tau with CI,
     and, when the probe table and its record are given, the probes' half-way step."""
     summary = ab.entropy_summary(table)
@@ -84,13 +90,15 @@ def commitment_table(table: pd.DataFrame, record: dict[str, Any], probes: pd.Dat
     rows = []
     for f in absolute:
         at = summary[summary["factor"] == f].set_index("tau")
-        row = {"factor": f,
-               f"committed (<= {record['threshold_bits']:g} bit)": "never" if absolute[f] is None else absolute[f],
-               f"committed (<= {record['fraction']:g} x tau {first})": "never" if relative[f] is None else relative[f],
-               f"entropy at tau {first} (bits)": f"{at.loc[first, 'entropy']:.2f} [{at.loc[first, 'low']:.2f}, "
-                                                 f"{at.loc[first, 'high']:.2f}]",
-               f"entropy at tau {last} (bits)": f"{at.loc[last, 'entropy']:.2f}",
-               "max (bits)": record["max_bits"][f]}
+        row = {
+            "factor": f,
+            f"committed (<= {record['threshold_bits']:g} bit)": "never" if absolute[f] is None else absolute[f],
+            f"committed (<= {record['fraction']:g} x tau {first})": "never" if relative[f] is None else relative[f],
+            f"entropy at tau {first} (bits)": f"{at.loc[first, 'entropy']:.2f} [{at.loc[first, 'low']:.2f}, "
+            f"{at.loc[first, 'high']:.2f}]",
+            f"entropy at tau {last} (bits)": f"{at.loc[last, 'entropy']:.2f}",
+            "max (bits)": record["max_bits"][f],
+        }
         if half:
             row["probe half-way step"] = half[f]["step"] if half.get(f) else "never"
         rows.append(row)
@@ -101,39 +109,51 @@ def _order(times: dict[str, Any]) -> str:
     groups: dict[float, list[str]] = {}
     for f, t in times.items():
         groups.setdefault(np.inf if t is None else t, []).append(f)
-    return " < ".join(f"{', '.join(v)} ({'never' if not np.isfinite(k) else int(k)})"
-                      for k, v in sorted(groups.items()))
+    return " < ".join(
+        f"{', '.join(v)} ({'never' if not np.isfinite(k) else int(k)})" for k, v in sorted(groups.items())
+    )
 
 
 def forking_sentence(model: str, record: dict[str, Any], probe_steps: dict[str, Any] | None = None) -> str:
     """The order in which the forks commit, compared with the probes' order and with the paper's, as found."""
     commit = record["commitment"]
     t = {f: (np.inf if v is None else v) for f, v in commit.items()}
-    text = (f"{model}: order of commitment (mean fork entropy at or below {record['threshold_bits']:g} bit from that "
-            f"tau on): {_order(commit)}.")
+    text = (
+        f"{model}: order of commitment (mean fork entropy at or below {record['threshold_bits']:g} bit from that "
+        f"tau on): {_order(commit)}."
+    )
     hues = max(t["floor_hue"], t["wall_hue"])
     late = min(t["scale"], t["orientation"])
     mid_before = [f for f in ("object_hue", "shape") if t[f] < late]
     mid_not = [f for f in ("object_hue", "shape") if t[f] >= late]
     if hues < late and not mid_not:
-        text += (" As Corallo et al. (2024) report, wall/floor hue, object hue and shape commit before scale and "
-                 "orientation")
-        text += "." if hues <= min(t["object_hue"], t["shape"]) else \
-            ", though not all of the large-extent hues before object hue and shape."
+        text += (
+            " As Corallo et al. (2024) report, wall/floor hue, object hue and shape commit before scale and orientation"
+        )
+        text += (
+            "."
+            if hues <= min(t["object_hue"], t["shape"])
+            else ", though not all of the large-extent hues before object hue and shape."
+        )
     elif hues < late:
-        text += (" Partly the paper's order: wall and floor hue commit before scale and orientation"
-                 + (f", and so does {mid_before[0]}" if mid_before else "")
-                 + f", but {' and '.join(mid_not)} {'does' if len(mid_not) == 1 else 'do'} not.")
+        text += (
+            " Partly the paper's order: wall and floor hue commit before scale and orientation"
+            + (f", and so does {mid_before[0]}" if mid_before else "")
+            + f", but {' and '.join(mid_not)} {'does' if len(mid_not) == 1 else 'do'} not."
+        )
     else:
-        text += (" Not the paper's order (large-extent hues first, scale and orientation last): scale or orientation "
-                 "commits no later than wall and floor hue.")
+        text += (
+            " Not the paper's order (large-extent hues first, scale and orientation last): scale or orientation "
+            "commits no later than wall and floor hue."
+        )
     if probe_steps:
         p = {f: (np.inf if probe_steps.get(f) is None else probe_steps[f]) for f in commit}
-        pairs = [(a, b) for i, a in enumerate(commit) for b in list(commit)[i + 1:]
-                 if t[a] != t[b] and p[a] != p[b]]
+        pairs = [(a, b) for i, a in enumerate(commit) for b in list(commit)[i + 1 :] if t[a] != t[b] and p[a] != p[b]]
         same = sum((t[a] < t[b]) == (p[a] < p[b]) for a, b in pairs)
-        text += (f" Probe-readable order (half-way steps): {_order(probe_steps)}; of the {len(pairs)} factor pairs "
-                 f"that both orders separate, {same} are in the same order.")
+        text += (
+            f" Probe-readable order (half-way steps): {_order(probe_steps)}; of the {len(pairs)} factor pairs "
+            f"that both orders separate, {same} are in the same order."
+        )
         later = [f for f in commit if np.isfinite(p[f]) and t[f] < p[f]]
         if later:
             text += f" Committed before the probes read it half-way: {', '.join(later)}."
@@ -148,8 +168,9 @@ def curves_figure(table: pd.DataFrame, record: dict[str, Any], metric: str = "ac
     baseline = record.get("baseline")
 
     factors = list(dict.fromkeys(table["factor"]))
-    fig, axes = plt.subplots(1, len(factors), figsize=(2.3 * len(factors), 2.6), sharey=metric == "accuracy",
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(factors), figsize=(2.3 * len(factors), 2.6), sharey=metric == "accuracy", squeeze=False
+    )
     for ax, f in zip(axes[0], factors):
         t = table[(table["factor"] == f) & (table["metric"] == metric)]
         layers = t[t["layer"] != baseline]
@@ -185,10 +206,23 @@ def heatmap_figure(table: pd.DataFrame, model: str) -> Any:
     t = table[table["metric"] == "accuracy"]
     layers = list(t.sort_values("layer_index", kind="stable")["layer"].drop_duplicates())
     steps = sorted(t["step"].unique())
-    panels = [(f, t[t["factor"] == f].pivot(index="layer", columns="step", values="value")
-               .reindex(index=layers, columns=steps).to_numpy()) for f in dict.fromkeys(t["factor"])]
-    return heatmaps(panels, layers, [str(s) for s in steps], cbar_label="held-out accuracy",
-                    title=f"{model}: linear-probe accuracy per layer (rows) x step (columns)")
+    panels = [
+        (
+            f,
+            t[t["factor"] == f]
+            .pivot(index="layer", columns="step", values="value")
+            .reindex(index=layers, columns=steps)
+            .to_numpy(),
+        )
+        for f in dict.fromkeys(t["factor"])
+    ]
+    return heatmaps(
+        panels,
+        layers,
+        [str(s) for s in steps],
+        cbar_label="held-out accuracy",
+        title=f"{model}: linear-probe accuracy per layer (rows) x step (columns)",
+    )
 
 
 def onset_table(table: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
@@ -203,16 +237,23 @@ def onset_table(table: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
     for f, hit in rel.items():
         fin = table[(table["factor"] == f) & (table["step"] == last) & ~table["layer"].isin(exclude)]
         ci = record.get("onset_ci", {}).get(f)
-        ci_text = "–" if ci is None else (
-            "[" + ", ".join("never" if not np.isfinite(v) else str(int(v)) for v in ci) + "]")
-        rows.append({"factor": f, "half-way step (best layer)": hit["step"] if hit else "never",
-                     "95% CI": ci_text,
-                     "at layer": hit["layer"] if hit else "–",
-                     "x_t half-way step": _step(base.get(f)),
-                     f"first step >= {READABLE}": _step(absolute.get(f)),
-                     "best accuracy, last step": fin[fin["metric"] == "accuracy"]["value"].max(),
-                     "MI bound, last step (bits)": fin[fin["metric"] == "mi_bound"]["value"].max(),
-                     "H(Y) (bits)": record["entropy_bits"][f], "chance": record["chance"][f]})
+        ci_text = (
+            "–" if ci is None else ("[" + ", ".join("never" if not np.isfinite(v) else str(int(v)) for v in ci) + "]")
+        )
+        rows.append(
+            {
+                "factor": f,
+                "half-way step (best layer)": hit["step"] if hit else "never",
+                "95% CI": ci_text,
+                "at layer": hit["layer"] if hit else "–",
+                "x_t half-way step": _step(base.get(f)),
+                f"first step >= {READABLE}": _step(absolute.get(f)),
+                "best accuracy, last step": fin[fin["metric"] == "accuracy"]["value"].max(),
+                "MI bound, last step (bits)": fin[fin["metric"] == "mi_bound"]["value"].max(),
+                "H(Y) (bits)": record["entropy_bits"][f],
+                "chance": record["chance"][f],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -228,23 +269,33 @@ def order_sentence(model: str, table: pd.DataFrame, record: dict[str, Any]) -> s
     groups: dict[float, list[str]] = {}
     for f, s in steps.items():
         groups.setdefault(s, []).append(f)
-    order = [f"{', '.join(v)} (step {int(k)})" if np.isfinite(k) else f"{', '.join(v)} (never above chance)"
-             for k, v in sorted(groups.items())]
-    text = (f"{model}: order in which the best layer's probe accuracy gets half-way from chance to its maximum: "
-            + " < ".join(order))
+    order = [
+        f"{', '.join(v)} (step {int(k)})" if np.isfinite(k) else f"{', '.join(v)} (never above chance)"
+        for k, v in sorted(groups.items())
+    ]
+    text = (
+        f"{model}: order in which the best layer's probe accuracy gets half-way from chance to its maximum: "
+        + " < ".join(order)
+    )
     big = [steps.get("floor_hue", np.inf), steps.get("wall_hue", np.inf)]
     small = min(steps.get("scale", np.inf), steps.get("orientation", np.inf))
     if not np.isfinite(min(big)):
         text += ". Wall and floor hue never rise above chance, so the paper's order cannot be checked here."
     elif max(big) < small:
-        text += (". As Corallo et al. (2024) report, the factors of large spatial extent (wall and floor hue) become "
-                 "readable before scale and orientation.")
+        text += (
+            ". As Corallo et al. (2024) report, the factors of large spatial extent (wall and floor hue) become "
+            "readable before scale and orientation."
+        )
     elif min(big) < small:
-        text += (". Only partly the order Corallo et al. (2024) report: one of wall/floor hue becomes readable before "
-                 "scale and orientation, the other does not.")
+        text += (
+            ". Only partly the order Corallo et al. (2024) report: one of wall/floor hue becomes readable before "
+            "scale and orientation, the other does not."
+        )
     else:
-        text += (". This is not the order Corallo et al. (2024) report (large-extent factors first): scale or "
-                 "orientation becomes readable no later than wall and floor hue.")
+        text += (
+            ". This is not the order Corallo et al. (2024) report (large-extent factors first): scale or "
+            "orientation becomes readable no later than wall and floor hue."
+        )
     return text
 
 
@@ -275,43 +326,61 @@ def console(result: Result) -> list[Any]:
         items.append(order_sentence(spec, table, record))
     if ab.FORKS in result.tables:
         ftable, frecord = result[ab.FORKS], result.record["forking"]
-        items.append((f"{spec}: when the generation commits to each factor (forking entropy)",
-                      commitment_table(ftable, frecord, table, record)))
+        items.append(
+            (
+                f"{spec}: when the generation commits to each factor (forking entropy)",
+                commitment_table(ftable, frecord, table, record),
+            )
+        )
         half = _half_way(table, record) if table is not None and record is not None else {}
-        items.append(forking_sentence(spec, frecord, {f: (h["step"] if h else None) for f, h in half.items()}
-                                      if half else None))
+        items.append(
+            forking_sentence(spec, frecord, {f: (h["step"] if h else None) for f, h in half.items()} if half else None)
+        )
     return items
 
 
 def render(run: SectionRun, page: Page) -> str:
     """The section's page fragment: the method, then per model the probe grid (facts, order sentence, curves,
     heatmap, onset table) and forking (facts, sentence, figure, commitment table), from the saved Results."""
-    out = [page.p(
-        "Corallo et al. (2024) read the latent factors off a diffusion model's internal features with linear probes "
-        "over diffusion time and bound the mutual information between factor and features. Here: unconditional "
-        "samples of each zoo model (empty prompt, no guidance), every layer's output pooled over space (conditional "
-        "branch) at every step, plus the noisy sample x_t itself (a fixed random projection of the whole map) as "
-        "the baseline; labels are the oracle's reading of the final image. One multinomial logistic regression per "
-        "layer x step x factor, all solved together (layerscope.stats.probes), held-out accuracy on a quarter "
-        "of the samples; MI bound = max(0, H(Y) - CE) in bits. Step 0 is the noisiest. Forking entropy: "
-        "unconditional starts (as the probes') run to step tau and forked there into continuations with fresh "
-        "sampler noise (DDIM with eta=1, DDPM-like; the forks share the initial noise and every step before tau); "
-        "the oracle reads each ending, and per factor the plug-in entropy (bits) of its readings across the forks "
-        "of one start is averaged over starts (95% bootstrap CI). A factor is committed from the first tau after "
-        f"which the mean entropy stays at or below {ab.COMMIT_BITS:g} bit (fixed beforehand: with 8 forks, one "
-        "dissenting fork is 0.54 bit); the relative criterion asks for half the tau-0 value. Plug-in entropy over "
-        "few forks is biased low and is at most log2(forks).")]
+    out = [
+        page.p(
+            "Corallo et al. (2024) read the latent factors off a diffusion model's internal features with linear probes "
+            "over diffusion time and bound the mutual information between factor and features. Here: unconditional "
+            "samples of each zoo model (empty prompt, no guidance), every layer's output pooled over space (conditional "
+            "branch) at every step, plus the noisy sample x_t itself (a fixed random projection of the whole map) as "
+            "the baseline; labels are the oracle's reading of the final image. One multinomial logistic regression per "
+            "layer x step x factor, all solved together (layerscope.stats.probes), held-out accuracy on a quarter "
+            "of the samples; MI bound = max(0, H(Y) - CE) in bits. Step 0 is the noisiest. Forking entropy: "
+            "unconditional starts (as the probes') run to step tau and forked there into continuations with fresh "
+            "sampler noise (DDIM with eta=1, DDPM-like; the forks share the initial noise and every step before tau); "
+            "the oracle reads each ending, and per factor the plug-in entropy (bits) of its readings across the forks "
+            "of one start is averaged over starts (95% bootstrap CI). A factor is committed from the first tau after "
+            f"which the mean entropy stays at or below {ab.COMMIT_BITS:g} bit (fixed beforehand: with 8 forks, one "
+            "dissenting fork is 0.54 bit); the relative criterion asks for half the tau-0 value. Plug-in entropy over "
+            "few forks is biased low and is at most log2(forks)."
+        )
+    ]
     for job, result in run.results():
         sub = run.folder / job["folder"]
         spec = result.record["model"]
         out.append(f"<h3>{page.esc(spec)}</h3>")
         table, record = result.tables.get(ab.PROBES), result.record.get("probes")
         if table is not None and record is not None:
-            out.append(_render_probes(spec, table, record, probes_command(spec, job["settings"],
-                                                                           f"probes-{sub.name}"), page))
+            out.append(
+                _render_probes(spec, table, record, probes_command(spec, job["settings"], f"probes-{sub.name}"), page)
+            )
         if ab.FORKS in result.tables:
-            out.append(_render_forks(spec, result[ab.FORKS], result.record["forking"], table, record,
-                                     forks_command(spec, job["settings"], f"forks-{sub.name}"), page))
+            out.append(
+                _render_forks(
+                    spec,
+                    result[ab.FORKS],
+                    result.record["forking"],
+                    table,
+                    record,
+                    forks_command(spec, job["settings"], f"forks-{sub.name}"),
+                    page,
+                )
+            )
     return "".join(out)
 
 
@@ -320,37 +389,76 @@ def _render_probes(spec: str, table: pd.DataFrame, record: dict[str, Any], cmd: 
     out = []
     conf = ", ".join(f"{k} {v:.2f}" for k, v in record.get("oracle_confidence", {}).items())
     if conf:
-        conf = (f"; oracle mean confidence on the final images: {conf}; {100 * record['in_distribution']:.0f}% of "
-                "them confident on every factor")
-    out.append(page.p(f"{record['samples']} samples, {len(record['steps'])} steps, "
-                      f"{len(record['layers'])} feature sets{conf}. Probe fit: "
-                      f"{record['fit_seconds']:.1f} s for the whole grid."))
+        conf = (
+            f"; oracle mean confidence on the final images: {conf}; {100 * record['in_distribution']:.0f}% of "
+            "them confident on every factor"
+        )
+    out.append(
+        page.p(
+            f"{record['samples']} samples, {len(record['steps'])} steps, "
+            f"{len(record['layers'])} feature sets{conf}. Probe fit: "
+            f"{record['fit_seconds']:.1f} s for the whole grid."
+        )
+    )
     out.append(page.finding(order_sentence(spec, table, record)))
-    out.append(page.figure(curves_figure(table, record), f"{spec}: held-out probe accuracy vs step, best layer "
-                           "per step (solid) and the x_t baseline (dashed).", cmd))
-    out.append(page.figure(curves_figure(table, record, "mi_bound"), f"{spec}: mutual-information lower bound "
-                           "vs step (bits), best layer per step; dotted: H(Y).", cmd))
+    out.append(
+        page.figure(
+            curves_figure(table, record),
+            f"{spec}: held-out probe accuracy vs step, best layer per step (solid) and the x_t baseline (dashed).",
+            cmd,
+        )
+    )
+    out.append(
+        page.figure(
+            curves_figure(table, record, "mi_bound"),
+            f"{spec}: mutual-information lower bound vs step (bits), best layer per step; dotted: H(Y).",
+            cmd,
+        )
+    )
     out.append(page.figure(heatmap_figure(table, spec), f"{spec}: held-out accuracy per layer x step.", cmd))
     out.append(page.table(onset_table(table, record), f"{spec}: when each factor becomes readable"))
     return "".join(out)
 
 
-def _render_forks(spec: str, ftable: pd.DataFrame, frecord: dict[str, Any], table: pd.DataFrame | None,
-                  record: dict[str, Any] | None, cmd: str, page: Page) -> str:
+def _render_forks(
+    spec: str,
+    ftable: pd.DataFrame,
+    frecord: dict[str, Any],
+    table: pd.DataFrame | None,
+    record: dict[str, Any] | None,
+    cmd: str,
+    page: Page,
+) -> str:
     """One model's forking: the facts, the sentence (with the probes' order, when probed), the figure and the
     commitment table."""
     half = _half_way(table, record) if table is not None and record is not None else {}
-    out = [page.p(
-        f"Forking: {frecord['starts']} unconditional starts x {frecord['forks']} forks at each of "
-        f"{len(frecord['taus'])} steps ({frecord['generations']} generations, "
-        f"{frecord['generate_seconds']:.1f} s, {1000 * frecord['seconds_per_generation']:.0f} ms each).")]
-    out.append(page.finding(forking_sentence(spec, frecord, {f: (h["step"] if h else None) for f, h in half.items()}
-                                             if half else None)))
-    out.append(page.figure(forking_figure(ftable, frecord), f"{spec}: mean entropy of the oracle's readings "
-                           "across forks vs the fork step tau, with 95% bootstrap CIs over starts (left, bits; "
-                           "dashed: the commitment threshold; triangles: commitment times) and normalised by "
-                           "log2(number of values) (right).", cmd))
-    out.append(page.table(commitment_table(ftable, frecord, table, record),
-                          f"{spec}: when the generation commits to each factor (forking)"
-                          + (" and when the probes read it half-way" if half else "")))
+    out = [
+        page.p(
+            f"Forking: {frecord['starts']} unconditional starts x {frecord['forks']} forks at each of "
+            f"{len(frecord['taus'])} steps ({frecord['generations']} generations, "
+            f"{frecord['generate_seconds']:.1f} s, {1000 * frecord['seconds_per_generation']:.0f} ms each)."
+        )
+    ]
+    out.append(
+        page.finding(
+            forking_sentence(spec, frecord, {f: (h["step"] if h else None) for f, h in half.items()} if half else None)
+        )
+    )
+    out.append(
+        page.figure(
+            forking_figure(ftable, frecord),
+            f"{spec}: mean entropy of the oracle's readings "
+            "across forks vs the fork step tau, with 95% bootstrap CIs over starts (left, bits; "
+            "dashed: the commitment threshold; triangles: commitment times) and normalised by "
+            "log2(number of values) (right).",
+            cmd,
+        )
+    )
+    out.append(
+        page.table(
+            commitment_table(ftable, frecord, table, record),
+            f"{spec}: when the generation commits to each factor (forking)"
+            + (" and when the probes read it half-way" if half else ""),
+        )
+    )
     return "".join(out)

@@ -21,8 +21,10 @@ GROUP_ORDER = ("structure", "content", "surface")
 
 def sweep_command(spec: str, settings: dict[str, Any], out: str) -> str:
     """The CLI command that reproduces a main-job sweep (table, figures) into ``out``."""
-    return (f"layerscope sweep {spec} --random-pairs {settings['random_pairs']} --spaces "
-            f"--windows {','.join(settings['windows'])} --steps {settings['steps']} --out {out}")
+    return (
+        f"layerscope sweep {spec} --random-pairs {settings['random_pairs']} --spaces "
+        f"--windows {','.join(settings['windows'])} --steps {settings['steps']} --out {out}"
+    )
 
 
 def _layer_order(summary: pd.DataFrame) -> list[str]:
@@ -73,8 +75,14 @@ def heatmap_figure(summary: pd.DataFrame, labels: pd.DataFrame, model: str, leve
         m = dict(zip(lab["layer"], lab["label"]))
         notes = [m.get(layer, "") for layer in layers]
     what = "factor group" if level == "group" else "factor"
-    return heatmaps(panels, layers, cols, row_notes=notes, cbar_label="transfer (share of pairs showing E's value)",
-                    title=f"{model}: transfer of E's {what} into O, per layer and step window")
+    return heatmaps(
+        panels,
+        layers,
+        cols,
+        row_notes=notes,
+        cbar_label="transfer (share of pairs showing E's value)",
+        title=f"{model}: transfer of E's {what} into O, per layer and step window",
+    )
 
 
 def metric_heatmap_figure(summary: pd.DataFrame, labels: pd.DataFrame, model: str):
@@ -86,13 +94,28 @@ def metric_heatmap_figure(summary: pd.DataFrame, labels: pd.DataFrame, model: st
         return None
     layers = _layer_order(summary)
     cols = list(dict.fromkeys(s["target"]))
-    panels = [(f"{w} steps", s[s["window"] == w].pivot(index="layer", columns="target", values="estimate")
-               .reindex(index=layers, columns=cols).to_numpy()) for w in _windows(s)]
+    panels = [
+        (
+            f"{w} steps",
+            s[s["window"] == w]
+            .pivot(index="layer", columns="target", values="estimate")
+            .reindex(index=layers, columns=cols)
+            .to_numpy(),
+        )
+        for w in _windows(s)
+    ]
     lab = labels[labels["window"] == "all"]
     notes = [dict(zip(lab["layer"], lab["label"])).get(x, "") for x in layers] if not lab.empty else None
     vmax = float(np.nanmax([np.nanmax(p) for _, p in panels] + [1e-6]))
-    return heatmaps(panels, layers, cols, vmax=vmax, row_notes=notes, cbar_label="max(0, m(C,E) - m(O,E)), median",
-                    title=f"{model}: similarity of the injected image to E (baseline-subtracted)")
+    return heatmaps(
+        panels,
+        layers,
+        cols,
+        vmax=vmax,
+        row_notes=notes,
+        cbar_label="max(0, m(C,E) - m(O,E)), median",
+        title=f"{model}: similarity of the injected image to E (baseline-subtracted)",
+    )
 
 
 def transfer_table(summary: pd.DataFrame, labels: pd.DataFrame, window: str = "all") -> pd.DataFrame:
@@ -103,7 +126,10 @@ def transfer_table(summary: pd.DataFrame, labels: pd.DataFrame, window: str = "a
         sub = s[s["target"] == g].set_index("layer")
         out[g] = [
             f"{sub.at[x, 'estimate']:.2f} [{sub.at[x, 'ci_low']:.2f}, {sub.at[x, 'ci_high']:.2f}]"
-            if x in sub.index and not np.isnan(sub.at[x, "estimate"]) else "–" for x in out["layer"]]
+            if x in sub.index and not np.isnan(sub.at[x, "estimate"])
+            else "–"
+            for x in out["layer"]
+        ]
     lab = labels[labels["window"] == window].set_index("layer")["label"]
     out["label"] = [lab.get(x, "") for x in out["layer"]]
     return out
@@ -134,32 +160,47 @@ def findings(model: str, labels: pd.DataFrame, window: str = "all", summary: pd.
     n_inert = len(by["inert"])
     found = [g for g in GROUP_ORDER if by[g]]
     missing = [g for g in GROUP_ORDER if not by[g]]
-    text = (f"{model} ({window} steps): " + ("; ".join(parts) if parts else "no layer moves any factor group")
-            + f"; {n_inert} inert layer(s). ")
+    text = (
+        f"{model} ({window} steps): "
+        + ("; ".join(parts) if parts else "no layer moves any factor group")
+        + f"; {n_inert} inert layer(s). "
+    )
     if not missing:
-        text += ("Every group of the paper's three-way split (structure, content, surface) has at least one layer "
-                 "specialised in it, as Schaerf (2025) reports for large diffusion models.")
+        text += (
+            "Every group of the paper's three-way split (structure, content, surface) has at least one layer "
+            "specialised in it, as Schaerf (2025) reports for large diffusion models."
+        )
     elif found:
-        text += (f"Only {', '.join(found)} {'has' if len(found) == 1 else 'have'} a specialised layer; no layer "
-                 f"specialises in {', '.join(missing)}, so this model does not show the paper's three-way split.")
+        text += (
+            f"Only {', '.join(found)} {'has' if len(found) == 1 else 'have'} a specialised layer; no layer "
+            f"specialises in {', '.join(missing)}, so this model does not show the paper's three-way split."
+        )
     else:
-        text += ("No layer specialises in one group: this model does not show the paper's three-way split "
-                 "at this window.")
+        text += (
+            "No layer specialises in one group: this model does not show the paper's three-way split at this window."
+        )
     if summary is not None:
         first = onsets(summary, window)
         hits = [f"{g} at {layer}" for g, layer in first.items() if layer]
         if hits:
-            text += (f" In forward order, each group's transfer first reaches {ONSET}: " + ", ".join(hits)
-                     + "".join(f"; {g} never does" for g, layer in first.items() if not layer) + ".")
+            text += (
+                f" In forward order, each group's transfer first reaches {ONSET}: "
+                + ", ".join(hits)
+                + "".join(f"; {g} never does" for g, layer in first.items() if not layer)
+                + "."
+            )
     return text
 
 
 def figures(result: Result, folder: Path) -> dict[str, Any]:
     """The figures of one sweep (the CLI writes them next to the tables): layer grid and heatmaps."""
     summary, labels, spec = result["summary"], result["labels"], result.record["model"]
-    figs = {"grid.png": grid_figure(folder, result.record["plan"]), "transfer_groups.png": heatmap_figure(summary, labels, spec),
-            "transfer_factors.png": heatmap_figure(summary, labels, spec, level="factor"),
-            "metrics.png": metric_heatmap_figure(summary, labels, spec)}
+    figs = {
+        "grid.png": grid_figure(folder, result.record["plan"]),
+        "transfer_groups.png": heatmap_figure(summary, labels, spec),
+        "transfer_factors.png": heatmap_figure(summary, labels, spec, level="factor"),
+        "metrics.png": metric_heatmap_figure(summary, labels, spec),
+    }
     return {k: v for k, v in figs.items() if v is not None}
 
 
@@ -167,9 +208,14 @@ def console(result: Result) -> list[Any]:
     """What the CLI prints after a sweep: the per-layer labels and, with the oracle, the findings per window."""
     labels, spec = result["labels"], result.record["model"]
     cols = [c for c in labels.columns if c.startswith("transfer_")]
-    frame = pd.DataFrame({"window": labels["window"], "layer": labels["layer"],
-                          **{c.replace("transfer_", ""): [f"{v:.2f}" if v == v else "-" for v in labels[c]]
-                             for c in cols}, "label": labels["label"]})
+    frame = pd.DataFrame(
+        {
+            "window": labels["window"],
+            "layer": labels["layer"],
+            **{c.replace("transfer_", ""): [f"{v:.2f}" if v == v else "-" for v in labels[c]] for c in cols},
+            "label": labels["label"],
+        }
+    )
     items: list[Any] = [(f"{spec}: per-layer specialization (transfer of E into O)", frame)]
     if result.record["plan"]["scorer"] == "oracle":
         items += [findings(spec, labels, window=w, summary=result["summary"]) for w in result.record["plan"]["windows"]]
@@ -177,18 +223,23 @@ def console(result: Result) -> list[Any]:
 
 
 def render(run: SectionRun, page: Page) -> str:
-    out = [page.p(
-        "Schaerf (2025) generates an original O and an edit E in parallel and puts E's representation at one layer "
-        "into O's generation at every step of a window; what moves tells what the layer carries. Here O and E are "
-        "Shapes-world prompts that differ in all six factors, and the oracle reads O, E and every injected image C. "
-        "Transfer of a factor = share of pairs in which C shows E's value (pairs where the oracle reads the same "
-        "value in O and E are left out). Groups: structure/composition = scale, orientation; content = shape; "
-        "surface/colour = object, floor and wall hue (a group's transfer averages its factors per pair). CIs: "
-        "percentile bootstrap over pairs, 95%."),
-        page.p(f"Label rule (fixed in code before any result, layerscope.experiments.injection.label): inert when "
-               f"no group's transfer reaches {inj.INERT_BELOW}; otherwise the strongest group when it leads the "
-               f"second by at least {inj.MARGIN}; otherwise mixed (several groups move together, including layers "
-               f"that move everything).")]
+    out = [
+        page.p(
+            "Schaerf (2025) generates an original O and an edit E in parallel and puts E's representation at one layer "
+            "into O's generation at every step of a window; what moves tells what the layer carries. Here O and E are "
+            "Shapes-world prompts that differ in all six factors, and the oracle reads O, E and every injected image C. "
+            "Transfer of a factor = share of pairs in which C shows E's value (pairs where the oracle reads the same "
+            "value in O and E are left out). Groups: structure/composition = scale, orientation; content = shape; "
+            "surface/colour = object, floor and wall hue (a group's transfer averages its factors per pair). CIs: "
+            "percentile bootstrap over pairs, 95%."
+        ),
+        page.p(
+            f"Label rule (fixed in code before any result, layerscope.experiments.injection.label): inert when "
+            f"no group's transfer reaches {inj.INERT_BELOW}; otherwise the strongest group when it leads the "
+            f"second by at least {inj.MARGIN}; otherwise mixed (several groups move together, including layers "
+            f"that move everything)."
+        ),
+    ]
     for job, result in run.results():
         sub = run.folder / job["folder"]
         summary, labels = result["summary"], result["labels"]
@@ -198,26 +249,45 @@ def render(run: SectionRun, page: Page) -> str:
         s = result.record.get("sanity")
         if s is not None:
             ok = s["no_layer_vs_O"] < 1e-5 and s["every_layer_vs_E"] < 1e-4
-            out.append(page.p(
-                f"Sanity ({'passed' if ok else 'FAILED'}): the O row of the batched sweep differs from a plain "
-                f"generation of O by at most {s['no_layer_vs_O']:.2g}; injecting E at every layer and space from "
-                f"step 0 differs from E by at most {s['every_layer_vs_E']:.2g} (O and E differ by up to "
-                f"{s['O_vs_E']:.2f})."))
+            out.append(
+                page.p(
+                    f"Sanity ({'passed' if ok else 'FAILED'}): the O row of the batched sweep differs from a plain "
+                    f"generation of O by at most {s['no_layer_vs_O']:.2g}; injecting E at every layer and space from "
+                    f"step 0 differs from E by at most {s['every_layer_vs_E']:.2g} (O and E differ by up to "
+                    f"{s['O_vs_E']:.2f})."
+                )
+            )
         out.append(page.finding(findings(spec, labels, summary=summary)))
         g = grid_figure(sub, result.record["plan"])
         if g is not None:
-            out.append(page.figure(g, f"{spec}: layer grid, pairs 0-2, injection at all steps. Columns: O, E, then "
-                                      "O with E injected at each layer (architectural order, spaces last).", cmd))
+            out.append(
+                page.figure(
+                    g,
+                    f"{spec}: layer grid, pairs 0-2, injection at all steps. Columns: O, E, then "
+                    "O with E injected at each layer (architectural order, spaces last).",
+                    cmd,
+                )
+            )
         h = heatmap_figure(summary, labels, spec)
         if h is not None:
-            out.append(page.figure(h, f"{spec}: transfer share per layer x factor group, one panel per step window "
-                                      "(labels of the all-steps window on the right).", cmd))
+            out.append(
+                page.figure(
+                    h,
+                    f"{spec}: transfer share per layer x factor group, one panel per step window "
+                    "(labels of the all-steps window on the right).",
+                    cmd,
+                )
+            )
         hf = heatmap_figure(summary, labels, spec, level="factor")
         if hf is not None:
             out.append(page.figure(hf, f"{spec}: transfer share per layer x factor.", cmd))
-        out.append(page.table(transfer_table(summary, labels),
-                              f"{spec}: transfer per layer (all steps), estimate [95% CI], n = "
-                              f"{int(summary['n'].max())} pairs per cell at most"))
+        out.append(
+            page.table(
+                transfer_table(summary, labels),
+                f"{spec}: transfer per layer (all steps), estimate [95% CI], n = "
+                f"{int(summary['n'].max())} pairs per cell at most",
+            )
+        )
         for w in [w for w in job["settings"].get("windows", []) if w != "all"]:
             out.append(page.finding(findings(spec, labels, window=w, summary=summary)))
     return "".join(out)

@@ -31,14 +31,29 @@ class ZooModel:
 
 
 MODELS: dict[str, ZooModel] = {
-    "unet": ZooModel("unet", "diffusion", "text-conditioned pixel-space U-Net (UNet2DConditionModel with "
-                     "cross-attention and skips, CLIPTextModel text encoder), classifier-free guidance"),
-    "dit": ZooModel("dit", "diffusion", "text-conditioned pixel-space diffusion transformer (PixArtTransformer2DModel "
-                    "blocks, CLIPTextModel text encoder), classifier-free guidance"),
-    "vae": ZooModel("vae", "latent", "convolutional VAE; the decoder reads a 16-d N(0, I) latent as one categorical "
-                    "code per factor and draws it"),
-    "gan": ZooModel("gan", "latent", "AC-GAN with a DCGAN-style generator that reads a 32-d N(0, I) latent as one "
-                    "categorical code per factor and draws it"),
+    "unet": ZooModel(
+        "unet",
+        "diffusion",
+        "text-conditioned pixel-space U-Net (UNet2DConditionModel with "
+        "cross-attention and skips, CLIPTextModel text encoder), classifier-free guidance",
+    ),
+    "dit": ZooModel(
+        "dit",
+        "diffusion",
+        "text-conditioned pixel-space diffusion transformer (PixArtTransformer2DModel "
+        "blocks, CLIPTextModel text encoder), classifier-free guidance",
+    ),
+    "vae": ZooModel(
+        "vae",
+        "latent",
+        "convolutional VAE; the decoder reads a 16-d N(0, I) latent as one categorical code per factor and draws it",
+    ),
+    "gan": ZooModel(
+        "gan",
+        "latent",
+        "AC-GAN with a DCGAN-style generator that reads a 32-d N(0, I) latent as one "
+        "categorical code per factor and draws it",
+    ),
 }
 TRAINABLE = (*MODELS, "oracle")
 
@@ -73,8 +88,15 @@ def source(name: str, folder: str | Path | None = None) -> dict[str, Any]:
     return {"model": model, "defaults": defaults, "card": card(name, where), "oracle": "shapes"}
 
 
-def train(name: str, out: str | Path | None = None, device: str | None = None, steps: int | None = None,
-          show_progress: bool = True, resume: bool = False, lr: float | None = None) -> dict:
+def train(
+    name: str,
+    out: str | Path | None = None,
+    device: str | None = None,
+    steps: int | None = None,
+    show_progress: bool = True,
+    resume: bool = False,
+    lr: float | None = None,
+) -> dict:
     """Train one zoo model (or the oracle) with its config and save it (default: into the package).
 
     ``resume`` (diffusion models): continue from the saved model for ``steps`` more steps (peak ``lr``).
@@ -101,8 +123,15 @@ def train(name: str, out: str | Path | None = None, device: str | None = None, s
     return fn(folder, cfg, device=device, show_progress=show_progress)
 
 
-def evaluate(model: Any, name: str, n: int = 1000, folder: str | Path | None = None, save: bool = True,
-             progress: bool = True, **gen_kwargs: Any) -> dict:
+def evaluate(
+    model: Any,
+    name: str,
+    n: int = 1000,
+    folder: str | Path | None = None,
+    save: bool = True,
+    progress: bool = True,
+    **gen_kwargs: Any,
+) -> dict:
     """Measure a loaded zoo model's quality with the oracle (see :mod:`layerscope.world.quality`); saved as
     quality.json in ``folder`` (default: the shipped weights of ``name``)."""
     from ..quality import measure
@@ -121,8 +150,13 @@ def card(name: str, folder: str | Path | None = None) -> dict:
     folder = Path(folder) if folder else entry.folder
     if (folder / "training.json").exists():
         t = read_json(folder / "training.json")
-        info.update(parameters=t.get("parameters") or t.get("params"), steps=t.get("steps"),
-                    train_seconds=t.get("seconds"), device=t.get("device"), threads=t.get("threads"))
+        info.update(
+            parameters=t.get("parameters") or t.get("params"),
+            steps=t.get("steps"),
+            train_seconds=t.get("seconds"),
+            device=t.get("device"),
+            threads=t.get("threads"),
+        )
     info["resolution"] = 32
     info["weights_bytes"] = sum(p.stat().st_size for p in folder.glob("**/*.safetensors")) if folder.exists() else 0
     if (folder / "quality.json").exists():

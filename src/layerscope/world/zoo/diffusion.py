@@ -27,38 +27,79 @@ from ..training import TrainLog, autocast, pick_device, progress, read_json, see
 from .pipelines import ShapesDiTPipeline, ShapesUNetPipeline, load_pipeline, save_pipeline
 
 TEXT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
-SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                clip_sample=False)
+SCHEDULE = dict(
+    num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False
+)
 # bf16 "auto": on for CUDA; off on CPU, where it measured slower for these small convs and attentions (0.79 s vs
 # 0.47 s per U-Net step of batch 32 on one thread)
-TRAIN = dict(steps=4000, batch=32, lr=8e-4, warmup=200, weight_decay=0.01, ema=0.999, p_uncond=0.1, min_snr=5.0,
-             grad_clip=1.0, seed=0, bf16="auto", size=32)
+TRAIN = dict(
+    steps=4000,
+    batch=32,
+    lr=8e-4,
+    warmup=200,
+    weight_decay=0.01,
+    ema=0.999,
+    p_uncond=0.1,
+    min_snr=5.0,
+    grad_clip=1.0,
+    seed=0,
+    bf16="auto",
+    size=32,
+)
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "unet": dict(
-        model=dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
-                   block_out_channels=[16, 32, 64],
-                   down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
-                   up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
-                   mid_block_type="UNetMidBlock2DCrossAttn", norm_num_groups=8, attention_head_dim=4,
-                   cross_attention_dim=TEXT["hidden_size"]),
-        text=TEXT, schedule=SCHEDULE, train=dict(TRAIN),
+        model=dict(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=1,
+            block_out_channels=[16, 32, 64],
+            down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+            mid_block_type="UNetMidBlock2DCrossAttn",
+            norm_num_groups=8,
+            attention_head_dim=4,
+            cross_attention_dim=TEXT["hidden_size"],
+        ),
+        text=TEXT,
+        schedule=SCHEDULE,
+        train=dict(TRAIN),
     ),
     "dit": dict(
-        model=dict(sample_size=32, in_channels=3, out_channels=3, patch_size=4, num_layers=6,
-                   num_attention_heads=4, attention_head_dim=16, cross_attention_dim=64,
-                   caption_channels=TEXT["hidden_size"], norm_type="ada_norm_single", num_embeds_ada_norm=1000,
-                   use_additional_conditions=False),
-        text=TEXT, schedule=SCHEDULE, train=dict(TRAIN, steps=5000, batch=48),
+        model=dict(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            patch_size=4,
+            num_layers=6,
+            num_attention_heads=4,
+            attention_head_dim=16,
+            cross_attention_dim=64,
+            caption_channels=TEXT["hidden_size"],
+            norm_type="ada_norm_single",
+            num_embeds_ada_norm=1000,
+            use_additional_conditions=False,
+        ),
+        text=TEXT,
+        schedule=SCHEDULE,
+        train=dict(TRAIN, steps=5000, batch=48),
     ),
 }
 
 
 def build_text_encoder(cfg: dict) -> CLIPTextModel:
     tok = tokenizer()
-    conf = CLIPTextConfig(vocab_size=len(vocabulary()), max_position_embeddings=MAX_LENGTH, hidden_act="gelu",
-                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, projection_dim=cfg["hidden_size"], **cfg)
+    conf = CLIPTextConfig(
+        vocab_size=len(vocabulary()),
+        max_position_embeddings=MAX_LENGTH,
+        hidden_act="gelu",
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        projection_dim=cfg["hidden_size"],
+        **cfg,
+    )
     return CLIPTextModel(conf)
 
 
@@ -81,8 +122,14 @@ def _merge(base: dict, over: dict | None) -> dict:
     return out
 
 
-def train_diffusion(name: str, out: Path, config: dict | None = None, device: str | None = None,
-                    show_progress: bool = True, resume: bool = False) -> dict:
+def train_diffusion(
+    name: str,
+    out: Path,
+    config: dict | None = None,
+    device: str | None = None,
+    show_progress: bool = True,
+    resume: bool = False,
+) -> dict:
     """Train ``zoo:<name>`` with the shared recipe and save the EMA pipeline into ``out``.
 
     ``resume=True`` continues from the model saved in ``out`` (its EMA weights) for ``train.steps`` more steps with
@@ -117,8 +164,9 @@ def train_diffusion(name: str, out: Path, config: dict | None = None, device: st
     noise_sched = DDPMScheduler(**cfg["schedule"])
     alphas = noise_sched.alphas_cumprod.to(dev)
     snr_all = alphas / (1 - alphas)
-    log = TrainLog(out / "train_log.csv", ["loss", "lr"], append=resume,
-                   offset_seconds=prior["seconds"] if prior else 0.0)
+    log = TrainLog(
+        out / "train_log.csv", ["loss", "lr"], append=resume, offset_seconds=prior["seconds"] if prior else 0.0
+    )
     running = None
     with progress(steps, f"zoo:{name}", show_progress) as advance:
         for step in range(steps):
@@ -151,8 +199,13 @@ def train_diffusion(name: str, out: Path, config: dict | None = None, device: st
                 log.write(done + step + 1, loss=running, lr=sched_lr.get_last_lr()[0])
                 advance(25 if (step + 1) % 25 == 0 else (step + 1) % 25, loss=running)
     seconds = log.close()
-    run = {"steps": steps, "seconds": round(seconds, 1), "device": str(dev), "threads": torch.get_num_threads(),
-           "train": dict(tr)}
+    run = {
+        "steps": steps,
+        "seconds": round(seconds, 1),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "train": dict(tr),
+    }
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
@@ -161,10 +214,18 @@ def train_diffusion(name: str, out: Path, config: dict | None = None, device: st
     pipe.scheduler = DDIMScheduler(**cfg["schedule"])
     save_pipeline(pipe, out)
     n_params = sum(p.numel() for p in params)
-    history = (prior.get("history") or [{k: prior[k] for k in ("steps", "seconds", "device", "threads")}]
-               if prior else []) + [run]
-    summary = {"model": f"zoo:{name}", "steps": done + steps, "seconds": round(sum(h["seconds"] for h in history), 1),
-               "device": str(dev), "threads": torch.get_num_threads(), "parameters": n_params, "config": cfg,
-               "history": history}
+    history = (
+        prior.get("history") or [{k: prior[k] for k in ("steps", "seconds", "device", "threads")}] if prior else []
+    ) + [run]
+    summary = {
+        "model": f"zoo:{name}",
+        "steps": done + steps,
+        "seconds": round(sum(h["seconds"] for h in history), 1),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "parameters": n_params,
+        "config": cfg,
+        "history": history,
+    }
     write_json(out / "training.json", summary)
     return summary

@@ -53,16 +53,63 @@ CODE = [SIZES[f] for f in FACTORS]  # one categorical code per world factor: 10,
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "vae": dict(
-        latent_dim=16, widths=[128, 64, 32, 16], enc_widths=[32, 64, 128], norm="batch", output="sigmoid",
-        code=CODE, sup=0.1, steps=10000, batch=64, lr=1e-3, lr_min=0.05, warmup=100, beta=1.0, beta_warmup=1000,
-        grad_clip=1.0, adv=0.0, adv_start=500, d_widths=[64, 128, 256], lr_d=2e-4, betas=[0.0, 0.9], aux=0.0,
-        aux_d=1.0, aux_fake=0.0, aux_div=1.0, ac=0.0, code_div=0.1, seed=0, bf16="auto", size=SIZE,
+        latent_dim=16,
+        widths=[128, 64, 32, 16],
+        enc_widths=[32, 64, 128],
+        norm="batch",
+        output="sigmoid",
+        code=CODE,
+        sup=0.1,
+        steps=10000,
+        batch=64,
+        lr=1e-3,
+        lr_min=0.05,
+        warmup=100,
+        beta=1.0,
+        beta_warmup=1000,
+        grad_clip=1.0,
+        adv=0.0,
+        adv_start=500,
+        d_widths=[64, 128, 256],
+        lr_d=2e-4,
+        betas=[0.0, 0.9],
+        aux=0.0,
+        aux_d=1.0,
+        aux_fake=0.0,
+        aux_div=1.0,
+        ac=0.0,
+        code_div=0.1,
+        seed=0,
+        bf16="auto",
+        size=SIZE,
     ),
     "gan": dict(
-        latent_dim=32, widths=[128, 64, 32, 16], d_widths=[64, 128, 256], norm="batch", output="tanh",
-        code=CODE, steps=12000, batch=64, lr_g=2e-4, lr_d=2e-4, betas=[0.0, 0.9], loss="hinge", adv=1.0, aux=0.0,
-        aux_d=1.0, aux_fake=0.0, aux_div=1.0, ac=1.0, proj=True, code_div=1.0, ema=0.999, bn_batches=40,
-        balance=200_000, seed=0, bf16="auto", size=SIZE,
+        latent_dim=32,
+        widths=[128, 64, 32, 16],
+        d_widths=[64, 128, 256],
+        norm="batch",
+        output="tanh",
+        code=CODE,
+        steps=12000,
+        batch=64,
+        lr_g=2e-4,
+        lr_d=2e-4,
+        betas=[0.0, 0.9],
+        loss="hinge",
+        adv=1.0,
+        aux=0.0,
+        aux_d=1.0,
+        aux_fake=0.0,
+        aux_div=1.0,
+        ac=1.0,
+        proj=True,
+        code_div=1.0,
+        ema=0.999,
+        bn_batches=40,
+        balance=200_000,
+        seed=0,
+        bf16="auto",
+        size=SIZE,
     ),
 }
 
@@ -152,7 +199,7 @@ class Code(nn.Module):
         bias = self.linear.bias
         out, start = [], 0
         for k in self.groups:
-            part, b = logits[:, start:start + k], bias[start:start + k].float().clone()
+            part, b = logits[:, start : start + k], bias[start : start + k].float().clone()
 
             def ratio(b_: torch.Tensor) -> tuple[torch.Tensor, float]:
                 share = torch.bincount((part + b_).argmax(1), minlength=k).float() / len(z)
@@ -163,7 +210,7 @@ class Code(nn.Module):
             for step in range(steps):
                 share, _ = ratio(b)
                 b -= eta * (1.0 - step / steps) * k * (share - 1.0 / k)
-            bias[start:start + k] = b.to(bias.dtype)
+            bias[start : start + k] = b.to(bias.dtype)
             out.append((before, ratio(b)[1]))
             start += k
         return out
@@ -184,8 +231,14 @@ class ConvGenerator(nn.Module):
     function of one categorical code per group; without it ``fc`` projects the latent itself.
     """
 
-    def __init__(self, latent_dim: int, widths: list[int], norm: str = "batch", output: str = "tanh",
-                 code: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        latent_dim: int,
+        widths: list[int],
+        norm: str = "batch",
+        output: str = "tanh",
+        code: list[int] | None = None,
+    ) -> None:
         super().__init__()
         if len(widths) != 4:
             raise ValueError(f"widths must list 4 channel counts (4x4, 8x8, 16x16, 32x32), got {widths}")
@@ -195,8 +248,7 @@ class ConvGenerator(nn.Module):
         self.output_range = _RANGES[output]
         self.code = Code(latent_dim, code) if code else None
         self.fc = Project(sum(code) if code else latent_dim, widths[0], norm)
-        self.net = nn.Sequential(*[Up(a, b, norm) for a, b in zip(widths[:-1], widths[1:])],
-                                 ToRGB(widths[-1], output))
+        self.net = nn.Sequential(*[Up(a, b, norm) for a, b in zip(widths[:-1], widths[1:])], ToRGB(widths[-1], output))
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         return self.fc(self.code(z) if self.code is not None else z)
@@ -255,8 +307,10 @@ class Discriminator(nn.Module):
         score = self.head(h).flatten()
         if self.embed is not None:
             if codes is None or codes.shape != (len(x), sum(CODE)):
-                raise ValueError(f"a projection discriminator scores images with their codes: one-hot "
-                                 f"(n, {sum(CODE)}), got {None if codes is None else tuple(codes.shape)}")
+                raise ValueError(
+                    f"a projection discriminator scores images with their codes: one-hot "
+                    f"(n, {sum(CODE)}), got {None if codes is None else tuple(codes.shape)}"
+                )
             score = score + (self.embed(codes.to(h.dtype)) * h).sum(dim=1)
         if not classify:
             return score
@@ -286,15 +340,23 @@ def _aux_fake(logits: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
 
 def _architecture(name: str, cfg: dict) -> dict:
-    return {"kind": name, "latent_dim": cfg["latent_dim"], "widths": list(cfg["widths"]), "norm": cfg["norm"],
-            "output": cfg["output"], "code": list(cfg["code"]) if cfg.get("code") else None,
-            "resolution": cfg["size"], "prior": "N(0, I)"}
+    return {
+        "kind": name,
+        "latent_dim": cfg["latent_dim"],
+        "widths": list(cfg["widths"]),
+        "norm": cfg["norm"],
+        "output": cfg["output"],
+        "code": list(cfg["code"]) if cfg.get("code") else None,
+        "resolution": cfg["size"],
+        "prior": "N(0, I)",
+    }
 
 
 def build_generator(arch: dict) -> ConvGenerator:
     """An untrained generator (decoder) from an ``architecture`` dict of ``config.json``."""
-    return ConvGenerator(arch["latent_dim"], arch["widths"], arch.get("norm", "batch"), arch.get("output", "tanh"),
-                         arch.get("code"))
+    return ConvGenerator(
+        arch["latent_dim"], arch["widths"], arch.get("norm", "batch"), arch.get("output", "tanh"), arch.get("code")
+    )
 
 
 def load_latent(folder: Path | str) -> ConvGenerator:
@@ -320,8 +382,9 @@ def _config(name: str, config: dict | None) -> dict:
         raise ValueError(f"the latent zoo models are built for {SIZE}x{SIZE}, got size={cfg['size']}")
     labelled = cfg.get("sup", 0) > 0 or cfg["ac"] > 0 or bool(cfg.get("proj"))
     if labelled and list(cfg["code"] or []) != CODE:
-        raise ValueError(f"sup, ac or proj read the code groups as the world's factors: code must be {CODE}, "
-                         f"got {cfg['code']}")
+        raise ValueError(
+            f"sup, ac or proj read the code groups as the world's factors: code must be {CODE}, got {cfg['code']}"
+        )
     if cfg["code_div"] > 0 and not cfg["code"]:
         raise ValueError("code_div > 0 needs a code layer (code=[...])")
     return cfg
@@ -363,18 +426,24 @@ def _lr_factor(step: int, steps: int, warmup: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def _save(name: str, out: Path, gen: ConvGenerator, cfg: dict, dev: torch.device, seconds: float,
-          extra: dict) -> dict:
+def _save(name: str, out: Path, gen: ConvGenerator, cfg: dict, dev: torch.device, seconds: float, extra: dict) -> dict:
     from safetensors.torch import save_model
 
     out.mkdir(parents=True, exist_ok=True)
     gen = gen.eval().cpu().float()
     save_model(gen, str(out / "model.safetensors"))
     params = _n_params(gen)
-    write_json(out / "config.json", {"model": f"zoo:{name}", "architecture": _architecture(name, cfg),
-                                     "training": cfg})
-    summary = {"model": f"zoo:{name}", "steps": cfg["steps"], "seconds": round(seconds, 1), "device": str(dev),
-               "threads": torch.get_num_threads(), "seed": cfg["seed"], "params": params, **extra}
+    write_json(out / "config.json", {"model": f"zoo:{name}", "architecture": _architecture(name, cfg), "training": cfg})
+    summary = {
+        "model": f"zoo:{name}",
+        "steps": cfg["steps"],
+        "seconds": round(seconds, 1),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "seed": cfg["seed"],
+        "params": params,
+        **extra,
+    }
     write_json(out / "training.json", summary)
     return summary
 
@@ -472,9 +541,17 @@ def train_vae(out: Path, config: dict | None = None, device: str | None = None, 
 
 
 # -- GAN -------------------------------------------------------------------------------------------------------------
-def _d_step(D: Discriminator, opt_d: torch.optim.Optimizer, real: torch.Tensor, labels: torch.Tensor,
-            fake: torch.Tensor, cfg: dict, dev: torch.device, bf16: bool,
-            fake_codes: torch.Tensor | None = None) -> dict[str, float]:
+def _d_step(
+    D: Discriminator,
+    opt_d: torch.optim.Optimizer,
+    real: torch.Tensor,
+    labels: torch.Tensor,
+    fake: torch.Tensor,
+    cfg: dict,
+    dev: torch.device,
+    bf16: bool,
+    fake_codes: torch.Tensor | None = None,
+) -> dict[str, float]:
     """One discriminator update: hinge (or logistic) loss; with the auxiliary classifier, its cross-entropy on real
     renders (weight ``aux_d``) and, CatGAN-style, its entropy on samples maximised (weight ``aux_fake``). A
     projection discriminator scores real renders with their labels and samples with their codes ``fake_codes``."""
@@ -501,9 +578,16 @@ def _d_step(D: Discriminator, opt_d: torch.optim.Optimizer, real: torch.Tensor, 
     return vals
 
 
-def _g_terms(D: Discriminator, fake: torch.Tensor, cfg: dict, dev: torch.device, bf16: bool,
-             gen_: ConvGenerator | None = None, z: torch.Tensor | None = None,
-             codes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def _g_terms(
+    D: Discriminator,
+    fake: torch.Tensor,
+    cfg: dict,
+    dev: torch.device,
+    bf16: bool,
+    gen_: ConvGenerator | None = None,
+    z: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The generator's loss on its samples ``fake = gen_(z)``: adversarial (weight ``adv``), the aux classifier's
     entropy terms (weight ``aux``), AC-GAN's cross-entropy of that classifier against the sample's own codes
     (weight ``ac``) and the entropy of the batch's code usage, maximised (weight ``code_div``). A projection
@@ -624,7 +708,8 @@ def finish_gan(gen_: ConvGenerator, cfg: dict) -> dict:
         z = torch.randn((int(cfg["balance"]), cfg["latent_dim"]), generator=torch_gen).to(dev)
         ratios = gen_.code.balance(z)
         names = FACTORS if gen_.code.groups == CODE else [f"group {i}" for i in range(len(ratios))]
-        info["code_balance"] = {f: {"max_min_share_before": round(a, 3), "after": round(b, 3)}
-                                for f, (a, b) in zip(names, ratios)}
+        info["code_balance"] = {
+            f: {"max_min_share_before": round(a, 3), "after": round(b, 3)} for f, (a, b) in zip(names, ratios)
+        }
     _reestimate_bn(gen_, cfg, torch_gen, dev)
     return info

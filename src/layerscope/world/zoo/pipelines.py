@@ -31,8 +31,9 @@ class _ShapesPipeline(DiffusionPipeline):
     def encode_prompt(self, prompts: list[str], negative: list[str] | None) -> torch.Tensor:
         """Text encoder states (n, MAX_LENGTH, d); ``[negative; prompts]`` stacked when guiding."""
         texts = list(negative) + list(prompts) if negative is not None else list(prompts)
-        ids = self.tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                             return_tensors="pt").input_ids.to(self.text_encoder.device)
+        ids = self.tokenizer(
+            texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.text_encoder.device)
         return self.text_encoder(ids).last_hidden_state
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -43,12 +44,22 @@ class _ShapesPipeline(DiffusionPipeline):
         return getattr(self, self.denoiser_name)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
-                 num_inference_steps: int = 20, guidance_scale: float = 3.0, height: int | None = None,
-                 width: int | None = None, latents: torch.Tensor | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pt",
-                 return_dict: bool = True, eta: float = 0.0, callback_on_step_end: Callable | None = None,
-                 callback_on_step_end_tensor_inputs: list[str] | None = None) -> Any:
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.0,
+        height: int | None = None,
+        width: int | None = None,
+        latents: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pt",
+        return_dict: bool = True,
+        eta: float = 0.0,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> Any:
         """As ``StableDiffusionPipeline.__call__``: ``generator`` may be one per sample (then each sample's noise is
         its own: the initial noise when ``latents`` is None, and DDIM's step noise when ``eta > 0``), and
         ``callback_on_step_end(pipe, step, timestep, {"latents": x})`` runs after each step (it may return a new
@@ -62,8 +73,9 @@ class _ShapesPipeline(DiffusionPipeline):
         guide = guidance_scale > 1.0
         negative = None
         if guide:
-            negative = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) \
-                else negative_prompt
+            negative = (
+                [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) else negative_prompt
+            )
         states = self.encode_prompt(prompts, negative).to(model.dtype)
         channels = model.config.in_channels
         if latents is None:
@@ -92,8 +104,9 @@ class ShapesUNetPipeline(_ShapesPipeline):
     denoiser_name = "unet"
     model_cpu_offload_seq = "text_encoder->unet"
 
-    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: Any,
-                 scheduler: DDIMScheduler) -> None:
+    def __init__(
+        self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: Any, scheduler: DDIMScheduler
+    ) -> None:
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
@@ -107,16 +120,26 @@ class ShapesDiTPipeline(_ShapesPipeline):
     denoiser_name = "transformer"
     model_cpu_offload_seq = "text_encoder->transformer"
 
-    def __init__(self, transformer: PixArtTransformer2DModel, text_encoder: CLIPTextModel, tokenizer: Any,
-                 scheduler: DDIMScheduler) -> None:
+    def __init__(
+        self,
+        transformer: PixArtTransformer2DModel,
+        text_encoder: CLIPTextModel,
+        tokenizer: Any,
+        scheduler: DDIMScheduler,
+    ) -> None:
         super().__init__()
-        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
-                              scheduler=scheduler)
+        self.register_modules(
+            transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+        )
 
     def _predict(self, x, t, states):
-        return self.transformer(x, encoder_hidden_states=states, timestep=t,
-                                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                                return_dict=False)[0]
+        return self.transformer(
+            x,
+            encoder_hidden_states=states,
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )[0]
 
 
 PIPELINES = {"unet": ShapesUNetPipeline, "transformer": ShapesDiTPipeline}
