@@ -178,7 +178,7 @@ def test_only_the_engine_registers_hooks():
     assert offenders == []
 
 
-@pytest.mark.parametrize("module", ["injection", "abstractions", "properties"])
+@pytest.mark.parametrize("module", ["injection", "abstractions", "properties", "alignment"])
 def test_experiments_do_not_reach_into_models(module):
     """Experiments decide from metadata: no pipeline internals, module paths or spec/family tests."""
     src = (ROOT / "experiments" / f"{module}.py").read_text()
@@ -198,7 +198,7 @@ def test_every_experiment_has_the_shape_and_a_section():
     from layerscope.experiments.base import Result
     from layerscope.report.sections import SECTIONS
 
-    assert [s.KEY for s in SECTIONS] == ["injection", "abstractions", "properties"]
+    assert [s.KEY for s in SECTIONS] == ["injection", "abstractions", "properties", "alignment"]
     for sec in SECTIONS:
         exp = sec.EXPERIMENT
         assert exp.NAME == sec.KEY

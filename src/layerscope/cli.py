@@ -453,6 +453,43 @@ def properties(
     _finish(section, result, folder)
 
 
+@app.command()
+def align(
+    models: list[str] = typer.Argument(..., help="model specs, e.g. zoo:unet zoo:dit zoo:vae zoo:gan"),
+    n: int = typer.Option(64, help="scenes (Shapes world) or prompt/seed rows (open domain)"),
+    steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's)"),
+    metric: str = typer.Option("linear_cka,debiased_cka,mutual_knn,cknna", help="comma-separated measures"),
+    k: int = typer.Option(10, help="neighbours of mutual k-NN and CKNNA"),
+    layers: Optional[list[str]] = typer.Option(None, "--layers", "-l", help="glob(s) of layers (default: every)"),
+    project: int = typer.Option(256, help="random projection dims of each whole map (0: the spatial mean)"),
+    seed: int = typer.Option(0, help="first seed of the scenes / rows"),
+    out: Optional[str] = typer.Option(None, help="output folder (default: align-<models>)"),
+) -> None:
+    """Representational alignment within and across models (CKA, mutual k-NN) and the Platonic test."""
+    from .experiments import alignment as al
+    from .loading import load
+    from .report.sections import alignment as section
+
+    try:
+        settings = al.Settings(
+            n=n,
+            seed=seed,
+            steps=steps,
+            metrics=tuple(_list(metric) or []),
+            k=k,
+            project=project,
+            layers=tuple(layers) if layers else None,
+        )
+        gens = [load(m) for m in models]
+        folder = _folder(out, "align", "+".join(models))
+        console.print(f"{', '.join(models)}: alignment -> {folder}")
+        result = al.run(gens, settings, out=folder, progress=True)
+    except LayerscopeError as exc:
+        _fail(exc)
+        return
+    _finish(section, result, folder)
+
+
 @app.command("run")
 def run_main(
     out: str = typer.Option("layerscope-report", help="report folder (tables, images and index.html)"),

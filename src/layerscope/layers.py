@@ -19,8 +19,9 @@ PathElem: TypeAlias = int | str
 #: ``noise`` (initial noise x_T), ``denoiser_input`` (x_t entering the denoiser), ``condition`` (per-token or image
 #: conditioning the denoiser reads), ``pooled_condition`` (a pooled / end-of-sentence embedding input), ``skip`` (a
 #: U-Net skip tensor), ``bottleneck`` (a view of the bottleneck, e.g. h-space), ``latent`` (the one latent a
-#: generator or VAE decoder maps to the image), ``layer`` (a representational layer of the network)
-ROLES = ("noise", "denoiser_input", "condition", "pooled_condition", "skip", "bottleneck", "latent", "layer")
+#: generator or VAE decoder maps to the image), ``code`` (a categorical code layer: one one-hot per factor of the
+#: model's world, concatenated in the world's factor order), ``layer`` (a representational layer of the network)
+ROLES = ("noise", "denoiser_input", "condition", "pooled_condition", "skip", "bottleneck", "latent", "code", "layer")
 
 
 @dataclass(frozen=True)

@@ -54,12 +54,14 @@ def run_main_job(
         notes: list[str] = []
         done = []
         for job in jobs[sec.KEY]:
-            if job.spec not in models:
-                models[job.spec] = load(job.spec)
-            model = models[job.spec]
+            for spec in job.specs:
+                if spec not in models:
+                    models[spec] = load(spec)
+            loaded = [models[spec] for spec in job.specs]
             folder = out / sec.KEY / job.folder_name()
-            log(f"{sec.KEY}: {job.spec}" + (f" ({job.part}: {job.note})" if job.part != "model" else ""))
+            log(f"{sec.KEY}: {', '.join(job.specs)}" + (f" ({job.part}: {job.note})" if job.part != "model" else ""))
             t1 = time.perf_counter()
+            model = loaded[0] if isinstance(job.spec, str) else loaded
             result = sec.EXPERIMENT.run(model, job.settings, out=folder, progress=progress)
             result.save(folder)
             for n in result.notes:
@@ -69,18 +71,20 @@ def run_main_job(
             done.append(
                 {
                     "spec": job.spec,
+                    "specs": list(job.specs),
                     "folder": folder.name,
                     "part": job.part,
                     "note": job.note,
                     "settings": settings_dict(job.settings),
                     "seconds": round(time.perf_counter() - t1, 1),
-                    "card": model.card,
+                    "card": loaded[0].card,
+                    "cards": [m.card for m in loaded],
                 }
             )
         record["sections"][sec.KEY] = {
             "seconds": round(time.perf_counter() - t0, 1),
             "notes": notes,
-            "models": [j["spec"] for j in done if j["part"] == "model"],
+            "models": [spec for j in done if j["part"] == "model" for spec in j["specs"]],
             "jobs": done,
         }
     (out / RUN_FILE).write_text(json.dumps(record, indent=1, default=str))

@@ -114,17 +114,22 @@ def _json_default(v: Any) -> Any:
 
 @dataclass(frozen=True)
 class Job:
-    """One run of the main job: a model spec, the settings, the folder name, and its part in the study (``model``,
-    or ``sanity`` for a generator built to fail, with ``note`` saying what it must show)."""
+    """One run of the main job: a model spec (or a tuple of specs, for experiments that take several models), the
+    settings, the folder name, and its part in the study (``model``, or ``sanity`` for a generator built to fail,
+    with ``note`` saying what it must show)."""
 
-    spec: str
+    spec: str | tuple[str, ...]
     settings: Any
     folder: str = ""
     part: str = "model"
     note: str = ""
 
+    @property
+    def specs(self) -> tuple[str, ...]:
+        return (self.spec,) if isinstance(self.spec, str) else tuple(self.spec)
+
     def folder_name(self) -> str:
-        return self.folder or self.spec.replace(":", "_").replace("/", "_")
+        return self.folder or "+".join(self.specs).replace(":", "_").replace("/", "_")
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:

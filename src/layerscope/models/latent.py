@@ -1,6 +1,8 @@
 """Adapter for single-latent generators: any torch module mapping a latent vector to images (GAN generator, VAE
 decoder). The latent ``z`` is the one candidate space; layers are the module's children (containers such as
-``nn.Sequential`` are opened one level: ``main.0``, ``main.1``...). There are no steps and no CFG branches.
+``nn.Sequential`` are opened one level: ``main.0``, ``main.1``...). There are no steps and no CFG branches. A child
+module may declare its role in the map with a ``layerscope_role`` attribute (e.g. ``"code"``, see
+:data:`layerscope.layers.ROLES`).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class LatentGenerator(Generator):
                 depth=d,
                 per_step=False,
                 branched=False,
+                role=getattr(mod, "layerscope_role", "layer"),
             )
             for d, (name, mod) in enumerate(named)
         ]

@@ -118,8 +118,11 @@ def build(folder: Path) -> Path:
         if info is None or not (folder / sec.KEY).exists():
             continue
         for job in info.get("jobs", []):
-            if job.get("part", "model") == "model" and job["spec"] not in cards:
-                cards[job["spec"]] = job.get("card") or {"name": job["spec"]}
+            if job.get("part", "model") != "model":
+                continue
+            specs = job.get("specs") or [job["spec"]]
+            for spec, card in zip(specs, job.get("cards") or [job.get("card")]):
+                cards.setdefault(spec, card or {"name": spec})
         notes = "".join(page.note(n) for n in info.get("notes", []))
         frag = sec.render(SectionRun(sec.KEY, folder / sec.KEY, info), page)
         secs = f"<p><i>computed in {info.get('seconds', '?')} s</i></p>"

@@ -1,7 +1,7 @@
 """Report sections, one module per experiment, in report order (see :mod:`layerscope.report`)."""
 
-from . import abstractions, injection, properties
+from . import abstractions, alignment, injection, properties
 
-SECTIONS = (injection, abstractions, properties)
+SECTIONS = (injection, abstractions, properties, alignment)
 
 __all__ = ["SECTIONS"]

@@ -173,8 +173,11 @@ class Code(nn.Module):
     """The latent read as one categorical code per group: linear logits, then the one-hot of each group's argmax.
 
     The forward value is exactly one-hot (so every latent decodes to one combination of codes); in training the
-    gradient is the softmax's (straight-through estimator, Bengio et al. 2013).
+    gradient is the softmax's (straight-through estimator, Bengio et al. 2013). Its role in a layer map is ``code``:
+    with the shipped groups (one per factor, in factor order), class ``k`` of a group draws value ``k`` of the factor.
     """
+
+    layerscope_role = "code"
 
     def __init__(self, latent_dim: int, groups: list[int]) -> None:
         super().__init__()

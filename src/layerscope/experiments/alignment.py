@@ -1,0 +1,563 @@
+"""Do models arrange their representations alike? Representational alignment across layers, steps and models, and
+a test of the Platonic Representation Hypothesis (Huh et al. 2024) against Schaerf (2025, section 3.1).
+
+**Inputs matched across models.** Every model sees the same inputs. Shapes world (every model read by the Shapes
+oracle): the unit is a *scene* (a factor combination, held-out split); text models generate it from its prompt
+(same seeds for all), generators with a ``code`` layer (role ``code``: ``zoo:vae``, ``zoo:gan``) get the scene's
+one-hot code at that layer (same seeds), and two references that are not models stand beside them: the factors
+themselves (``factors``, one-hot) and the oracle's features of the scene's render (``oracle``); the factor groups of
+the injection experiment (``structure``: scale, orientation; ``content``: shape; ``surface``: the three hues) are
+references too. Open domain: the same prompts and seeds for every text model, or the same seeds (hence latents) for
+torch generators of one latent shape; other mixes cannot be matched and are refused.
+
+**Features.** Every layer of each model at every step (conditional branch), from one capture per model: a fixed
+Gaussian random projection of the whole map to ``project`` dims (seeded per width; 0: the spatial / token mean).
+
+**Measures** (:mod:`layerscope.metrics.alignment`): linear CKA, debiased CKA, mutual k-NN and CKNNA, all pairs at
+once from per-feature Gram matrices. Tables:
+
+- ``layers``: one row per feature set (model, layer, layer_index, depth = index / (layers - 1), step, timestep);
+- ``within``: per model, layer x layer at each step and step x step for each layer;
+- ``across``: per model pair, layer x layer at matched steps (same step index; both models with the same steps) and
+  with each layer at its *best step* (``step = -1`` rows): the step where it aligns most with the world's
+  ``factors`` (linear CKA), or the last step without a world;
+- ``world``: each layer x step against each reference;
+- ``arrangement``: per model and factor group, the layer and step where the alignment (linear CKA) peaks, its
+  normalised depth, with percentile bootstrap CIs over scenes;
+- ``matching``: per ordered model pair, each layer of A matched to its most similar layer of B (linear CKA, best
+  steps); *component similarity* = the mean of those best-match similarities, *depth order* = the Spearman
+  correlation of the layers' normalised depths with their matches' depths; bootstrap CIs over scenes; the verdict.
+
+**The Platonic test** (rule fixed before any result was seen; constants below). Components are *alike* when the
+CI of the component similarity lies at or above ``ALIKE`` (0.5), *unalike* when it lies below. Arrangements are
+*preserved* when the CI of the depth-order correlation lies at or above ``PRESERVED`` (0.5), *different* when it
+lies below it, undecided otherwise. Huh et al.'s claim (convergence) is supported by a pair whose components are
+alike and arranged alike; Schaerf's (components alike, arrangements different) by alike components arranged
+differently; anything else decides neither.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..engine import Capture, PerTarget, ProgressArg, progress_callback, replace
+from ..errors import ConfigError
+from ..metrics.alignment import METRICS, similarity_matrix
+from .base import Job, Result, generation_kwargs, settings_dict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.base import Generator
+
+NAME = "alignment"
+ALIKE = 0.5  # component similarity (mean best-match linear CKA) at or above this: components alike
+PRESERVED = 0.5  # Spearman correlation of matched depths at or above this: arrangement preserved
+MIN_SCENES = 8
+WORLD_REFERENCES = ("factors", "oracle", "structure", "content", "surface")
+OPEN_PROMPTS = (
+    "a photo of a cat",
+    "a house by a lake",
+    "a bowl of fruit on a table",
+    "a city street at night",
+    "a portrait of an old man",
+    "a red car in a field",
+    "a mountain landscape",
+    "a bird on a branch",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """An alignment study of two or more models (or one, for within-model similarity). ``n``: scenes (Shapes
+    world) or prompt/seed rows (open domain); ``seed``: the scenes' and rows' first seed; ``prompts``: open-domain
+    prompts (None: a fixed list, cycled); ``layers``: a glob or globs (None: every layer); ``metrics``: among
+    linear_cka, debiased_cka, mutual_knn, cknna; ``k``: neighbours of the kNN measures; ``project``: random
+    projection dims of each map (0: pooled); ``n_boot``: bootstrap resamples over scenes; generation: ``steps``
+    (None: the model's), ``guidance`` and ``generation`` (other keywords), ``max_batch``."""
+
+    n: int = 64
+    seed: int = 0
+    prompts: tuple[str, ...] | None = None
+    layers: str | tuple[str, ...] | None = None
+    metrics: tuple[str, ...] = ("linear_cka", "debiased_cka", "mutual_knn", "cknna")
+    k: int = 10
+    project: int = 256
+    n_boot: int = 200
+    steps: int | None = None
+    guidance: float | None = None
+    max_batch: int | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelFeatures:
+    """One model's features: ``cells[(layer, step)]`` (n, d) in layer-major order, and what the rows mean."""
+
+    spec: str
+    layers: list[str]
+    steps: list[int]
+    timesteps: list[float]
+    iterative: bool
+    cells: dict[tuple[str, int], torch.Tensor]
+
+    def depth(self, layer: str) -> float:
+        i = self.layers.index(layer)
+        return i / (len(self.layers) - 1) if len(self.layers) > 1 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# matching the inputs
+
+
+def _mode(models: Sequence[Generator]) -> str:
+    """``scenes`` (all read by the Shapes oracle), ``prompts`` (all text models) or ``latents`` (torch generators)."""
+    caps = [m.capabilities for m in models]
+    if all(c.oracle == "shapes" for c in caps):
+        bad = [m.spec for m, c in zip(models, caps) if c.conditioning != "text" and _code_layer(m) is None]
+        if bad:
+            raise ConfigError(
+                f"{bad[0]} takes neither a prompt nor a scene code (no layer with role 'code'): its "
+                "inputs cannot be matched to the other models' scenes"
+            )
+        return "scenes"
+    kinds = {c.conditioning for c in caps}
+    if kinds == {"text"}:
+        return "prompts"
+    if kinds == {"latent"}:
+        shapes = {tuple(m.layer_map()["z"].shape) if "z" in m.layer_map() else None for m in models}
+        if len(shapes) == 1 and None not in shapes:
+            return "latents"
+        raise ConfigError(
+            f"torch generators with different latent shapes {sorted(map(str, shapes))} get no "
+            "common latents: their inputs cannot be matched"
+        )
+    raise ConfigError(
+        "these models' inputs cannot be matched: in the open domain align text models with text models "
+        f"(same prompts and seeds) or torch generators with torch generators (same latents); got "
+        f"{', '.join(f'{m.spec} ({c.conditioning})' for m, c in zip(models, caps))}"
+    )
+
+
+def _code_layer(model: Generator) -> str | None:
+    return next((e.name for e in model.layer_map().layers if e.role == "code"), None)
+
+
+def scenes(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` held-out Shapes scenes (factor indices, (n, 6)), the rows every model of a Shapes-world study sees."""
+    from ..world.factors import sample_factors
+
+    return sample_factors(n, seed + 303, split="test")
+
+
+def _one_hot(factors: np.ndarray, names: Sequence[str]) -> torch.Tensor:
+    from ..world.factors import FACTORS, SIZES
+
+    cols = [
+        torch.nn.functional.one_hot(torch.as_tensor(factors[:, FACTORS.index(f)]).long(), SIZES[f]).double()
+        for f in names
+    ]
+    return torch.cat(cols, dim=1)
+
+
+def world_references(factors: np.ndarray) -> dict[str, torch.Tensor]:
+    """The references that are not models: the factors (one-hot), the oracle's features of each scene's render, and
+    the one-hot of each factor group (structure, content, surface)."""
+    from ..world.factors import FACTORS, GROUPS
+    from ..world.oracle import read
+    from ..world.render import render
+
+    refs = {"factors": _one_hot(factors, FACTORS), "oracle": read(render(factors, 32)).features.double()}
+    for group, members in GROUPS.items():
+        refs[group] = _one_hot(factors, members)
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# features
+
+
+def _projection(d_in: int, d_out: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(d_in)
+    return torch.randn(d_in, d_out, generator=g, dtype=torch.float64) / d_out**0.5
+
+
+def collect(
+    model: Generator, st: Settings, mode: str, factors: np.ndarray | None, progress: ProgressArg = None
+) -> ModelFeatures:
+    """One capture of every selected layer at every step (conditional branch) for the matched inputs."""
+    gen_kw = generation_kwargs(st.steps, st.guidance, st.generation)
+    lmap = model.layer_map()
+    names = [e.name for e in (lmap.layers if st.layers is None else lmap.select(st.layers)) if not e.is_space]
+    if not names:
+        raise ConfigError(f"{model.spec} has no capturable layer matching {st.layers!r}")
+    n = st.n
+    seeds = [st.seed + i for i in range(n)]
+    ivs = []
+    if mode == "scenes" and model.capabilities.conditioning != "text":
+        from ..world.factors import FACTORS
+
+        code = _code_layer(model)
+        assert factors is not None and code is not None
+        ivs = [replace(code, PerTarget(_one_hot(factors, FACTORS).float()), targets=list(range(n)))]
+        prompts: list[Any] = [None] * n
+    elif mode == "scenes":
+        from ..world.text import prompts_for
+
+        prompts = list(prompts_for(factors))
+    elif mode == "prompts":
+        pool = st.prompts or OPEN_PROMPTS
+        prompts = [pool[i % len(pool)] for i in range(n)]
+    else:
+        prompts = [None] * n
+    branches = ["cond"] if "cond" in model.branch_labels(model.config(**gen_kw)) else None
+    cap = Capture(names, branches=branches, pooled=st.project == 0)
+    with tempfile.TemporaryDirectory(prefix="layerscope-align-") as tmp:
+        if model.capture_bytes(cap, n, **gen_kw) > cap.budget_bytes:
+            cap = Capture(names, branches=branches, pooled=st.project == 0, store=Path(tmp) / "features.zarr")
+        res = model.generate(
+            prompts, seeds, capture=cap, interventions=ivs, max_batch=st.max_batch, progress=progress, **gen_kw
+        )
+        steps = [int(s) if s is not None else 0 for s in res.capture.steps_of(names[0])]
+        cells: dict[tuple[str, int], torch.Tensor] = {}
+        projections: dict[int, torch.Tensor] = {}
+        for name in names:
+            for k, s in enumerate(steps):
+                x = torch.as_tensor(np.asarray(res.capture[name][:, k, 0])).double().flatten(1)
+                if st.project and x.shape[1] > st.project:
+                    d = x.shape[1]
+                    if d not in projections:
+                        projections[d] = _projection(d, st.project)
+                    x = x @ projections[d]
+                cells[(name, s)] = x
+    all_t = [float(t) for t in res.timesteps]
+    return ModelFeatures(
+        model.spec, names, steps, [all_t[s] for s in steps] if all_t else [], model.capabilities.iterative, cells
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# analysis
+
+
+def _matrix(a: list[torch.Tensor], b: list[torch.Tensor] | None, metric: str, k: int) -> np.ndarray:
+    return similarity_matrix(a, b, metric=metric, k=k).double().numpy()
+
+
+def within_table(f: ModelFeatures, metrics: Sequence[str], k: int) -> pd.DataFrame:
+    """Layer x layer at each step, and step x step for each layer, of one model."""
+    rows = []
+    for metric in metrics:
+        for s in f.steps:
+            m = _matrix([f.cells[(name, s)] for name in f.layers], None, metric, k)
+            for i, la in enumerate(f.layers):
+                for j, lb in enumerate(f.layers):
+                    rows.append((f.spec, metric, "layers", la, s, lb, s, m[i, j]))
+        if len(f.steps) > 1:
+            for name in f.layers:
+                m = _matrix([f.cells[(name, s)] for s in f.steps], None, metric, k)
+                for i, sa in enumerate(f.steps):
+                    for j, sb in enumerate(f.steps):
+                        rows.append((f.spec, metric, "steps", name, sa, name, sb, m[i, j]))
+    return pd.DataFrame(rows, columns=["model", "metric", "view", "layer_a", "step_a", "layer_b", "step_b", "value"])
+
+
+def world_table(f: ModelFeatures, refs: dict[str, torch.Tensor], metrics: Sequence[str], k: int) -> pd.DataFrame:
+    keys = [(name, s) for name in f.layers for s in f.steps]
+    names = list(refs)
+    rows = []
+    for metric in metrics:
+        m = _matrix([f.cells[c] for c in keys], [refs[r] for r in names], metric, k)
+        for i, (layer, s) in enumerate(keys):
+            for j, ref in enumerate(names):
+                rows.append((f.spec, layer, f.layers.index(layer), f.depth(layer), s, ref, metric, m[i, j]))
+    return pd.DataFrame(
+        rows, columns=["model", "layer", "layer_index", "depth", "step", "reference", "metric", "value"]
+    )
+
+
+def best_steps(f: ModelFeatures, world: pd.DataFrame | None) -> dict[str, int]:
+    """Each layer's best step: where its linear CKA with the world's factors peaks (the last step without a world)."""
+    if world is None or world.empty:
+        return {name: f.steps[-1] for name in f.layers}
+    w = world[(world["model"] == f.spec) & (world["reference"] == "factors") & (world["metric"] == "linear_cka")]
+    return {name: int(sub.loc[sub["value"].idxmax(), "step"]) for name, sub in w.groupby("layer", sort=False)}
+
+
+def across_table(
+    fa: ModelFeatures, fb: ModelFeatures, best_a: dict[str, int], best_b: dict[str, int], metrics: Sequence[str], k: int
+) -> pd.DataFrame:
+    """Layer x layer of two models at matched steps (same step index, same step count) and at best steps (-1)."""
+    rows = []
+    matched = fa.iterative and fb.iterative and fa.steps == fb.steps
+    for metric in metrics:
+        plans = [(s, {n: s for n in fa.layers}, {n: s for n in fb.layers}) for s in (fa.steps if matched else [])]
+        plans.append((-1, best_a, best_b))
+        for s, sa, sb in plans:
+            m = _matrix([fa.cells[(n, sa[n])] for n in fa.layers], [fb.cells[(n, sb[n])] for n in fb.layers], metric, k)
+            for i, la in enumerate(fa.layers):
+                for j, lb in enumerate(fb.layers):
+                    rows.append((fa.spec, fb.spec, metric, s, la, fa.depth(la), lb, fb.depth(lb), m[i, j]))
+    return pd.DataFrame(
+        rows, columns=["model_a", "model_b", "metric", "step", "layer_a", "depth_a", "layer_b", "depth_b", "value"]
+    )
+
+
+def _grams(xs: list[torch.Tensor]) -> torch.Tensor:
+    """(S, n, n) linear Gram matrices (uncentred), so a resample of scenes is an index into them."""
+    return torch.stack([x @ x.T for x in xs])
+
+
+def _cka_grams(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+    """Linear CKA of every pair from (uncentred) Gram stacks (S, n, n) and (T, n, n): (S, T)."""
+
+    def centre(k: torch.Tensor) -> torch.Tensor:
+        return k - k.mean(1, keepdim=True) - k.mean(2, keepdim=True) + k.mean((1, 2), keepdim=True)
+
+    a, b = centre(ka).flatten(1), centre(kb).flatten(1)
+    hsic = a @ b.T
+    na, nb = (a * a).sum(1).sqrt(), (b * b).sum(1).sqrt()
+    return hsic / (na[:, None] * nb[None, :]).clamp_min(1e-300)
+
+
+def _resamples(n: int, n_boot: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n, (n_boot, n), generator=g)
+
+
+def _ci(values: np.ndarray) -> tuple[float, float]:
+    v = values[np.isfinite(values)]
+    if len(v) < 2:
+        return (np.nan, np.nan)
+    return float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))
+
+
+def arrangement_table(f: ModelFeatures, refs: dict[str, torch.Tensor], n_boot: int, seed: int) -> pd.DataFrame:
+    """Per factor group: the (layer, step) where linear CKA with the group's one-hot peaks, its normalised depth
+    and step, with percentile bootstrap CIs over scenes (scenes resampled, the peak found again)."""
+    keys = [(name, s) for name in f.layers for s in f.steps]
+    grams = _grams([f.cells[c] for c in keys])
+    groups = [g for g in ("structure", "content", "surface") if g in refs]
+    ref_grams = _grams([refs[g] for g in groups])
+    point = _cka_grams(grams, ref_grams).numpy()  # (S, G)
+    idx = _resamples(grams.shape[1], n_boot, seed)
+    boot = np.empty((n_boot, len(keys), len(groups)))
+    for b in range(n_boot):
+        i = idx[b]
+        boot[b] = _cka_grams(grams[:, i][:, :, i], ref_grams[:, i][:, :, i]).numpy()
+    rows = []
+    for j, group in enumerate(groups):
+        top = int(np.nanargmax(point[:, j]))
+        layer, step = keys[top]
+        picks = np.nanargmax(boot[:, :, j], axis=1)
+        depths = np.array([f.depth(keys[p][0]) for p in picks])
+        steps = np.array([keys[p][1] for p in picks], dtype=float)
+        rows.append(
+            {
+                "model": f.spec,
+                "group": group,
+                "layer": layer,
+                "depth": f.depth(layer),
+                "step": step,
+                "value": float(point[top, j]),
+                "depth_low": _ci(depths)[0],
+                "depth_high": _ci(depths)[1],
+                "step_low": _ci(steps)[0],
+                "step_high": _ci(steps)[1],
+                "value_low": _ci(boot[:, :, j].max(1))[0],
+                "value_high": _ci(boot[:, :, j].max(1))[1],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def _verdict(sim: tuple[float, float], rho: tuple[float, float]) -> tuple[str, str, str]:
+    comp = "alike" if sim[0] >= ALIKE else "unalike" if sim[1] < ALIKE else "undecided"
+    arr = "preserved" if rho[0] >= PRESERVED else "different" if rho[1] < PRESERVED else "undecided"
+    if comp == "alike" and arr == "preserved":
+        claim = "Huh et al. (convergence)"
+    elif comp == "alike" and arr == "different":
+        claim = "Schaerf (alike components, different arrangements)"
+    else:
+        claim = "neither"
+    return comp, arr, claim
+
+
+def matching_table(
+    fa: ModelFeatures, fb: ModelFeatures, best_a: dict[str, int], best_b: dict[str, int], n_boot: int, seed: int
+) -> pd.DataFrame:
+    """Each layer of A matched to its most similar layer of B (linear CKA, best steps): component similarity and
+    depth order with bootstrap CIs over scenes, and the Platonic verdict."""
+    ga = _grams([fa.cells[(n, best_a[n])] for n in fa.layers])
+    gb = _grams([fb.cells[(n, best_b[n])] for n in fb.layers])
+    da = np.array([fa.depth(n) for n in fa.layers])
+    db = np.array([fb.depth(n) for n in fb.layers])
+
+    def stats(m: np.ndarray) -> tuple[float, float]:
+        best = np.nanargmax(m, axis=1)
+        return float(np.nanmean(m[np.arange(len(best)), best])), _spearman(da, db[best])
+
+    m = _cka_grams(ga, gb).numpy()
+    sim, rho = stats(m)
+    idx = _resamples(ga.shape[1], n_boot, seed)
+    boot = np.array([stats(_cka_grams(ga[:, i][:, :, i], gb[:, i][:, :, i]).numpy()) for i in idx])
+    sim_ci, rho_ci = _ci(boot[:, 0]), _ci(boot[:, 1])
+    comp, arr, claim = _verdict(sim_ci, rho_ci)
+    matches = ";".join(f"{la}->{fb.layers[j]}" for la, j in zip(fa.layers, np.nanargmax(m, axis=1)))
+    return pd.DataFrame(
+        [
+            {
+                "model_a": fa.spec,
+                "model_b": fb.spec,
+                "component_similarity": sim,
+                "similarity_low": sim_ci[0],
+                "similarity_high": sim_ci[1],
+                "depth_order": rho,
+                "order_low": rho_ci[0],
+                "order_high": rho_ci[1],
+                "components": comp,
+                "arrangement": arr,
+                "supports": claim,
+                "layers_a": len(fa.layers),
+                "layers_b": len(fb.layers),
+                "matches": matches,
+            }
+        ]
+    )
+
+
+def _layers_table(f: ModelFeatures) -> pd.DataFrame:
+    ts = dict(zip(f.steps, f.timesteps))
+    return pd.DataFrame(
+        [
+            {
+                "model": f.spec,
+                "layer": name,
+                "layer_index": i,
+                "depth": f.depth(name),
+                "step": s,
+                "timestep": ts.get(s, np.nan),
+                "dims": int(f.cells[(name, s)].shape[1]),
+            }
+            for i, name in enumerate(f.layers)
+            for s in f.steps
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the experiment
+
+
+def _check(models: Sequence[Generator], st: Settings) -> str:
+    if not models:
+        raise ConfigError("give at least one model to align")
+    specs = [m.spec for m in models]
+    if len(set(specs)) != len(specs):
+        raise ConfigError(f"each model once: {specs} names one twice")
+    bad = [m for m in st.metrics if m not in METRICS]
+    if bad or not st.metrics:
+        raise ConfigError(f"unknown alignment metric(s) {bad}; valid: {', '.join(METRICS)}")
+    if st.n < MIN_SCENES:
+        raise ConfigError(f"n must be at least {MIN_SCENES} scenes or rows, got {st.n}")
+    if any(m in ("mutual_knn", "cknna") for m in st.metrics) and not 1 <= st.k < st.n:
+        raise ConfigError(f"k must be between 1 and n - 1 = {st.n - 1} for the kNN measures, got {st.k}")
+    if st.project < 0 or st.n_boot < 10:
+        raise ConfigError(f"project must be >= 0 and n_boot >= 10, got {st.project} and {st.n_boot}")
+    mode = _mode(models)
+    for m in models:
+        lmap = m.layer_map()
+        chosen = lmap.layers if st.layers is None else [e for e in lmap.select(st.layers) if not e.is_space]
+        if not chosen:
+            raise ConfigError(f"{m.spec} has no capturable layer" + (f" matching {st.layers!r}" if st.layers else ""))
+    return mode
+
+
+def run(
+    models: Generator | Sequence[Generator],
+    settings: Settings,
+    out: str | Path | None = None,
+    progress: ProgressArg = None,
+) -> Result:
+    """The alignment study on loaded models (the same inputs for all, see the module docstring): tables
+    ``layers``, ``within``, ``across``, ``world``, ``arrangement``, ``matching``; the record holds the settings, the
+    input mode, the verdict rule and each model's layers and steps. ``out`` is unused (no per-cell parts)."""
+    ms = [models] if not isinstance(models, Sequence) else list(models)
+    st = settings
+    mode = _check(ms, st)
+    factors = scenes(st.n, st.seed) if mode == "scenes" else None
+    feats = []
+    with progress_callback(progress, f"alignment: features of {len(ms)} models") as report:
+        for i, m in enumerate(ms):
+            feats.append(collect(m, st, mode, factors))
+            if report is not None:
+                report(i + 1, len(ms))
+    refs = world_references(factors) if factors is not None else {}
+    metrics = list(st.metrics)
+    within = pd.concat([within_table(f, metrics, st.k) for f in feats], ignore_index=True)
+    world = (
+        pd.concat([world_table(f, refs, metrics, st.k) for f in feats], ignore_index=True)
+        if refs
+        else pd.DataFrame(columns=["model", "layer", "layer_index", "depth", "step", "reference", "metric", "value"])
+    )
+    best = {f.spec: best_steps(f, world if refs else None) for f in feats}
+    across, matching = [], []
+    for a in range(len(feats)):
+        for b in range(len(feats)):
+            if a == b:
+                continue
+            fa, fb = feats[a], feats[b]
+            if a < b:
+                across.append(across_table(fa, fb, best[fa.spec], best[fb.spec], metrics, st.k))
+            matching.append(matching_table(fa, fb, best[fa.spec], best[fb.spec], st.n_boot, st.seed + a * 31 + b))
+    tables = {
+        "layers": pd.concat([_layers_table(f) for f in feats], ignore_index=True),
+        "within": within,
+        "across": pd.concat(across, ignore_index=True) if across else pd.DataFrame(),
+        "world": world,
+        "arrangement": (
+            pd.concat([arrangement_table(f, refs, st.n_boot, st.seed) for f in feats], ignore_index=True)
+            if refs
+            else pd.DataFrame()
+        ),
+        "matching": pd.concat(matching, ignore_index=True) if matching else pd.DataFrame(),
+    }
+    record = {
+        "models": [m.spec for m in ms],
+        "model": "+".join(m.spec for m in ms),
+        "settings": settings_dict(st),
+        "mode": mode,
+        "rows": st.n,
+        "alike": ALIKE,
+        "preserved": PRESERVED,
+        "best_steps": best,
+        "steps": {f.spec: f.steps for f in feats},
+        "iterative": {f.spec: f.iterative for f in feats},
+        "references": list(refs),
+        "notes": [],
+    }
+    return Result(NAME, tables, record)
+
+
+MAIN_MODELS = ("zoo:unet", "zoo:dit", "zoo:vae", "zoo:gan")
+FULL = Settings(n=64, steps=10)
+QUICK = Settings(n=24, steps=4, metrics=("linear_cka", "mutual_knn"), k=5, n_boot=50)
+
+
+def main_job(quick: bool = False) -> list[Job]:
+    """The four zoo models on the same held-out scenes."""
+    return [Job(MAIN_MODELS, QUICK if quick else FULL, folder="zoo")]
