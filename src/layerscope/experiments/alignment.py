@@ -20,13 +20,22 @@ once from per-feature Gram matrices. Tables:
 - ``within``: per model, layer x layer at each step and step x step for each layer;
 - ``across``: per model pair, layer x layer at matched steps (same step index; both models with the same steps) and
   with each layer at its *best step* (``step = -1`` rows): the step where it aligns most with the world's
-  ``factors`` (linear CKA), or the last step without a world;
+  ``factors`` (debiased CKA), or the last step without a world;
 - ``world``: each layer x step against each reference;
-- ``arrangement``: per model and factor group, the layer and step where the alignment (linear CKA) peaks, its
-  normalised depth, with percentile bootstrap CIs over scenes;
-- ``matching``: per ordered model pair, each layer of A matched to its most similar layer of B (linear CKA, best
+- ``arrangement``: per model and factor group, the layer and step where the alignment (debiased CKA) peaks, its
+  normalised depth, with CIs over scenes;
+- ``matching``: per ordered model pair, each layer of A matched to its most similar layer of B (debiased CKA, best
   steps); *component similarity* = the mean of those best-match similarities, *depth order* = the Spearman
-  correlation of the layers' normalised depths with their matches' depths; bootstrap CIs over scenes; the verdict.
+  correlation of the layers' normalised depths with their matches' depths; CIs over scenes; the verdict; and the
+  chance level of the component similarity (the same with B's scenes shuffled).
+
+Best steps, arrangement and matching use **debiased CKA** (:data:`STAT_METRIC`): linear CKA of unrelated features is
+far from 0 once the feature width nears the number of scenes. Layers with an input role (``code``: the scene's
+one-hot, set by the experiment) take no part in the arrangement and matching. **CIs** come from random
+half-samples of the scenes without replacement (a bootstrap draw repeats scenes, which inflates every CKA), re-centred
+on the full-sample estimate (:func:`_ci`). These three choices were made after a first full run on the zoo (linear
+CKA, bootstrap with replacement, the code layer included) gave components "alike" at the chance level of linear
+CKA and intervals that excluded their own estimates; docs/alignment.md reports both.
 
 **The Platonic test** (rule fixed before any result was seen; constants below). Components are *alike* when the
 CI of the component similarity lies at or above ``ALIKE`` (0.5), *unalike* when it lies below. Arrangements are
@@ -50,16 +59,22 @@ import torch
 
 from ..engine import Capture, PerTarget, ProgressArg, progress_callback, replace
 from ..errors import ConfigError
-from ..metrics.alignment import METRICS, similarity_matrix
+from ..metrics.alignment import METRICS, gram_similarity, similarity_matrix
 from .base import Job, Result, generation_kwargs, settings_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import Generator
 
 NAME = "alignment"
-ALIKE = 0.5  # component similarity (mean best-match linear CKA) at or above this: components alike
+ALIKE = 0.5  # component similarity (mean best-match debiased CKA) at or above this: components alike
 PRESERVED = 0.5  # Spearman correlation of matched depths at or above this: arrangement preserved
-MIN_SCENES = 8
+MIN_SCENES = 16  # the CIs' half-samples hold n // 2 scenes; debiased CKA needs 4 and is noisy below 8
+#: the measure of best steps, arrangement and matching: debiased CKA, because linear CKA of unrelated features is far
+#: from 0 once the feature width nears the number of scenes (0.79 for independent Gaussians of 64 x 256)
+STAT_METRIC = "debiased_cka"
+#: roles left out of the arrangement and matching: a ``code`` layer holds the scene's one-hot by construction
+INPUT_ROLES = ("code",)
+CHANCE_PERMUTATIONS = 20  # scene shuffles of the chance level of the component similarity
 WORLD_REFERENCES = ("factors", "oracle", "structure", "content", "surface")
 OPEN_PROMPTS = (
     "a photo of a cat",
@@ -106,6 +121,11 @@ class ModelFeatures:
     timesteps: list[float]
     iterative: bool
     cells: dict[tuple[str, int], torch.Tensor]
+    roles: dict[str, str] = field(default_factory=dict)
+
+    def analysed(self) -> list[str]:
+        """The layers that take part in the arrangement and matching (not the experiment's own inputs)."""
+        return [n for n in self.layers if self.roles.get(n, "layer") not in INPUT_ROLES]
 
     def depth(self, layer: str) -> float:
         i = self.layers.index(layer)
@@ -238,7 +258,13 @@ def collect(
                 cells[(name, s)] = x
     all_t = [float(t) for t in res.timesteps]
     return ModelFeatures(
-        model.spec, names, steps, [all_t[s] for s in steps] if all_t else [], model.capabilities.iterative, cells
+        model.spec,
+        names,
+        steps,
+        [all_t[s] for s in steps] if all_t else [],
+        model.capabilities.iterative,
+        cells,
+        {n: lmap[n].role for n in names},
     )
 
 
@@ -283,10 +309,11 @@ def world_table(f: ModelFeatures, refs: dict[str, torch.Tensor], metrics: Sequen
 
 
 def best_steps(f: ModelFeatures, world: pd.DataFrame | None) -> dict[str, int]:
-    """Each layer's best step: where its linear CKA with the world's factors peaks (the last step without a world)."""
+    """Each layer's best step: where its debiased CKA with the world's factors peaks (the last step without a
+    world)."""
     if world is None or world.empty:
         return {name: f.steps[-1] for name in f.layers}
-    w = world[(world["model"] == f.spec) & (world["reference"] == "factors") & (world["metric"] == "linear_cka")]
+    w = world[(world["model"] == f.spec) & (world["reference"] == "factors") & (world["metric"] == STAT_METRIC)]
     return {name: int(sub.loc[sub["value"].idxmax(), "step"]) for name, sub in w.groupby("layer", sort=False)}
 
 
@@ -310,54 +337,61 @@ def across_table(
 
 
 def _grams(xs: list[torch.Tensor]) -> torch.Tensor:
-    """(S, n, n) linear Gram matrices (uncentred), so a resample of scenes is an index into them."""
+    """(S, n, n) linear Gram matrices (uncentred), so a subsample of scenes is an index into them."""
     return torch.stack([x @ x.T for x in xs])
 
 
-def _cka_grams(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
-    """Linear CKA of every pair from (uncentred) Gram stacks (S, n, n) and (T, n, n): (S, T)."""
-
-    def centre(k: torch.Tensor) -> torch.Tensor:
-        return k - k.mean(1, keepdim=True) - k.mean(2, keepdim=True) + k.mean((1, 2), keepdim=True)
-
-    a, b = centre(ka).flatten(1), centre(kb).flatten(1)
-    hsic = a @ b.T
-    na, nb = (a * a).sum(1).sqrt(), (b * b).sum(1).sqrt()
-    return hsic / (na[:, None] * nb[None, :]).clamp_min(1e-300)
+def _sub(g: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    return g[:, i][:, :, i]
 
 
-def _resamples(n: int, n_boot: int, seed: int) -> torch.Tensor:
+def _halves(n: int, n_boot: int, seed: int) -> list[torch.Tensor]:
+    """``n_boot`` random half-samples of the scenes, without replacement: a scene drawn twice would add an exact
+    duplicate pair to both Gram matrices and inflate every CKA."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, n, (n_boot, n), generator=g)
+    return [torch.randperm(n, generator=g)[: n // 2].sort().values for _ in range(n_boot)]
 
 
-def _ci(values: np.ndarray) -> tuple[float, float]:
+def _ci(values: np.ndarray, point: float, lo: float = -np.inf, hi: float = np.inf) -> tuple[float, float]:
+    """95% interval from half-sample replicates, re-centred on the full-sample estimate: ``point`` plus the
+    replicates' 2.5% / 97.5% quantiles minus their median. At half the sample the replicates' spread around the full
+    sample's value matches the estimate's own (finite-population factor 1/m - 1/n = 1/n at m = n/2); re-centring
+    removes the shift that the smaller sample and the max over layers add."""
     v = values[np.isfinite(values)]
-    if len(v) < 2:
+    if len(v) < 2 or not np.isfinite(point):
         return (np.nan, np.nan)
-    return float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))
+    med = float(np.median(v))
+    return (
+        float(np.clip(point + np.quantile(v, 0.025) - med, lo, hi)),
+        float(np.clip(point + np.quantile(v, 0.975) - med, lo, hi)),
+    )
 
 
 def arrangement_table(f: ModelFeatures, refs: dict[str, torch.Tensor], n_boot: int, seed: int) -> pd.DataFrame:
-    """Per factor group: the (layer, step) where linear CKA with the group's one-hot peaks, its normalised depth
-    and step, with percentile bootstrap CIs over scenes (scenes resampled, the peak found again)."""
-    keys = [(name, s) for name in f.layers for s in f.steps]
-    grams = _grams([f.cells[c] for c in keys])
+    """Per factor group: the (layer, step) where debiased CKA with the group's one-hot peaks, its normalised depth
+    and step, with half-sample CIs over scenes (the peak found again in each half-sample). Layers with an input role
+    (:data:`INPUT_ROLES`) take no part."""
+    layers = f.analysed()
+    keys = [(name, s) for name in layers for s in f.steps]
     groups = [g for g in ("structure", "content", "surface") if g in refs]
+    if not keys or not groups:
+        return pd.DataFrame()
+    grams = _grams([f.cells[c] for c in keys])
     ref_grams = _grams([refs[g] for g in groups])
-    point = _cka_grams(grams, ref_grams).numpy()  # (S, G)
-    idx = _resamples(grams.shape[1], n_boot, seed)
-    boot = np.empty((n_boot, len(keys), len(groups)))
-    for b in range(n_boot):
-        i = idx[b]
-        boot[b] = _cka_grams(grams[:, i][:, :, i], ref_grams[:, i][:, :, i]).numpy()
+    point = gram_similarity(grams, ref_grams, STAT_METRIC).numpy()  # (S, G)
+    halves = _halves(grams.shape[1], n_boot, seed)
+    boot = np.stack([gram_similarity(_sub(grams, i), _sub(ref_grams, i), STAT_METRIC).numpy() for i in halves])
     rows = []
     for j, group in enumerate(groups):
         top = int(np.nanargmax(point[:, j]))
         layer, step = keys[top]
-        picks = np.nanargmax(boot[:, :, j], axis=1)
+        finite = np.isfinite(boot[:, :, j]).any(axis=1)  # half-samples where some feature set is defined
+        picks = np.where(np.isfinite(boot[finite, :, j]), boot[finite, :, j], -np.inf).argmax(axis=1)
         depths = np.array([f.depth(keys[p][0]) for p in picks])
         steps = np.array([keys[p][1] for p in picks], dtype=float)
+        d_ci = _ci(depths, f.depth(layer), 0.0, 1.0)
+        s_ci = _ci(steps, float(step), float(min(f.steps)), float(max(f.steps)))
+        v_ci = _ci(np.nanmax(boot[finite, :, j], axis=1), float(point[top, j]))
         rows.append(
             {
                 "model": f.spec,
@@ -366,12 +400,13 @@ def arrangement_table(f: ModelFeatures, refs: dict[str, torch.Tensor], n_boot: i
                 "depth": f.depth(layer),
                 "step": step,
                 "value": float(point[top, j]),
-                "depth_low": _ci(depths)[0],
-                "depth_high": _ci(depths)[1],
-                "step_low": _ci(steps)[0],
-                "step_high": _ci(steps)[1],
-                "value_low": _ci(boot[:, :, j].max(1))[0],
-                "value_high": _ci(boot[:, :, j].max(1))[1],
+                "depth_low": d_ci[0],
+                "depth_high": d_ci[1],
+                "step_low": s_ci[0],
+                "step_high": s_ci[1],
+                "value_low": v_ci[0],
+                "value_high": v_ci[1],
+                "metric": STAT_METRIC,
             }
         )
     return pd.DataFrame(rows)
@@ -400,40 +435,63 @@ def _verdict(sim: tuple[float, float], rho: tuple[float, float]) -> tuple[str, s
 def matching_table(
     fa: ModelFeatures, fb: ModelFeatures, best_a: dict[str, int], best_b: dict[str, int], n_boot: int, seed: int
 ) -> pd.DataFrame:
-    """Each layer of A matched to its most similar layer of B (linear CKA, best steps): component similarity and
-    depth order with bootstrap CIs over scenes, and the Platonic verdict."""
-    ga = _grams([fa.cells[(n, best_a[n])] for n in fa.layers])
-    gb = _grams([fb.cells[(n, best_b[n])] for n in fb.layers])
-    da = np.array([fa.depth(n) for n in fa.layers])
-    db = np.array([fb.depth(n) for n in fb.layers])
+    """Each layer of A matched to its most similar layer of B (debiased CKA, best steps): component similarity
+    and depth order with half-sample CIs over scenes, and the Platonic verdict. Layers with an input role
+    (:data:`INPUT_ROLES`) take no part."""
+    la_names, lb_names = fa.analysed(), fb.analysed()
+    ga = _grams([fa.cells[(n, best_a[n])] for n in la_names])
+    gb = _grams([fb.cells[(n, best_b[n])] for n in lb_names])
+    da = np.array([fa.depth(n) for n in la_names])
+    db = np.array([fb.depth(n) for n in lb_names])
 
     def stats(m: np.ndarray) -> tuple[float, float]:
-        best = np.nanargmax(m, axis=1)
-        return float(np.nanmean(m[np.arange(len(best)), best])), _spearman(da, db[best])
+        ok = np.isfinite(m).any(axis=1)  # a layer whose similarities are all undefined takes no part
+        if ok.sum() < 1:
+            return float("nan"), float("nan")
+        best = np.where(np.isfinite(m), m, -np.inf).argmax(axis=1)
+        return float(m[ok, best[ok]].mean()), _spearman(da[ok], db[best[ok]])
 
-    m = _cka_grams(ga, gb).numpy()
+    m = gram_similarity(ga, gb, STAT_METRIC).numpy()
     sim, rho = stats(m)
-    idx = _resamples(ga.shape[1], n_boot, seed)
-    boot = np.array([stats(_cka_grams(ga[:, i][:, :, i], gb[:, i][:, :, i]).numpy()) for i in idx])
-    sim_ci, rho_ci = _ci(boot[:, 0]), _ci(boot[:, 1])
+    boot = np.array(
+        [
+            stats(gram_similarity(_sub(ga, i), _sub(gb, i), STAT_METRIC).numpy())
+            for i in _halves(ga.shape[1], n_boot, seed)
+        ]
+    )
+    sim_ci, rho_ci = _ci(boot[:, 0], sim, -1.0, 1.0), _ci(boot[:, 1], rho, -1.0, 1.0)
+    # chance level of the component similarity: B's scenes shuffled, so no row of A meets its own scene in B
+    g = torch.Generator().manual_seed(seed + 7)
+    chance = float(
+        np.mean(
+            [
+                stats(gram_similarity(ga, _sub(gb, torch.randperm(ga.shape[1], generator=g)), STAT_METRIC).numpy())[0]
+                for _ in range(CHANCE_PERMUTATIONS)
+            ]
+        )
+    )
     comp, arr, claim = _verdict(sim_ci, rho_ci)
-    matches = ";".join(f"{la}->{fb.layers[j]}" for la, j in zip(fa.layers, np.nanargmax(m, axis=1)))
+    matches = ";".join(
+        f"{la}->{lb_names[j]}" for la, j in zip(la_names, np.where(np.isfinite(m), m, -np.inf).argmax(axis=1))
+    )
     return pd.DataFrame(
         [
             {
                 "model_a": fa.spec,
                 "model_b": fb.spec,
+                "metric": STAT_METRIC,
                 "component_similarity": sim,
                 "similarity_low": sim_ci[0],
                 "similarity_high": sim_ci[1],
+                "chance_similarity": chance,
                 "depth_order": rho,
                 "order_low": rho_ci[0],
                 "order_high": rho_ci[1],
                 "components": comp,
                 "arrangement": arr,
                 "supports": claim,
-                "layers_a": len(fa.layers),
-                "layers_b": len(fb.layers),
+                "layers_a": len(la_names),
+                "layers_b": len(lb_names),
                 "matches": matches,
             }
         ]
@@ -473,7 +531,9 @@ def _check(models: Sequence[Generator], st: Settings) -> str:
     if bad or not st.metrics:
         raise ConfigError(f"unknown alignment metric(s) {bad}; valid: {', '.join(METRICS)}")
     if st.n < MIN_SCENES:
-        raise ConfigError(f"n must be at least {MIN_SCENES} scenes or rows, got {st.n}")
+        raise ConfigError(
+            f"n must be at least {MIN_SCENES} scenes or rows (debiased CKA on half-samples of them), got {st.n}"
+        )
     if any(m in ("mutual_knn", "cknna") for m in st.metrics) and not 1 <= st.k < st.n:
         raise ConfigError(f"k must be between 1 and n - 1 = {st.n - 1} for the kNN measures, got {st.k}")
     if st.project < 0 or st.n_boot < 10:
@@ -507,7 +567,7 @@ def run(
             if report is not None:
                 report(i + 1, len(ms))
     refs = world_references(factors) if factors is not None else {}
-    metrics = list(st.metrics)
+    metrics = list(dict.fromkeys([*st.metrics, STAT_METRIC]))  # the arrangement and matching need it
     within = pd.concat([within_table(f, metrics, st.k) for f in feats], ignore_index=True)
     world = (
         pd.concat([world_table(f, refs, metrics, st.k) for f in feats], ignore_index=True)

@@ -3,7 +3,7 @@ representation alignment between layers and models, CKA, mutual kNN and CKNNA, b
 :mod:`.alignment`)."""
 
 from .alignment import METRICS as ALIGNMENT_METRICS
-from .alignment import cknna, debiased_cka, linear_cka, mutual_knn, similarity_matrix
+from .alignment import cknna, debiased_cka, gram_similarity, linear_cka, mutual_knn, similarity_matrix
 from .similarity import (
     CLIP_ENV,
     DEFAULT_METRICS,
@@ -23,6 +23,7 @@ __all__ = [
     "cknna",
     "clip_notice",
     "debiased_cka",
+    "gram_similarity",
     "injection_scores",
     "linear_cka",
     "mutual_knn",

@@ -302,11 +302,8 @@ def similarity_matrix(
     k = _check_metric(metric, n, k)
 
     if metric in ("linear_cka", "debiased_cka"):
-        ga = _gram_stack(xa, metric)
-        gb = ga if within else _gram_stack(xb, metric)
-        sa = (ga * ga).sum(1)
-        sb = sa if within else (gb * gb).sum(1)
-        return _ratio(ga @ gb.T, sa, sb)
+        ka = torch.stack([x @ x.T for x in xa])
+        return gram_similarity(ka, None if within else torch.stack([x @ x.T for x in xb]), metric)
     if metric == "mutual_knn":
         aa = torch.stack([_knn_adjacency(_cosine_gram(x), k) for x in xa]).flatten(1)
         ab = aa if within else torch.stack([_knn_adjacency(_cosine_gram(x), k) for x in xb]).flatten(1)
@@ -314,15 +311,29 @@ def similarity_matrix(
     return _cknna_matrix(xa, xa if within else xb, k)
 
 
-def _gram_stack(xs: list[torch.Tensor], metric: str) -> torch.Tensor:
-    """(S, N*N): per entry its centred linear Gram H K H (linear CKA) or its U-centred Gram (debiased CKA)."""
-    if metric == "linear_cka":
-        grams = []
-        for x in xs:
-            xc = x - x.mean(0, keepdim=True)  # H X: its Gram is H K H
-            grams.append(xc @ xc.T)
-        return torch.stack(grams).flatten(1)
-    return _u_centred(torch.stack([x @ x.T for x in xs])).flatten(1)
+def gram_similarity(
+    grams_a: torch.Tensor, grams_b: torch.Tensor | None = None, metric: str = "linear_cka"
+) -> torch.Tensor:
+    """Linear or debiased CKA of every pair from linear Gram matrices ``X X^T`` (uncentred), stacks (S, N, N) and
+    (T, N, N): (S, T), or (S, S) within ``grams_a``. A subsample of the inputs is an index into the Grams
+    (``K[:, i][:, :, i]``), so resampling never recomputes features. Each Gram is centred once (``H K H``, or
+    U-centred for debiased CKA) and all pairs are one matrix product."""
+    if metric not in ("linear_cka", "debiased_cka"):
+        raise ConfigError(f"gram_similarity computes linear_cka or debiased_cka, not {metric!r}")
+
+    def centred(k: torch.Tensor) -> torch.Tensor:
+        k = k.double()
+        if metric == "debiased_cka":
+            if k.shape[-1] < 4:
+                raise ConfigError(f"debiased CKA needs at least 4 inputs, got {k.shape[-1]}")
+            return _u_centred(k).flatten(1)
+        return (k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)).flatten(1)
+
+    ga = centred(grams_a)
+    gb = ga if grams_b is None else centred(grams_b)
+    sa = (ga * ga).sum(1)
+    sb = sa if grams_b is None else (gb * gb).sum(1)
+    return _ratio(ga @ gb.T, sa, sb)
 
 
 def _cknna_parts(xs: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,11 +34,11 @@ def _short(spec: str) -> str:
 
 
 def world_figure(result: Result, spec: str, reference: str = "factors"):
-    """Per layer x step: linear CKA of the layer's features with a world reference (one model)."""
+    """Per layer x step: debiased CKA of the layer's features with a world reference (one model)."""
     from ..figures import heatmaps
 
     w = result["world"]
-    w = w[(w["model"] == spec) & (w["reference"] == reference) & (w["metric"] == "linear_cka")]
+    w = w[(w["model"] == spec) & (w["reference"] == reference) & (w["metric"] == al.STAT_METRIC)]
     if w.empty:
         return None
     layers = list(w.sort_values("layer_index", kind="stable")["layer"].drop_duplicates())
@@ -47,17 +47,17 @@ def world_figure(result: Result, spec: str, reference: str = "factors"):
         [(spec, piv.to_numpy())],
         layers,
         [str(c) for c in piv.columns],
-        cbar_label="linear CKA",
+        cbar_label="debiased CKA",
         title=f"{spec}: alignment of each layer with the scene's {reference} over steps (0 = noisiest)",
     )
 
 
 def within_figure(result: Result, spec: str):
-    """Layer x layer linear CKA of one model at its last step."""
+    """Layer x layer debiased CKA of one model at its last step."""
     from ..figures import heatmaps
 
     t = result["within"]
-    t = t[(t["model"] == spec) & (t["view"] == "layers") & (t["metric"] == "linear_cka")]
+    t = t[(t["model"] == spec) & (t["view"] == "layers") & (t["metric"] == al.STAT_METRIC)]
     if t.empty:
         return None
     last = int(t["step_a"].max())
@@ -68,17 +68,17 @@ def within_figure(result: Result, spec: str):
         [(f"step {last}", piv.to_numpy())],
         layers,
         layers,
-        cbar_label="linear CKA",
+        cbar_label="debiased CKA",
         title=f"{spec}: layer x layer similarity (last step)",
     )
 
 
 def across_figure(result: Result, spec_a: str, spec_b: str):
-    """Layer x layer linear CKA between two models, each layer at its best step."""
+    """Layer x layer debiased CKA between two models, each layer at its best step."""
     from ..figures import heatmaps
 
     t = result["across"]
-    t = t[(t["model_a"] == spec_a) & (t["model_b"] == spec_b) & (t["step"] == -1) & (t["metric"] == "linear_cka")]
+    t = t[(t["model_a"] == spec_a) & (t["model_b"] == spec_b) & (t["step"] == -1) & (t["metric"] == al.STAT_METRIC)]
     if t.empty:
         return None
     la, lb = list(dict.fromkeys(t["layer_a"])), list(dict.fromkeys(t["layer_b"]))
@@ -87,7 +87,7 @@ def across_figure(result: Result, spec_a: str, spec_b: str):
         [(f"{_short(spec_a)} x {_short(spec_b)}", piv.to_numpy())],
         la,
         lb,
-        cbar_label="linear CKA",
+        cbar_label="debiased CKA",
         title=f"{spec_a} (rows) vs {spec_b} (columns): layers at their best steps",
     )
 
@@ -123,7 +123,7 @@ def arrangement_figure(result: Result):
     ax.set_xlim(-0.05, 1.05)
     ax.set_xlabel("normalised depth of the peak (0 = first layer, 1 = last)")
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("Where each factor group is best aligned (linear CKA with the group's one-hot)", fontsize=9)
+    ax.set_title("Where each factor group is best aligned (debiased CKA with the group's one-hot)", fontsize=9)
     return fig
 
 
@@ -142,6 +142,7 @@ def platonic_table(result: Result) -> pd.DataFrame:
             "component similarity": [
                 _fmt(*r) for r in m[["component_similarity", "similarity_low", "similarity_high"]].to_numpy()
             ],
+            "chance": [f"{v:.2f}" for v in m["chance_similarity"]],
             "depth order (Spearman)": [_fmt(*r) for r in m[["depth_order", "order_low", "order_high"]].to_numpy()],
             "components": m["components"],
             "arrangement": m["arrangement"],
@@ -200,7 +201,7 @@ def platonic_sentence(result: Result) -> str:
         )
     return (
         f"Platonic test ({rec['rows']} scenes; rule fixed beforehand: components alike when the 95% CI of the "
-        f"mean best-match linear CKA lies at or above {rec.get('alike', al.ALIKE)}, arrangement preserved when "
+        f"mean best-match debiased CKA lies at or above {rec.get('alike', al.ALIKE)}, arrangement preserved when "
         f"the CI of the Spearman correlation of matched depths lies at or above {rec.get('preserved', al.PRESERVED)}"
         f", different when it lies below). " + " | ".join(parts) + ". " + verdict
     )
@@ -226,7 +227,7 @@ def console(result: Result) -> list[Any]:
         a = result["arrangement"]
         items.append(
             (
-                "where each factor group is best aligned (linear CKA, 95% CIs over scenes)",
+                "where each factor group is best aligned (debiased CKA, 95% CIs over scenes)",
                 pd.DataFrame(
                     {
                         "model": a["model"],
@@ -256,10 +257,10 @@ def render(run: SectionRun, page: Page) -> str:
             "(conditional branch; a fixed random projection of the whole map) are compared by linear CKA, debiased "
             "CKA, mutual k-NN and CKNNA (Huh et al.'s definitions), within a model, across models and against two "
             "references that are not models: the factors (one-hot) and the oracle's features of the scene's render. "
-            "Each layer of a model is matched to its most similar layer of another (linear CKA, each layer at the step "
+            "Each layer of a model is matched to its most similar layer of another (debiased CKA, each layer at the step "
             "where it aligns best with the factors); component similarity is the mean of those best matches, "
             "arrangement is the Spearman correlation of the layers' normalised depths with their matches' depths. "
-            "CIs: percentile bootstrap over scenes, 95%."
+            "Best steps, matches and peaks use debiased CKA (linear CKA of unrelated features is far from 0 when the feature width nears the number of scenes); the VAE's and GAN's code layers (the scene itself) take no part in them. CIs: 95%, from random half-samples of the scenes (no scene twice), re-centred on the estimate."
         )
     ]
     for job, result in run.results():
@@ -285,16 +286,18 @@ def render(run: SectionRun, page: Page) -> str:
                 f = across_figure(result, a, b)
                 if f is not None:
                     out.append(
-                        page.figure(f, f"{a} vs {b}: linear CKA of every layer pair, each layer at its best step.", cmd)
+                        page.figure(
+                            f, f"{a} vs {b}: debiased CKA of every layer pair, each layer at its best step.", cmd
+                        )
                     )
         for spec in specs:
             out.append(f"<h3>{page.esc(spec)}</h3>")
             for f, cap in (
                 (
                     world_figure(result, spec),
-                    "alignment of each layer with the scene's factors (linear CKA) over the steps",
+                    "alignment of each layer with the scene's factors (debiased CKA) over the steps",
                 ),
-                (within_figure(result, spec), "layer x layer linear CKA at the last step"),
+                (within_figure(result, spec), "layer x layer debiased CKA at the last step"),
             ):
                 if f is not None:
                     out.append(page.figure(f, f"{spec}: {cap}.", cmd))
