@@ -60,7 +60,7 @@ import torch
 from ..engine import Capture, PerTarget, ProgressArg, progress_callback, replace
 from ..errors import ConfigError
 from ..metrics.alignment import METRICS, gram_similarity, similarity_matrix
-from .base import Job, Result, generation_kwargs, settings_dict
+from .base import OPEN_PROMPTS, Job, Result, generation_kwargs, settings_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import Generator
@@ -76,16 +76,6 @@ STAT_METRIC = "debiased_cka"
 INPUT_ROLES = ("code",)
 CHANCE_PERMUTATIONS = 20  # scene shuffles of the chance level of the component similarity
 WORLD_REFERENCES = ("factors", "oracle", "structure", "content", "surface")
-OPEN_PROMPTS = (
-    "a photo of a cat",
-    "a house by a lake",
-    "a bowl of fruit on a table",
-    "a city street at night",
-    "a portrait of an old man",
-    "a red car in a field",
-    "a mountain landscape",
-    "a bird on a branch",
-)
 
 
 @dataclass(frozen=True)

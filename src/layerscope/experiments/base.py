@@ -30,6 +30,17 @@ from .._version import __version__
 from ..errors import ConfigError
 
 RESULT_FILE = "result.json"
+#: open-domain prompts, cycled, for experiments given none (properties' base samples, alignment's rows)
+OPEN_PROMPTS = (
+    "a photo of a cat",
+    "a house by a lake",
+    "a bowl of fruit on a table",
+    "a city street at night",
+    "a portrait of an old man",
+    "a red car in a field",
+    "a mountain landscape",
+    "a bird on a branch",
+)
 
 
 def _escape(key: str) -> str:  # npz member names: keep dots out of them

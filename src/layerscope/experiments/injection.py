@@ -619,35 +619,28 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
     pairs = _pairs(model, st)
     sel = _selection(model, st, gen_kw)
     notes: list[str] = []
-    table = run_injection(
-        model,
-        pairs,
+    plan_kw: dict[str, Any] = dict(
         seeds=st.seeds,
         layers=sel,
         windows=st.windows,
         branches=list(st.branches) if st.branches is not None else None,
         scorer=st.scorer,
         metrics=list(st.metrics) if st.metrics else None,
+        **gen_kw,
+    )
+    table = run_injection(
+        model,
+        pairs,
         out=out,
         max_batch=st.max_batch,
         progress=progress,
         clip_path=st.clip_path,
         notify=notes.append,
-        **gen_kw,
+        **plan_kw,
     )
     summary = summarize(table)
     labels = specialize(summary)
-    plan = plan_injection(
-        model,
-        pairs,
-        seeds=st.seeds,
-        layers=sel,
-        windows=st.windows,
-        branches=list(st.branches) if st.branches is not None else None,
-        scorer=st.scorer,
-        metrics=list(st.metrics) if st.metrics else None,
-        **gen_kw,
-    )
+    plan = plan_injection(model, pairs, **plan_kw)
     record: dict[str, Any] = {
         "model": model.spec,
         "settings": settings_dict(st),

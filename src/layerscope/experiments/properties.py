@@ -66,7 +66,7 @@ from ..engine import Capture, Intervention, PerTarget, resolve_steps
 from ..errors import ConfigError
 from ..progress import ProgressArg, progress_callback
 from ..stats.bootstrap import bootstrap_ci
-from .base import Job, Result, generation_kwargs, settings_dict
+from .base import OPEN_PROMPTS, Job, Result, generation_kwargs, settings_dict
 
 if TYPE_CHECKING:
     from ..models.base import Generator
@@ -82,16 +82,6 @@ IN_DIST_QUANTILE = 0.95
 STILL = 0.01  # open domain: endpoints closer than this share of d_far "read alike"
 CONCEPT = ("object_hue", 0)  # Shapes world: a red object
 OPEN_CONCEPT = "a dog"
-OPEN_PROMPTS = (
-    "a photo of a cat",
-    "a house by a lake",
-    "a bowl of fruit on a table",
-    "a city street at night",
-    "a portrait of an old man",
-    "a red car in a field",
-    "a mountain landscape",
-    "a bird on a branch",
-)
 CONDITION_ROLE = "condition"  # prompt conditions (text tokens, EOS, image embeddings): perturbed on the cond branch
 NOT_A_SPACE_ROLE = "denoiser_input"  # x_t: perturbing it does not change the sampler's own latent
 #: the Result's tables and artifact (saved as ``properties.parquet``, ``properties_details.parquet``, ``strips.npz``)
