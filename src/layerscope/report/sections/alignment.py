@@ -73,22 +73,49 @@ def within_figure(result: Result, spec: str):
     )
 
 
+def steps_figure(result: Result, spec: str):
+    """Step x step debiased CKA of one model, averaged over its layers (how much each step's representation
+    resembles another's); None for single-pass models."""
+    from ..figures import heatmaps
+
+    t = result["within"]
+    t = t[(t["model"] == spec) & (t["view"] == "steps") & (t["metric"] == al.STAT_METRIC)]
+    if t.empty:
+        return None
+    mean = t.groupby(["step_a", "step_b"])["value"].mean().unstack()
+    steps = [str(s) for s in mean.index]
+    return heatmaps(
+        [("mean over layers", mean.to_numpy())],
+        steps,
+        steps,
+        cbar_label="debiased CKA",
+        title=f"{spec}: step x step similarity, averaged over layers (0 = noisiest)",
+    )
+
+
 def across_figure(result: Result, spec_a: str, spec_b: str):
-    """Layer x layer debiased CKA between two models, each layer at its best step."""
+    """Layer x layer debiased CKA between two models: each layer at its best step, and, where both models run the
+    same steps, at the first, middle and last of them (matched diffusion time)."""
     from ..figures import heatmaps
 
     t = result["across"]
-    t = t[(t["model_a"] == spec_a) & (t["model_b"] == spec_b) & (t["step"] == -1) & (t["metric"] == al.STAT_METRIC)]
+    t = t[(t["model_a"] == spec_a) & (t["model_b"] == spec_b) & (t["metric"] == al.STAT_METRIC)]
     if t.empty:
         return None
     la, lb = list(dict.fromkeys(t["layer_a"])), list(dict.fromkeys(t["layer_b"]))
-    piv = t.pivot(index="layer_a", columns="layer_b", values="value").reindex(index=la, columns=lb)
+    matched = sorted(s for s in set(t["step"]) if s >= 0)
+    shown = [-1] + sorted({matched[0], matched[len(matched) // 2], matched[-1]}) if matched else [-1]
+    panels = []
+    for step in shown:
+        piv = t[t["step"] == step].pivot(index="layer_a", columns="layer_b", values="value")
+        panels.append(("best steps" if step == -1 else f"step {step}", piv.reindex(index=la, columns=lb).to_numpy()))
     return heatmaps(
-        [(f"{_short(spec_a)} x {_short(spec_b)}", piv.to_numpy())],
+        panels,
         la,
         lb,
         cbar_label="debiased CKA",
-        title=f"{spec_a} (rows) vs {spec_b} (columns): layers at their best steps",
+        title=f"{spec_a} (rows) vs {spec_b} (columns): layers at their best steps"
+        + (" and at matched steps" if matched else ""),
     )
 
 
@@ -122,7 +149,7 @@ def arrangement_figure(result: Result):
     ax.set_yticklabels(models, fontsize=8)
     ax.set_xlim(-0.05, 1.05)
     ax.set_xlabel("normalised depth of the peak (0 = first layer, 1 = last)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Where each factor group is best aligned (debiased CKA with the group's one-hot)", fontsize=9)
     return fig
 
@@ -214,6 +241,7 @@ def figures(result: Result, folder: Path) -> dict[str, Any]:
     for spec in specs:
         figs[f"world_{_short(spec)}.png"] = world_figure(result, spec)
         figs[f"within_{_short(spec)}.png"] = within_figure(result, spec)
+        figs[f"steps_{_short(spec)}.png"] = steps_figure(result, spec)
     for i, a in enumerate(specs):
         for b in specs[i + 1 :]:
             figs[f"across_{_short(a)}_{_short(b)}.png"] = across_figure(result, a, b)
@@ -287,7 +315,10 @@ def render(run: SectionRun, page: Page) -> str:
                 if f is not None:
                     out.append(
                         page.figure(
-                            f, f"{a} vs {b}: debiased CKA of every layer pair, each layer at its best step.", cmd
+                            f,
+                            f"{a} vs {b}: debiased CKA of every layer pair, each layer at its best step (and, where both run the "
+                            "same steps, at the first, middle and last of them).",
+                            cmd,
                         )
                     )
         for spec in specs:
@@ -298,6 +329,7 @@ def render(run: SectionRun, page: Page) -> str:
                     "alignment of each layer with the scene's factors (debiased CKA) over the steps",
                 ),
                 (within_figure(result, spec), "layer x layer debiased CKA at the last step"),
+                (steps_figure(result, spec), "step x step debiased CKA, averaged over the layers"),
             ):
                 if f is not None:
                     out.append(page.figure(f, f"{spec}: {cap}.", cmd))
