@@ -279,20 +279,28 @@ def run_probes(
     record = {
         "samples": n,
         "conditional": conditional,
+        **_grid_record(grid, feats, FACTORS),
+        "oracle_confidence": dict(zip(FACTORS, [float(v) for v in conf.mean(0)])),
+        "in_distribution": float((conf >= 0.9).all(1).mean()),
+    }
+    return table, record
+
+
+def _grid_record(grid: ProbeGrid, feats: Features, factors: Sequence[str]) -> dict[str, Any]:
+    """What every probe record holds: the features' settings, steps and layers, the labels' entropies and chance
+    levels, the fit's time and the onset intervals."""
+    return {
         "settings": feats.meta["settings"],
         "projection": feats.meta["projection"],
         "steps": feats.steps,
         "timesteps": feats.timesteps,
         "layers": feats.layers,
         "baseline": feats.baseline,
-        "entropy_bits": dict(zip(FACTORS, [float(v) for v in grid.entropy])),
-        "chance": dict(zip(FACTORS, [float(v) for v in grid.chance])),
-        "oracle_confidence": dict(zip(FACTORS, [float(v) for v in conf.mean(0)])),
-        "in_distribution": float((conf >= 0.9).all(1).mean()),
+        "entropy_bits": dict(zip(factors, [float(v) for v in grid.entropy])),
+        "chance": dict(zip(factors, [float(v) for v in grid.chance])),
         "fit_seconds": float(grid.seconds),
         "onset_ci": {f: list(v) for f, v in onset_intervals(grid, exclude=_excluded(feats.baseline)).items()},
     }
-    return table, record
 
 
 def _excluded(baseline: str | None) -> tuple[str, ...]:
@@ -356,16 +364,7 @@ def run_probes_csv(
         "samples": len(prompts),
         "conditional": True,
         "labels": str(labels_csv),
-        "settings": feats.meta["settings"],
-        "projection": feats.meta["projection"],
-        "steps": feats.steps,
-        "timesteps": feats.timesteps,
-        "layers": feats.layers,
-        "baseline": feats.baseline,
-        "entropy_bits": dict(zip(factors, [float(v) for v in grid.entropy])),
-        "chance": dict(zip(factors, [float(v) for v in grid.chance])),
-        "fit_seconds": float(grid.seconds),
-        "onset_ci": {f: list(v) for f, v in onset_intervals(grid, exclude=_excluded(feats.baseline)).items()},
+        **_grid_record(grid, feats, factors),
     }
     return table, record
 
