@@ -242,10 +242,9 @@ def _list(text: Optional[str]) -> list[str] | None:
 
 
 def _finish(section, result, folder: Path) -> None:
-    """Save a Result into ``folder``, write the section's figures next to it, print what the section says."""
+    """Write the section's figures next to the Result the run saved in ``folder``, print what the section says."""
     from .report.figures import png_bytes
 
-    result.save(folder)
     figs = section.figures(result, folder) if hasattr(section, "figures") else {}
     for name, fig in figs.items():
         (folder / name).write_bytes(png_bytes(fig))
@@ -261,7 +260,10 @@ def _finish(section, result, folder: Path) -> None:
 
 
 def _folder(out: Optional[str], prefix: str, model: str) -> Path:
-    return Path(out or f"{prefix}-{model.replace(':', '_').replace('/', '_')}")
+    """The output folder, checked (an existing file or an unwritable path is refused) before any model is loaded."""
+    from .folders import check_output
+
+    return check_output(Path(out or f"{prefix}-{model.replace(':', '_').replace('/', '_')}"))
 
 
 @app.command()
@@ -326,8 +328,8 @@ def sweep(
             max_batch=max_batch,
             clip_path=clip,
         )
-        gen = load(model)
         folder = _folder(out, "sweep", model)
+        gen = load(model)
         console.print(f"{model}: injection sweep -> {folder}")
         result = inj.run(gen, settings, out=folder, progress=True)
     except LayerscopeError as exc:
@@ -392,8 +394,10 @@ def abstractions(
             taus=fork_taus,
             eta=eta,
         )
-        gen = load(model)
+        if labels is not None and not Path(labels).is_file():
+            raise LayerscopeError(f"the labels CSV {labels!r} does not exist")
         folder = _folder(out, "probes", model)
+        gen = load(model)
         console.print(f"{model}: abstractions -> {folder}")
         result = ab.run(gen, settings, out=folder, progress=True)
     except LayerscopeError as exc:
@@ -443,8 +447,8 @@ def properties(
             concept=concept or "auto",
             steps=steps,
         )
-        gen = load(model)
         folder = _folder(out, "properties", model)
+        gen = load(model)
         console.print(f"{model}: latent-space property scorecard -> {folder}")
         result = pr.run(gen, settings, out=folder, progress=True)
     except LayerscopeError as exc:
@@ -480,8 +484,8 @@ def align(
             project=project,
             layers=tuple(layers) if layers else None,
         )
-        gens = [load(m) for m in models]
         folder = _folder(out, "align", "+".join(models))
+        gens = [load(m) for m in models]
         console.print(f"{', '.join(models)}: alignment -> {folder}")
         result = al.run(gens, settings, out=folder, progress=True)
     except LayerscopeError as exc:

@@ -18,6 +18,7 @@ from typing import Any
 from ._version import __version__
 from .errors import ConfigError
 from .experiments.base import settings_dict
+from .folders import atomic_write_text, check_output, lock
 from .loading import load
 from .models.base import Generator
 
@@ -30,7 +31,6 @@ def run_main_job(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run every section's experiment (or ``only`` these section keys), save the Results, build the HTML page."""
-    from .report import RUN_FILE, build_report
     from .report.sections import SECTIONS
 
     out = Path(out)
@@ -41,7 +41,16 @@ def run_main_job(
             raise ConfigError(f"unknown report section(s) {bad}; valid: {', '.join(keys)}")
     secs = [s for s in SECTIONS if not only or s.KEY in only]
     jobs = {s.KEY: s.EXPERIMENT.main_job(quick) for s in secs}  # settings are built (and checked) before any run
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, "report folder")
+    with lock(out, "report folder"):
+        return _run_sections(out, secs, jobs, quick, progress, log)
+
+
+def _run_sections(
+    out: Path, secs: list[Any], jobs: dict[str, Any], quick: bool, progress: bool, log: Callable[[str], None]
+) -> Path:
+    from .report import RUN_FILE, build_report
+
     record: dict[str, Any] = {
         "version": __version__,
         "quick": quick,
@@ -62,8 +71,7 @@ def run_main_job(
             log(f"{sec.KEY}: {', '.join(job.specs)}" + (f" ({job.part}: {job.note})" if job.part != "model" else ""))
             t1 = time.perf_counter()
             model = loaded[0] if isinstance(job.spec, str) else loaded
-            result = sec.EXPERIMENT.run(model, job.settings, out=folder, progress=progress)
-            result.save(folder)
+            result = sec.EXPERIMENT.run(model, job.settings, out=folder, progress=progress)  # saved in folder
             for n in result.notes:
                 if n not in notes:
                     notes.append(n)
@@ -87,5 +95,5 @@ def run_main_job(
             "models": [spec for j in done if j["part"] == "model" for spec in j["specs"]],
             "jobs": done,
         }
-    (out / RUN_FILE).write_text(json.dumps(record, indent=1, default=str))
+    atomic_write_text(out / RUN_FILE, json.dumps(record, indent=1, default=str))
     return build_report(out)

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from ..progress import ProgressArg, progress_callback
+from ..validate import check_seed
 from .execute import execute
 from .spec import Intervention, Row
 from .steps import StepSel
@@ -86,7 +87,7 @@ def injection_sweep(
     """
     cfg = model.config(**gen_kwargs)
     sets = layer_sets(model.layer_map(cfg.height, cfg.width), layers)
-    s_o, s_e = (seeds, seeds) if isinstance(seeds, int) else tuple(seeds)
+    s_o, s_e = _pair_seeds(seeds)
     max_batch = max_batch or model.default_max_batch
     if max_batch < 3:
         raise ConfigError(f"a sweep needs max_batch >= 3 (O, E and one injected row), got {max_batch}")
@@ -94,6 +95,16 @@ def injection_sweep(
     total = len(sets)
     with progress_callback(progress, f"injection sweep over {total} layer sets") as report:
         return _sweep_chunks(model, original, edit, sets, (s_o, s_e), per_chunk, cfg, steps, branches, report)
+
+
+def _pair_seeds(seeds: Any) -> tuple[int, int]:
+    """One seed for O and E, or an (O, E) pair, each checked."""
+    if isinstance(seeds, (list, tuple)):
+        if len(seeds) != 2:
+            raise ConfigError(f"seeds must be one seed for O and E or an (O, E) pair of two, got {tuple(seeds)!r}")
+        return check_seed(seeds[0], "seed of O"), check_seed(seeds[1], "seed of E")
+    seed = check_seed(seeds)
+    return seed, seed
 
 
 def _sweep_chunks(

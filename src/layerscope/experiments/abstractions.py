@@ -43,11 +43,13 @@ import torch
 
 from ..engine import Capture
 from ..errors import ConfigError
-from ..progress import ProgressArg
+from ..progress import ProgressArg, progress_callback
 from ..stats.bootstrap import mean_ci
 from ..stats.entropy import plugin_entropy
 from ..stats.probes import ProbeGrid, fit_probe_grid
+from ..validate import MAX_STEPS, check_float, check_int, check_seeds
 from .base import Job, Result, generation_kwargs, settings_dict
+from .workspace import Cell, Workspace, open_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..layers import LayerMap
@@ -107,6 +109,7 @@ def collect_features(
     max_batch: int | None = None,
     store: str | Path | None = None,
     progress: ProgressArg = None,
+    cells: Workspace | None = None,
     **gen_kwargs: Any,
 ) -> Features:
     """Capture pooled features of ``layers`` (default: every layer) at ``steps`` (default: all), conditional branch,
@@ -116,15 +119,20 @@ def collect_features(
     ``project_layers``: the layers too are captured whole and reduced by a fixed Gaussian random projection (seeded
     per width) to ``projection`` dims instead of their spatial mean, which keeps where things are (memory: the whole
     maps, so this usually streams to a store). ``store``: a zarr folder the capture streams to (read back one step
-    at a time). Without one, a capture larger
-    than the engine's memory budget (``Capture.budget_bytes``) streams to a temporary store, deleted afterwards."""
+    at a time). Without one, a capture larger than the engine's memory budget (``Capture.budget_bytes``) streams to
+    a temporary store, deleted afterwards.
+
+    The samples are generated in batches of ``max_batch`` (default: the model's), one generation each; with
+    ``cells`` (a workspace) each batch's features are kept as a cell, so an interrupted collection resumes at the
+    first missing batch."""
     cfg = model.config(**gen_kwargs)
     if model.num_steps(cfg) == 0:
         raise ConfigError(f"{model.spec} generates in one pass: the probe grid needs a denoising model")
     lmap = model.layer_map(cfg.height, cfg.width)
     names = [e.name for e in lmap.layers] if layers is None else [e.name for e in lmap.select(layers)]
     base = baseline_layer(lmap) if baseline else None
-    # one generation: layers pooled, x_t whole (its spatial mean is only a mean colour) for the projection
+    order = ([base] if base else []) + list(names)
+    # one generation per batch: layers pooled, x_t whole (its spatial mean is only a mean colour) for the projection
     cap = Capture(
         names + ([base] if base else []),
         steps=steps,
@@ -133,17 +141,72 @@ def collect_features(
         unpooled=([base] if base else []) + (names if project_layers else []),
         store=store,
     )
+    n = len(prompts)
+    # a given store is itself the resumable unit (one capture of every sample); otherwise one cell per batch
+    size = n if store is not None else (max_batch or model.default_max_batch)
+    batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+    projections: dict[int, torch.Tensor] = {}
+    parts: list[Cell] = []
+    with progress_callback(progress, f"probe features: {n} samples") as report:
+        for b, rows in enumerate(batches):
+            key = f"features_{b:04d}_of_{len(batches)}"
+            cell = cells.get(key) if cells is not None else None
+            if cell is None:
+                cell = _feature_batch(
+                    model,
+                    cap,
+                    [prompts[i] for i in rows],
+                    [seeds[i] for i in rows],
+                    (names, base, project_layers, projection, projections),
+                    max_batch,
+                    gen_kwargs,
+                )
+                if cells is not None:
+                    cells.put(key, arrays=cell.arrays, record=cell.record)
+            parts.append(cell)
+            if report is not None:
+                report(rows[-1] + 1, n)
+    step_ids = [int(s) for s in parts[0].record["steps"]]
+    all_t = [float(t) for t in parts[0].record["timesteps"]]
+    feats = {
+        (name, s): torch.cat([torch.from_numpy(c.arrays[f"{name}@{s}"]) for c in parts])
+        for name in order
+        for s in step_ids
+    }
+    return Features(
+        feats,
+        order,
+        step_ids,
+        [all_t[s] for s in step_ids] if all_t else [],
+        torch.cat([torch.from_numpy(c.arrays["images"]) for c in parts]),
+        {
+            "projection": projection if base else None,
+            "project_layers": project_layers,
+            "settings": {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale},
+        },
+        baseline=base,
+    )
+
+
+def _feature_batch(
+    model: "Generator",
+    cap: Capture,
+    prompts: list[Any],
+    seeds: list[int],
+    what: tuple[list[str], str | None, bool, int, dict[int, torch.Tensor]],
+    max_batch: int | None,
+    gen_kwargs: dict[str, Any],
+) -> Cell:
+    """One batch of samples generated with the capture: per (layer, step) features, the images, the steps.
+    ``what``: the layer names, the baseline, whether layers are projected, the projection's width and its cache."""
+    names, base, project_layers, projection, projections = what
     with tempfile.TemporaryDirectory(prefix="layerscope-probes-") as tmp:
-        if store is None and model.capture_bytes(cap, len(prompts), **gen_kwargs) > cap.budget_bytes:
+        if cap.store is None and model.capture_bytes(cap, len(prompts), **gen_kwargs) > cap.budget_bytes:
             cap = dataclasses.replace(cap, store=Path(tmp) / "features.zarr")
-        res = model.generate(
-            list(prompts), list(seeds), capture=cap, max_batch=max_batch, progress=progress, **gen_kwargs
-        )
+        res = model.generate(prompts, seeds, capture=cap, max_batch=max_batch, **gen_kwargs)
 
         def at(name: str, k: int) -> torch.Tensor:  # (n, *feature) of one step, from memory or the store
             return torch.as_tensor(np.asarray(res.capture[name][:, k, 0])).float()
-
-        projections: dict[int, torch.Tensor] = {}
 
         def projected(name: str, k: int) -> torch.Tensor:  # (n, projection): the whole map, one step at a time
             x = at(name, k).flatten(1)
@@ -153,30 +216,14 @@ def collect_features(
             return x @ projections[d]
 
         step_ids = [int(s) for s in res.capture.steps_of(names[0])]
-        cells = {
-            (name, s): projected(name, k) if project_layers else at(name, k)
-            for name in names
-            for k, s in enumerate(step_ids)
-        }
-        order = list(names)
-        if base:
-            for k, s in enumerate(step_ids):
-                cells[(base, s)] = projected(base, k)
-            order = [base] + order
-    all_t = [float(t) for t in res.timesteps]
-    return Features(
-        cells,
-        order,
-        step_ids,
-        [all_t[s] for s in step_ids] if all_t else [],
-        res.images,
-        {
-            "projection": projection if base else None,
-            "project_layers": project_layers,
-            "settings": {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale},
-        },
-        baseline=base,
-    )
+        arrays: dict[str, np.ndarray] = {}
+        for k, s in enumerate(step_ids):
+            if base:
+                arrays[f"{base}@{s}"] = projected(base, k).numpy()
+            for name in names:
+                arrays[f"{name}@{s}"] = (projected(name, k) if project_layers else at(name, k)).numpy()
+    arrays["images"] = res.images.numpy()
+    return Cell(arrays=arrays, record={"steps": step_ids, "timesteps": [float(t) for t in res.timesteps]})
 
 
 def shapes_labels(images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
@@ -246,6 +293,7 @@ def run_probes(
     project_layers: bool = False,
     max_batch: int | None = None,
     progress: ProgressArg = None,
+    cells: Workspace | None = None,
     **gen_kwargs: Any,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The probe grid on a Shapes-world model: ``n`` samples (unconditional unless ``conditional``: then held-out
@@ -269,6 +317,7 @@ def run_probes(
         project_layers=project_layers,
         max_batch=max_batch,
         progress=progress,
+        cells=cells,
         **gen_kwargs,
     )
     labels, conf = shapes_labels(feats.images)
@@ -341,6 +390,7 @@ def run_probes_csv(
     project_layers: bool = False,
     max_batch: int | None = None,
     progress: ProgressArg = None,
+    cells: Workspace | None = None,
     **gen_kwargs: Any,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The probe grid on any text-to-image pipeline with the user's labels (:func:`labels_from_csv`): each prompt is
@@ -356,6 +406,7 @@ def run_probes_csv(
         project_layers=project_layers,
         max_batch=max_batch,
         progress=progress,
+        cells=cells,
         **gen_kwargs,
     )
     grid = fit_probe_grid(feats.cells, labels, n_classes=sizes, factor_names=factors, seed=seed)
@@ -522,6 +573,7 @@ def run_forking(
     eta: float = 1.0,
     max_batch: int | None = None,
     progress: ProgressArg = None,
+    cells: Workspace | None = None,
     **gen_kwargs: Any,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Forking entropy on a Shapes-world model (Corallo et al. 2024).
@@ -558,22 +610,41 @@ def run_forking(
         texts = [""] * n_prompts
     batch = max_batch or n_forks * max(1, model.default_max_batch * 2 // n_forks)
     batch = max(n_forks, batch - batch % n_forks)
-    t0 = time.perf_counter()
-    res = model.generate(
-        [texts[p] for p in plan["prompt"]],
-        plan["seed"].tolist(),
-        fork_at=plan["tau"].tolist(),
-        fork_seeds=plan["fork_seed"].tolist(),
-        max_batch=batch,
-        progress=progress,
-        eta=eta,
-        **gen_kwargs,
-    )
-    gen_seconds = time.perf_counter() - t0
-    reading = read(res.images)
+    chunks = [list(range(i, min(i + batch, len(plan)))) for i in range(0, len(plan), batch)]
+    preds, confs, gen_seconds, all_t = [], [], 0.0, []
+    with progress_callback(progress, f"forking: {len(plan)} generations") as report:
+        for c, rows in enumerate(chunks):  # one cell per generation batch (whole starts: a multiple of n_forks)
+            key = f"forks_{c:04d}_of_{len(chunks)}"
+            cell = cells.get(key) if cells is not None else None
+            if cell is None:
+                sub = plan.iloc[rows]
+                t0 = time.perf_counter()
+                res = model.generate(
+                    [texts[p] for p in sub["prompt"]],
+                    sub["seed"].tolist(),
+                    fork_at=sub["tau"].tolist(),
+                    fork_seeds=sub["fork_seed"].tolist(),
+                    max_batch=batch,
+                    eta=eta,
+                    **gen_kwargs,
+                )
+                seconds = time.perf_counter() - t0
+                r = read(res.images)
+                cell = Cell(
+                    arrays={"pred": np.asarray(r.pred), "confidence": np.asarray(r.confidence)},
+                    record={"seconds": seconds, "timesteps": [float(t) for t in res.timesteps]},
+                )
+                if cells is not None:
+                    cells.put(key, arrays=cell.arrays, record=cell.record)
+            preds.append(cell.arrays["pred"])
+            confs.append(cell.arrays["confidence"])
+            gen_seconds += float(cell.record["seconds"])
+            all_t = [float(t) for t in cell.record["timesteps"]]
+            if report is not None:
+                report(rows[-1] + 1, len(plan))
+    reading_pred, reading_conf = np.concatenate(preds), np.concatenate(confs)
     sizes = [SIZES[f] for f in FACTORS]
-    table = fork_entropy_table(plan, reading.pred, reading.confidence, FACTORS, sizes)
-    all_t = [float(t) for t in res.timesteps]
+    table = fork_entropy_table(plan, reading_pred, reading_conf, FACTORS, sizes)
     table["timestep"] = table["tau"].map(lambda t: all_t[t] if all_t else np.nan)
     table.insert(0, "model", model.spec)
     table = table[
@@ -615,13 +686,13 @@ def run_forking(
         "summary": summary.drop(columns=["model"]).to_dict(orient="records"),
         "commitment": commitment_times(summary, COMMIT_BITS),
         "commitment_relative": commitment_times(summary, fraction=COMMIT_FRACTION),
-        "oracle_confidence": dict(zip(FACTORS, [float(v) for v in reading.confidence.mean(0)])),
+        "oracle_confidence": dict(zip(FACTORS, [float(v) for v in reading_conf.mean(0)])),
         "generate_seconds": gen_seconds,
         "seconds_per_generation": gen_seconds / len(plan),
         "max_batch": batch,
     }
     if factors is not None:
-        agree = reading.pred == np.asarray(factors)[plan["prompt"].to_numpy()]
+        agree = reading_pred == np.asarray(factors)[plan["prompt"].to_numpy()]
         record["prompt_agreement"] = {f: float(agree[:, j].mean()) for j, f in enumerate(FACTORS)}
     return table, record
 
@@ -657,6 +728,13 @@ class Settings:
 
 def _check(model: "Generator", st: Settings, gen_kw: dict[str, Any]) -> None:
     """Every settings error this run can tell before generating (one ConfigError, one sentence)."""
+    check_int(st.n, "n (samples)", minimum=1)
+    check_seeds([st.seed, st.seed + max(st.n, st.fork_prompts) - 1], "seed (the samples take seed, seed + 1, ...)")
+    check_int(st.steps, "steps (denoising steps)", minimum=1, maximum=MAX_STEPS, optional=True)
+    check_int(st.max_batch, "max_batch (rows per generation)", minimum=1, optional=True)
+    check_int(st.forks, "forks (continuations per start; 0: no forking)", minimum=0)
+    check_int(st.fork_prompts, "fork_prompts (starts)", minimum=1)
+    check_float(st.eta, "eta (DDIM noise scale)", minimum=0.0, maximum=1.0)
     if not st.probes and not st.forks:
         raise ConfigError("nothing to do: --no-probes needs --forks N (the probe grid and forking are both off)")
     caps = model.capabilities
@@ -699,50 +777,58 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
     """The probe grid (:func:`run_probes`, or :func:`run_probes_csv` with ``labels``) and then forking
     (:func:`run_forking`, with ``forks``) on a loaded model, after checking the settings against the model's
     capabilities. Tables ``probes`` / ``forks``; the record holds ``model``, ``settings`` and the probe and forking
-    records (``"probes"``, ``"forking"``). ``out`` is unused: the study has no per-cell parts to resume from."""
+    records (``"probes"``, ``"forking"``). ``out``: the folder the Result is saved in; each batch of probe samples
+    and of fork starts is kept there as a cell until the Result is saved, so a rerun resumes at what is missing."""
     st = settings
     gen_kw = generation_kwargs(st.steps, None, st.generation)
     _check(model, st, gen_kw)
     layers = list(st.layers) if isinstance(st.layers, (tuple, list)) else st.layers
-    tables: dict[str, pd.DataFrame] = {}
-    record: dict[str, Any] = {"model": model.spec, "settings": settings_dict(st), "notes": []}
-    if st.probes and st.labels is None:
-        tables[PROBES], record["probes"] = run_probes(
-            model,
-            n=st.n,
-            seed=st.seed,
-            layers=layers,
-            conditional=st.conditional,
-            project_layers=st.project_layers,
-            max_batch=st.max_batch,
-            progress=progress,
-            **gen_kw,
-        )
-    elif st.probes and st.labels is not None:
-        tables[PROBES], record["probes"] = run_probes_csv(
-            model,
-            st.labels,
-            seed=st.seed,
-            layers=layers,
-            project_layers=st.project_layers,
-            max_batch=st.max_batch,
-            progress=progress,
-            **gen_kw,
-        )
-    if st.forks:
-        tables[FORKS], record["forking"] = run_forking(
-            model,
-            st.fork_prompts,
-            st.forks,
-            list(st.taus) if st.taus is not None else None,
-            seed=st.seed,
-            conditional=st.conditional,
-            eta=st.eta,
-            max_batch=st.max_batch,
-            progress=progress,
-            **gen_kw,
-        )
-    return Result(NAME, tables, record)
+    with open_workspace(out, NAME, [model.spec], st, keep_cells=False) as ws:
+        finished = ws.finished()
+        if finished is not None:
+            return finished
+        tables: dict[str, pd.DataFrame] = {}
+        record: dict[str, Any] = {"model": model.spec, "settings": settings_dict(st), "notes": []}
+        if st.probes and st.labels is None:
+            tables[PROBES], record["probes"] = run_probes(
+                model,
+                n=st.n,
+                seed=st.seed,
+                layers=layers,
+                conditional=st.conditional,
+                project_layers=st.project_layers,
+                max_batch=st.max_batch,
+                progress=progress,
+                cells=ws,
+                **gen_kw,
+            )
+        elif st.probes and st.labels is not None:
+            tables[PROBES], record["probes"] = run_probes_csv(
+                model,
+                st.labels,
+                seed=st.seed,
+                layers=layers,
+                project_layers=st.project_layers,
+                max_batch=st.max_batch,
+                progress=progress,
+                cells=ws,
+                **gen_kw,
+            )
+        if st.forks:
+            tables[FORKS], record["forking"] = run_forking(
+                model,
+                st.fork_prompts,
+                st.forks,
+                list(st.taus) if st.taus is not None else None,
+                seed=st.seed,
+                conditional=st.conditional,
+                eta=st.eta,
+                max_batch=st.max_batch,
+                progress=progress,
+                cells=ws,
+                **gen_kw,
+            )
+        return ws.save(Result(NAME, tables, record))
 
 
 #: the main job's settings: the probe grid, then forking (fork_prompts unconditional starts x forks continuations at

@@ -61,6 +61,7 @@ from ..engine import Capture, PerTarget, ProgressArg, progress_callback, replace
 from ..errors import ConfigError
 from ..metrics.alignment import METRICS, gram_similarity, similarity_matrix
 from .base import OPEN_PROMPTS, Job, Result, generation_kwargs, settings_dict
+from .workspace import open_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import Generator
@@ -545,17 +546,61 @@ def run(
 ) -> Result:
     """The alignment study on loaded models (the same inputs for all, see the module docstring): tables
     ``layers``, ``within``, ``across``, ``world``, ``arrangement``, ``matching``; the record holds the settings, the
-    input mode, the verdict rule and each model's layers and steps. ``out`` is unused (no per-cell parts)."""
+    input mode, the verdict rule and each model's layers and steps. ``out``: the folder the Result is saved in;
+    each model's features are kept there as a cell until then, so a rerun collects only the missing models'."""
     ms = [models] if not isinstance(models, Sequence) else list(models)
     st = settings
     mode = _check(ms, st)
     factors = scenes(st.n, st.seed) if mode == "scenes" else None
-    feats = []
-    with progress_callback(progress, f"alignment: features of {len(ms)} models") as report:
-        for i, m in enumerate(ms):
-            feats.append(collect(m, st, mode, factors))
-            if report is not None:
-                report(i + 1, len(ms))
+    with open_workspace(out, NAME, [m.spec for m in ms], st, keep_cells=False) as ws:
+        finished = ws.finished()
+        if finished is not None:
+            return finished
+        feats = []
+        with progress_callback(progress, f"alignment: features of {len(ms)} models") as report:
+            for i, m in enumerate(ms):  # one cell per model: its features
+                key = f"features_{i}_{m.spec}"
+                cell = ws.get(key)
+                if cell is None:
+                    f = collect(m, st, mode, factors)
+                    ws.put(key, arrays=_feature_arrays(f), record=_feature_record(f))
+                else:
+                    f = _features_from(cell)
+                feats.append(f)
+                if report is not None:
+                    report(i + 1, len(ms))
+        return ws.save(_analyse(ms, st, mode, factors, feats))
+
+
+def _feature_arrays(f: ModelFeatures) -> dict[str, np.ndarray]:
+    return {f"{layer}@{step}": x.numpy() for (layer, step), x in f.cells.items()}
+
+
+def _feature_record(f: ModelFeatures) -> dict[str, Any]:
+    return {
+        "spec": f.spec,
+        "layers": f.layers,
+        "steps": f.steps,
+        "timesteps": f.timesteps,
+        "iterative": f.iterative,
+        "roles": f.roles,
+    }
+
+
+def _features_from(cell: Any) -> ModelFeatures:
+    r = cell.record
+    cells = {
+        (layer, int(step)): torch.from_numpy(cell.arrays[f"{layer}@{step}"])
+        for layer in r["layers"]
+        for step in r["steps"]
+    }
+    return ModelFeatures(r["spec"], r["layers"], r["steps"], r["timesteps"], r["iterative"], cells, r["roles"])
+
+
+def _analyse(
+    ms: list[Generator], st: Settings, mode: str, factors: np.ndarray | None, feats: list[ModelFeatures]
+) -> Result:
+    """The tables and record from every model's features."""
     refs = world_references(factors) if factors is not None else {}
     metrics = list(dict.fromkeys([*st.metrics, STAT_METRIC]))  # the arrangement and matching need it
     within = pd.concat([within_table(f, metrics, st.k) for f in feats], ignore_index=True)

@@ -144,8 +144,9 @@ class Job:
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:
-    """A settings dataclass as a JSON-able dict (tuples as lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(settings), default=_json_default))
+    """A settings dataclass (or a dict) as a JSON-able dict (tuples as lists)."""
+    data = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
+    return json.loads(json.dumps(data, default=_json_default))
 
 
 def generation_kwargs(

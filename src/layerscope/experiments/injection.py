@@ -31,9 +31,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import folders
 from ..engine import WINDOWS, ProgressArg, injection_sweep, layer_sets, progress_callback
-from ..errors import ConfigError, StoreMismatchError
+from ..errors import ConfigError
+from ..validate import check_int, check_seed, check_seeds
 from .base import Job, Result, generation_kwargs, settings_dict
+from .workspace import Workspace, open_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import Generator
@@ -101,6 +104,10 @@ def _scorer(model: "Generator", scorer: str) -> str:
         return "oracle" if model.capabilities.default_scorer == "oracle" else "images"
     if scorer not in ("oracle", "images"):
         raise ConfigError(f"unknown scorer {scorer!r}; valid: auto, oracle, images")
+    if scorer == "oracle" and model.capabilities.oracle != "shapes":
+        raise ConfigError(
+            f"the oracle scorer reads Shapes-world images and no oracle reads {model.spec}'s: use the images scorer"
+        )
     return scorer
 
 
@@ -122,7 +129,7 @@ def plan_injection(
     for p in pairs:
         if len(p) != 2:
             raise ConfigError(f"each pair must be (original, edit), got {p!r}")
-    seeds = [int(s) for s in seeds]
+    seeds = check_seeds(seeds)
     if not seeds:
         raise ConfigError("give at least one seed")
     bad = [w for w in windows if w not in WINDOWS]
@@ -139,6 +146,11 @@ def plan_injection(
     sets = _layer_sets(model, layers, cfg)
     kind = _scorer(model, scorer)
     if kind == "oracle":
+        if metrics:
+            raise ConfigError(
+                f"image metrics ({', '.join(metrics)}) apply to the images scorer; the oracle scorer reads each "
+                "factor (transfer, keep): drop --metrics or use --scorer images"
+            )
         mets = ["transfer", "keep"]
     else:
         from ..metrics.similarity import METRICS
@@ -205,7 +217,7 @@ def run_injection(
     branches: Sequence[str] | None = None,
     scorer: str = "auto",
     metrics: Sequence[str] | None = None,
-    out: str | Path | None = None,
+    out: str | Path | Workspace | None = None,
     max_batch: int | None = None,
     progress: ProgressArg = None,
     clip_path: str | Path | None = None,
@@ -233,9 +245,30 @@ def run_injection(
         metrics=metrics,
         **gen_kwargs,
     )
-    folder = Path(out) if out is not None else None
-    if folder is not None:
-        _check_meta(folder, plan)
+    check_int(max_batch, "max_batch (rows per generation: O, E and at least one injected row)", 3, optional=True)
+    if isinstance(out, Workspace):  # run(): the study's workspace, claimed and locked by the caller
+        return _sweep_cells(model, plan, out, max_batch, progress, clip_path, notify, gen_kwargs)
+    with open_workspace(out, NAME, [plan.model], plan.key()) as ws:
+        table = _sweep_cells(model, plan, ws, max_batch, progress, clip_path, notify, gen_kwargs)
+        if ws.folder is not None:
+            folders.atomic_write(ws.folder / TABLE, lambda tmp: table.to_parquet(tmp, index=False))
+    return table
+
+
+def _sweep_cells(
+    model: "Generator",
+    plan: InjectionPlan,
+    ws: Workspace,
+    max_batch: int | None,
+    progress: ProgressArg,
+    clip_path: str | Path | None,
+    notify: Callable[[str], None] | None,
+    gen_kwargs: dict[str, Any],
+) -> pd.DataFrame:
+    if ws.folder is not None:
+        meta = ws.folder / META
+        if not meta.exists():
+            folders.atomic_write_text(meta, json.dumps({"key": plan.key(), "layer_info": plan.layer_info}, indent=1))
     score = _oracle_scorer() if plan.scorer == "oracle" else _image_scorer(plan, clip_path, notify)
     sets = [tuple(g) for g in plan.layer_sets]
     k = len(sets)
@@ -244,8 +277,10 @@ def run_injection(
     parts: list[pd.DataFrame] = []
     with progress_callback(progress, f"injection: {len(cells)} cells x {k} layer sets") as report:
         for i, (p, s, w) in enumerate(cells):
-            part = _load_cell(folder, p, s, w) if folder is not None else None
-            if part is None:
+            done = ws.get(_cell_key(p, s, w))
+            if done is not None:
+                part = done.tables["injection"]
+            else:
                 o, e = plan.pairs[p]
                 res = injection_sweep(
                     model,
@@ -260,15 +295,16 @@ def run_injection(
                 )
                 images = res.stack()
                 part = score(images, plan, p, s, w)
-                if folder is not None:
-                    _save_cell(folder, p, s, w, part, images, list(res.injected))
+                arr = (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+                rows = np.array(["O", "E", *res.injected])
+                ws.put(_cell_key(p, s, w), {"injection": part}, {"images": arr, "rows": rows})
             parts.append(part)
             if report is not None:
                 report(i + 1, len(cells))
-    table = pd.concat(parts, ignore_index=True)
-    if folder is not None:
-        table.to_parquet(folder / TABLE, index=False)
-    return table
+    if ws.notes and notify is not None:
+        for n in ws.notes:
+            notify(n)
+    return pd.concat(parts, ignore_index=True)
 
 
 # -- scoring -------------------------------------------------------------------------------------------------------
@@ -362,39 +398,8 @@ def _image_scorer(
 # -- the output folder (one part per cell, resumable) -------------------------------------------------------------
 
 
-def _cell_stem(folder: Path, p: int, s: int, w: str) -> Path:
-    return folder / "cells" / f"pair{p:03d}_seed{s}_{w}"
-
-
-def _check_meta(folder: Path, plan: InjectionPlan) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = folder / META
-    if meta.exists():
-        old = json.loads(meta.read_text())
-        if old.get("key") != json.loads(json.dumps(plan.key())):
-            raise StoreMismatchError(
-                f"{folder} holds an injection sweep with other settings; use a new folder or delete it"
-            )
-    else:
-        meta.write_text(json.dumps({"key": plan.key(), "layer_info": plan.layer_info}, indent=1))
-
-
-def _load_cell(folder: Path, p: int, s: int, w: str) -> pd.DataFrame | None:
-    stem = _cell_stem(folder, p, s, w)
-    done = stem.with_suffix(".parquet")
-    return pd.read_parquet(done) if done.exists() else None
-
-
-def _save_cell(
-    folder: Path, p: int, s: int, w: str, part: pd.DataFrame, images: torch.Tensor, names: list[str]
-) -> None:
-    stem = _cell_stem(folder, p, s, w)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    arr = (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
-    np.savez_compressed(stem.with_suffix(".npz"), images=arr, rows=np.array(["O", "E", *names]))
-    tmp = stem.with_suffix(".parquet.tmp")
-    part.to_parquet(tmp, index=False)
-    tmp.replace(stem.with_suffix(".parquet"))  # the parquet marks the cell done, written last
+def _cell_key(p: int, s: int, w: str) -> str:
+    return f"pair{p:03d}_seed{s}_{w}"
 
 
 def load_plan(folder: str | Path) -> dict[str, Any]:
@@ -407,9 +412,11 @@ def load_plan(folder: str | Path) -> dict[str, Any]:
 
 def load_images(folder: str | Path, pair: int, seed: int, window: str) -> tuple[np.ndarray, list[str]]:
     """The saved images of one cell: uint8 (rows, 3, H, W) in order [O, E, injected...] and the row names."""
-    stem = _cell_stem(Path(folder), pair, seed, window)
-    with np.load(stem.with_suffix(".npz")) as z:
-        return z["images"], [str(r) for r in z["rows"]]
+    key = _cell_key(pair, seed, window)
+    cell = Workspace(folder, {}).get(key)
+    if cell is None or "images" not in cell.arrays:
+        raise ConfigError(f"{folder} holds no finished injection cell {key!r}")
+    return cell.arrays["images"], [str(r) for r in cell.arrays["rows"]]
 
 
 # -- aggregation -----------------------------------------------------------------------------------------------------
@@ -580,8 +587,8 @@ class Settings:
 
 
 def _pairs(model: "Generator", st: Settings) -> list[tuple[str, str]]:
-    if st.random_pairs < 0:
-        raise ConfigError(f"random_pairs must be >= 0, got {st.random_pairs}")
+    check_int(st.random_pairs, "random_pairs", minimum=0)
+    check_seed(st.pair_seed, "pair seed")
     if st.random_pairs and model.capabilities.oracle != "shapes":
         raise ConfigError(
             f"random pairs are Shapes-world prompts, for models the Shapes oracle reads (zoo: models); "
@@ -628,29 +635,37 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
         metrics=list(st.metrics) if st.metrics else None,
         **gen_kw,
     )
-    table = run_injection(
-        model,
-        pairs,
-        out=out,
-        max_batch=st.max_batch,
-        progress=progress,
-        clip_path=st.clip_path,
-        notify=notes.append,
-        **plan_kw,
-    )
-    summary = summarize(table)
-    labels = specialize(summary)
-    plan = plan_injection(model, pairs, **plan_kw)
-    record: dict[str, Any] = {
-        "model": model.spec,
-        "settings": settings_dict(st),
-        "plan": json.loads(json.dumps(plan.key())),
-        "layer_info": plan.layer_info,
-        "notes": notes,
-    }
-    if st.sanity:
-        record["sanity"] = sanity(model, pairs[0], seed=st.seeds[0], **gen_kw)
-    return Result(NAME, {"injection": table, "summary": summary, "labels": labels}, record)
+    plan = plan_injection(model, pairs, **plan_kw)  # every settings error, before the folder or any generation
+    with open_workspace(out, NAME, [model.spec], st) as ws:
+        finished = ws.finished()
+        if finished is not None:
+            return finished
+        table = run_injection(
+            model,
+            pairs,
+            out=ws,
+            max_batch=st.max_batch,
+            progress=progress,
+            clip_path=st.clip_path,
+            notify=notes.append,
+            **plan_kw,
+        )
+        summary = summarize(table)
+        labels = specialize(summary)
+        record: dict[str, Any] = {
+            "model": model.spec,
+            "settings": settings_dict(st),
+            "plan": json.loads(json.dumps(plan.key())),
+            "layer_info": plan.layer_info,
+            "notes": notes,
+        }
+        if st.sanity:
+            cell = ws.get("sanity")
+            anchors = cell.record if cell is not None else sanity(model, pairs[0], seed=st.seeds[0], **gen_kw)
+            if cell is None:
+                ws.put("sanity", record=anchors)
+            record["sanity"] = anchors
+        return ws.save(Result(NAME, {"injection": table, "summary": summary, "labels": labels}, record))
 
 
 #: the main job's settings: (full, quick)

@@ -66,7 +66,9 @@ from ..engine import Capture, Intervention, PerTarget, resolve_steps
 from ..errors import ConfigError
 from ..progress import ProgressArg, progress_callback
 from ..stats.bootstrap import bootstrap_ci
+from ..validate import MAX_STEPS, check_int, check_seeds
 from .base import OPEN_PROMPTS, Job, Result, generation_kwargs, settings_dict
+from .workspace import Cell, Workspace, open_workspace
 
 if TYPE_CHECKING:
     from ..models.base import Generator
@@ -160,10 +162,9 @@ def plan_properties(
 
     ``steps``: the steps at which per-step spaces are perturbed (None: every step). ``scorer``: ``auto`` picks the
     oracle where one reads the model's images (``capabilities.default_scorer``), pixels otherwise."""
-    if n < 4:
-        raise ConfigError(f"n must be at least 4 base samples, got {n}")
-    if not 1 <= pairs <= n:
-        raise ConfigError(f"pairs must be between 1 and n={n}, got {pairs}")
+    check_int(n, "n (base samples)", minimum=4)
+    check_int(pairs, "pairs", minimum=1, maximum=n)
+    check_seeds([seed, seed + n - 1], "seed (first seed; the base samples take seed .. seed + n - 1)")
     cfg = model.config(**gen_kwargs)
     lmap = model.layer_map(cfg.height, cfg.width)
     caps = model.capabilities
@@ -188,6 +189,10 @@ def plan_properties(
         scorer = "oracle" if caps.default_scorer == "oracle" else "pixel"
     if scorer not in ("oracle", "pixel"):
         raise ConfigError(f"unknown scorer {scorer!r}; valid: auto, oracle, pixel")
+    if scorer == "oracle" and caps.oracle != "shapes":
+        raise ConfigError(
+            f"the oracle scorer reads Shapes-world images and no oracle reads {model.spec}'s: use the pixel scorer"
+        )
     text = caps.conditioning == "text"
     latent = caps.conditioning == "latent"  # a generator of a latent vector: no prompt at all
     if prompts is None:
@@ -362,6 +367,7 @@ def run_properties(
     max_batch: int | None = 64,
     progress: ProgressArg = False,
     n_boot: int = 1000,
+    cells: Workspace | None = None,
     **gen_kwargs: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray], dict[str, Any]]:
     """Score each space of the loaded model ``gen`` on the four properties (the work behind :func:`run`).
@@ -369,7 +375,8 @@ def run_properties(
     Returns ``(scores, details, strips, record)``: the tidy scores (``model, space, kind, property, score, low,
     high, mark``), the measurements behind them (``model, space, metric, value``), example image strips per space
     (uint8, (k, 3, H, W): base, a density sample, the radii, the interpolation path, the concept addition) and the
-    plan's record with the strips' column names.
+    plan's record with the strips' column names. ``cells``: a workspace keeping each scored space as a cell, so an
+    interrupted run scores only the missing spaces (the base samples are regenerated when any space is missing).
     """
     plan = plan_properties(
         gen,
@@ -393,6 +400,9 @@ def run_properties(
     kw = dict(max_batch=max_batch, **gen_kwargs)
     capture = Capture(layers=plan.spaces, steps=plan.steps, branches=cap_branches)
 
+    done = {space: cells.get(f"space_{space}") if cells is not None else None for space in plan.spaces}
+    if all(c is not None for c in done.values()):
+        return _assemble(plan, done, plan.concept is not None)
     base = gen.generate(plan.prompts, plan.seeds, capture=capture, **kw)
     values = {s: _space_values(base, s) for s in plan.spaces}
     base_read = reader.read(base.images)
@@ -404,11 +414,14 @@ def run_properties(
     dist = torch.cdist(fb, fb).numpy()
     iu = np.triu_indices(n, 1)
     d_far = float(np.median(dist[iu]))
-    scores, details = [], []
-    strips: dict[str, np.ndarray] = {}
     desc = f"scoring {len(plan.spaces)} spaces of {gen.spec}"
     with progress_callback(progress, desc) as report:
         for si, space in enumerate(plan.spaces):
+            if done[space] is not None:
+                if report is not None:
+                    report(si + 1, len(plan.spaces))
+                continue
+            scores, details = [], []
             info, v = infos[space], values[space]
             branches = ["cond"] if (guided and info.role == CONDITION_ROLE) else None
             rng = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(space.encode()))
@@ -508,18 +521,34 @@ def run_properties(
             details += [{"model": gen.spec, "space": space, "metric": k, "value": val} for k, val in det.items()]
             pick = [r_dens[0]] + [r_rad[r][0] for r in RADII] + r_path[: len(INTERIOR) + 1] + r_con[:1]
             imgs = torch.cat([base.images[:1], out.images[pick]])
-            strips[space] = (imgs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            cell = Cell(
+                {"scores": pd.DataFrame.from_records(scores), "details": pd.DataFrame.from_records(details)},
+                {"strip": (imgs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()},
+            )
+            if cells is not None:
+                cells.put(f"space_{space}", cell.tables, cell.arrays)
+            done[space] = cell
             if report is not None:
                 report(si + 1, len(plan.spaces))
+    return _assemble(plan, done, directions is not None)
+
+
+def _assemble(
+    plan: PropertiesPlan, cells: dict[str, Any], concept: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray], dict[str, Any]]:
+    """The tables, strips and record from every space's cell (in the plan's order)."""
+    scores = pd.concat([cells[s].tables["scores"] for s in plan.spaces], ignore_index=True)
+    details = pd.concat([cells[s].tables["details"] for s in plan.spaces], ignore_index=True)
+    strips = {s: cells[s].arrays["strip"] for s in plan.spaces}
     record = plan.record()
     record["strip_columns"] = (
         ["sample", "density"]
         + [f"+{r:g} sd" for r in RADII]
         + [f"a={a:.2f}" for a in INTERIOR]
         + ["a=1"]
-        + (["+concept"] if directions else [])
+        + (["+concept"] if concept else [])
     )
-    return pd.DataFrame.from_records(scores), pd.DataFrame.from_records(details), strips, record
+    return scores, details, strips, record
 
 
 def _concepts(gen, plan: PropertiesPlan, capture: Capture, base, values, base_read, reader: _Reader, kw):
@@ -683,25 +712,21 @@ class Settings:
 
 def _check(st: Settings) -> None:
     """What the plan does not check itself (before any generation)."""
-    if st.n_boot < 1:
-        raise ConfigError(f"n_boot must be at least 1 bootstrap resample, got {st.n_boot}")
-    if st.max_batch is not None and st.max_batch < 1:
-        raise ConfigError(f"max_batch must be at least 1 row per generation, got {st.max_batch}")
-    if st.steps is not None and st.steps < 1:
-        raise ConfigError(f"steps must be at least 1 denoising step, got {st.steps}")
+    check_int(st.n_boot, "n_boot (bootstrap resamples)", minimum=1)
+    check_int(st.max_batch, "max_batch (rows per generation)", minimum=1, optional=True)
+    check_int(st.steps, "steps (denoising steps)", minimum=1, maximum=MAX_STEPS, optional=True)
 
 
 def run(model: "Generator", settings: Settings, out: str | Path | None = None, progress: ProgressArg = None) -> Result:
     """The property scorecard of a loaded model: tables ``properties`` (one row per space x property: score, CI,
     mark) and ``properties_details`` (the measurements behind the scores), the artifact ``strips`` (one image strip
-    per space) and a record of the plan, the strips' columns and the settings. ``out`` is unused: the experiment
-    has no cells to resume (the caller saves the Result)."""
+    per space) and a record of the plan, the strips' columns and the settings. ``out``: the folder the Result is
+    saved in; each scored space is kept there as a cell until the Result is saved, so a rerun after an interruption
+    scores only the missing spaces."""
     st = settings
     _check(st)
     spaces = st.spaces if st.spaces is None or isinstance(st.spaces, str) else list(st.spaces)
-    scores, details, strips, plan_record = run_properties(
-        model,
-        spaces,
+    kw: dict[str, Any] = dict(
         n=st.n,
         pairs=st.pairs,
         steps=st.at,
@@ -709,13 +734,18 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
         seed=st.seed,
         scorer=st.scorer,
         concept=st.concept,
-        max_batch=st.max_batch,
-        progress=progress,
-        n_boot=st.n_boot,
         **generation_kwargs(st.steps, None, st.generation),
     )
-    record = {"model": model.spec, "settings": settings_dict(st), **plan_record}
-    return Result(NAME, {SCORES: scores, DETAILS: details}, record, {STRIPS: strips})
+    plan_properties(model, spaces, **kw)  # every settings error, before the folder or any generation
+    with open_workspace(out, NAME, [model.spec], st, keep_cells=False) as ws:
+        finished = ws.finished()
+        if finished is not None:
+            return finished
+        scores, details, strips, plan_record = run_properties(
+            model, spaces, max_batch=st.max_batch, progress=progress, n_boot=st.n_boot, cells=ws, **kw
+        )
+        record = {"model": model.spec, "settings": settings_dict(st), **plan_record}
+        return ws.save(Result(NAME, {SCORES: scores, DETAILS: details}, record, {STRIPS: strips}))
 
 
 #: the main job: zoo:unet every space it offers, zoo:dit its spaces and every transformer block, the GAN/VAE latent

@@ -6,6 +6,7 @@ generated); everything else — capture, intervention, sweeps, stores — is gen
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from ..engine import Capture, GenerationResult, Intervention, estimate_bytes, ex
 from ..errors import ConfigError
 from ..layers import LayerInfo, LayerMap
 from ..progress import progress_callback
+from ..validate import MAX_STEPS, check_float, check_int, check_seed, check_seeds
 
 
 class Tap(nn.Identity):
@@ -176,8 +178,10 @@ class Generator(ABC):
             if size is not None:
                 base.height = base.height or size[0]
                 base.width = base.width or size[1]
-        if base.num_inference_steps < 1:
-            raise ConfigError(f"num_inference_steps must be >= 1, got {base.num_inference_steps}")
+        check_int(base.num_inference_steps, "num_inference_steps (denoising steps)", minimum=1, maximum=MAX_STEPS)
+        check_float(base.guidance_scale, "guidance_scale", minimum=0.0, optional=True)
+        check_int(base.height, "height", minimum=1, optional=True)
+        check_int(base.width, "width", minimum=1, optional=True)
         return base
 
     def layer_map(self, height: int | None = None, width: int | None = None) -> LayerMap:
@@ -256,8 +260,12 @@ class Generator(ABC):
         prompts = list(prompts)
         if seeds is None:
             seeds = list(range(len(prompts)))
-        elif isinstance(seeds, int):
-            seeds = [seeds + i for i in range(len(prompts))]
+        elif isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
+            seeds = [int(seeds) + i for i in range(len(prompts))]
+        elif isinstance(seeds, (str, float)):
+            check_seed(seeds)
+        seeds = check_seeds(seeds)
+        check_int(max_batch, "max_batch (rows per generation)", minimum=1, optional=True)
         cfg = self.config(**gen_kwargs)
         if fork_at is not None or fork_seeds is not None:
             seeds = self._fork_seeds(list(seeds), cfg, fork_at, fork_seeds)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ...engine import WINDOWS
+from ...errors import LayerscopeError
 from ...experiments import injection as inj
 from ...experiments.base import Result
 from .. import Page, SectionRun
@@ -47,7 +48,7 @@ def grid_figure(folder: Path, plan: dict[str, Any], pairs: int = 3, window: str 
     for p in range(min(pairs, len(plan["pairs"]))):
         try:
             imgs, names = inj.load_images(folder, p, seed, window)
-        except FileNotFoundError:
+        except (FileNotFoundError, LayerscopeError):  # a cell not finished (or damaged): left out
             continue
         rows.append((f"pair {p}", imgs))
         labels = names
