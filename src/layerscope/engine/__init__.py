@@ -11,7 +11,7 @@ from .execute import GenerationResult, execute, trace_shapes
 from .plan import estimate_bytes, plan_capture
 from .spec import Capture, Intervention, PerTarget, Row, Stored, add, blend, replace, zero
 from .steps import WINDOWS, StepSel, resolve_steps, window
-from .store import ActivationStore, CaptureResult
+from .store import ActivationStore, CaptureResult, StoreIntegrityError
 from .sweep import SweepResult, injection_sweep, layer_sets
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "ProgressArg",
     "Row",
     "StepSel",
+    "StoreIntegrityError",
     "Stored",
     "SweepResult",
     "add",

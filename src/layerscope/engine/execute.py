@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,13 +19,23 @@ import torch
 from .._version import __version__
 from ..config import GenerationConfig
 from ..errors import BudgetError, ConfigError
+from ..folders import check_output, lock
 from ..layers import LayerMap
 from .backend import Backend
 from .handler import RunState, ShapeRecorder, SiteHandler
 from .hooks import installed_hooks, set_indices
-from .plan import PlannedIntervention, estimate_bytes, fmt_bytes, plan_capture, plan_interventions
+from .plan import (
+    CapturePlan,
+    PlannedIntervention,
+    RunInfo,
+    check_stored_timesteps,
+    estimate_bytes,
+    fmt_bytes,
+    plan_capture,
+    plan_interventions,
+)
 from .spec import Capture, Intervention
-from .store import ActivationStore, ArraySpec, CaptureResult, fingerprint
+from .store import SCHEMA, ActivationStore, ArraySpec, CaptureResult, check_array_names, fingerprint
 
 
 @dataclass
@@ -83,8 +94,10 @@ def execute(
 ) -> GenerationResult:
     """Generate ``prompts`` with ``seeds`` while capturing and intervening; chunks of at most ``max_batch`` samples.
 
-    All validation (names, steps, branches, shapes, byte budget, store compatibility) happens before the first
-    generation.
+    All validation (names, steps, branches, shapes, byte budget, stored sources, the store's path and
+    compatibility) happens before the first generation. A store is locked for the whole run
+    (:func:`layerscope.folders.lock`: a second run on it fails at once with "in use by pid N"); a resumed store run
+    returns every row, the finished ones read back from the store.
     """
     n = len(prompts)
     if n == 0:
@@ -99,15 +112,13 @@ def execute(
     num_steps = gen.num_steps(cfg)
 
     cap_plan = plan_capture(capture, lmap, n, num_steps, branches) if capture is not None else None
-    planned = plan_interventions(interventions, lmap, n, num_steps, branches)
+    run_info = RunInfo(gen.spec, cfg.num_inference_steps, num_steps, cfg.height, cfg.width)
+    planned = plan_interventions(interventions, lmap, n, num_steps, branches, run_info)
     if any(p.kind == "row" for p in planned) and n > max_batch:
         raise ConfigError(
             f"interventions with Row sources need their rows in one batch, but {n} samples exceed max_batch={max_batch}; "
             "raise max_batch or use injection_sweep"
         )
-
-    store: ActivationStore | None = None
-    todo = list(range(n))
     if capture is not None:
         assert cap_plan is not None
         total = estimate_bytes(cap_plan, capture.dtype)
@@ -122,18 +133,64 @@ def execute(
                 f"one batch of {min(n, max_batch)} samples holds about {fmt_bytes(per_batch)} of captures before it is "
                 f"written, over the budget of {fmt_bytes(capture.budget_bytes)}; lower max_batch"
             )
-        if capture.store is not None:
-            attrs = _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment)
-            store = ActivationStore.create_or_resume(
-                capture.store, attrs, list(cap_plan.specs.values()), max_batch, capture.dtype
-            )
-            todo = store.pending()
 
-    result_cap = CaptureResult() if capture is not None and store is None else None
+    with ExitStack() as held:
+        store: ActivationStore | None = None
+        todo = list(range(n))
+        if capture is not None and capture.store is not None:
+            assert cap_plan is not None
+            specs = list(cap_plan.specs.values())
+            check_array_names(specs)
+            path = check_output(capture.store, "activation store")
+            ActivationStore.check_target(path)  # before a lock file goes into someone's folder
+            held.enter_context(lock(path, "activation store"))
+            attrs = _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment)
+            store = ActivationStore.create_or_resume(path, attrs, specs, max_batch, capture.dtype)
+            todo = store.pending()
+        result_cap = CaptureResult() if capture is not None and store is None else None
+        images, timesteps = _run_chunks(
+            gen, prompts, seeds, cfg, capture, cap_plan, planned, lmap, branches, num_steps, todo, max_batch,
+            progress, store, result_cap,
+        )  # fmt: skip
+        if store is not None:
+            finished = sorted(set(range(n)) - set(todo))
+            if finished:  # a resumed run: the rows finished before come back from the store
+                images.append((finished, store.images(finished)))
+            if not timesteps:
+                timesteps = [float(t) for t in store.attrs.get("timesteps", [])]
+
+    out_images = _assemble(images, n) if images else torch.empty(0)
+    if result_cap is not None:
+        assert capture is not None
+        result_cap._finalize()
+        result_cap.timesteps = timesteps
+        result_cap.attrs = _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment)
+    return GenerationResult(out_images, store if store is not None else result_cap, timesteps)
+
+
+def _run_chunks(
+    gen: Backend,
+    prompts: Sequence[Any],
+    seeds: Sequence[int],
+    cfg: GenerationConfig,
+    capture: Capture | None,
+    cap_plan: CapturePlan | None,
+    planned: list[PlannedIntervention],
+    lmap: LayerMap,
+    branches: Sequence[str],
+    num_steps: int,
+    todo: list[int],
+    max_batch: int,
+    progress: Callable[[int, int], None] | None,
+    store: ActivationStore | None,
+    result_cap: CaptureResult | None,
+) -> tuple[list[tuple[list[int], torch.Tensor]], list[float]]:
+    """Generate the ``todo`` samples in chunks; captures go to ``store`` (written on a background thread while the
+    next chunk generates) or ``result_cap``. Returns the images by chunk and the scheduler's timesteps."""
+    n = len(prompts)
     images: list[tuple[list[int], torch.Tensor]] = []
     timesteps: list[float] = []
     done = n - len(todo)
-    # a store batch is written on a background thread while the next batch generates
     writer = ThreadPoolExecutor(max_workers=1) if store is not None else None
     pending: Future[None] | None = None
     try:
@@ -165,8 +222,12 @@ def execute(
                     f"the denoiser ran {run.step + 1} times for {num_steps} expected steps; this scheduler calls the "
                     "model more than once per step, which layerscope does not support yet"
                 )
+            first = not timesteps
             timesteps = [float(t) for t in meta.get("timesteps", [])]
-            images.append((ids, imgs.detach().float().cpu()))
+            if first:  # before anything is kept: stored sources must come from steps at these timesteps
+                check_stored_timesteps(planned, timesteps)
+            batch_images = imgs.detach().float().cpu()
+            images.append((ids, batch_images))
             if cap_plan is not None:
                 items = [
                     (cap_plan.specs[(what, name)], data)
@@ -178,7 +239,7 @@ def execute(
                     assert writer is not None
                     if pending is not None:
                         pending.result()
-                    pending = writer.submit(_write_and_mark, store, items, ids, timesteps)
+                    pending = writer.submit(_write_and_mark, store, items, ids, timesteps, batch_images)
                 else:
                     assert result_cap is not None
                     for spec, data in items:
@@ -191,33 +252,30 @@ def execute(
             writer.shutdown(wait=True)  # a finished batch is kept even when a later one fails
     if pending is not None:
         pending.result()
-
-    out_images = _assemble(images, n) if images else torch.empty(0)
-    if result_cap is not None:
-        assert capture is not None
-        result_cap._finalize()
-        result_cap.timesteps = timesteps
-        result_cap.attrs = _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment)
-    return GenerationResult(out_images, store if store is not None else result_cap, timesteps)
+    return images, timesteps
 
 
 def _write_and_mark(
-    store: ActivationStore, items: list[tuple[ArraySpec, torch.Tensor]], ids: list[int], timesteps: list[float]
+    store: ActivationStore,
+    items: list[tuple[ArraySpec, torch.Tensor]],
+    ids: list[int],
+    timesteps: list[float],
+    images: torch.Tensor,
 ) -> None:
-    store.write_batch(items, ids)
-    store.mark_done(ids, timesteps)
+    store.write_batch(items, ids, images)  # data, then the manifest of what was written
+    store.mark_done(ids, timesteps)  # only then the samples count as finished
 
 
 def _assemble(parts: list[tuple[list[int], torch.Tensor]], n: int) -> torch.Tensor:
+    """Every row in prompt order (a resumed store run adds the rows it read back from the store)."""
     first = parts[0][1]
-    have = sum(len(ids) for ids, _ in parts)
-    if have == n:
-        out = torch.empty((n,) + tuple(first.shape[1:]), dtype=first.dtype)
-        for ids, imgs in parts:
-            out[ids] = imgs
-        return out
-    # a resumed store run: only the newly generated samples have images
-    return torch.cat([imgs for _, imgs in parts])
+    out = torch.empty((n,) + tuple(first.shape[1:]), dtype=first.dtype)
+    have = 0
+    for ids, imgs in parts:
+        out[ids] = imgs.to(first.dtype)
+        have += len(ids)
+    assert have == n, f"{have} of {n} rows assembled"
+    return out
 
 
 def _prompt_repr(p: Any) -> str:
@@ -253,7 +311,7 @@ def _store_attrs(
         **(experiment or {}),
     }
     attrs = {
-        "layerscope": {"schema": 1, "version": __version__},
+        "layerscope": {"schema": SCHEMA, "version": __version__},
         "model": gen.spec,
         "prompts": [_prompt_repr(p) for p in prompts],
         "negative_prompt": cfg.negative_prompt,

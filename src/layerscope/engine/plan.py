@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 
@@ -30,6 +31,17 @@ class PlannedIntervention:
     kind: str  # row | stored | tensor | per_target | none
     tensor: torch.Tensor | None = None
     stored_branch: dict[int, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a stored intervention source must share with the run it goes into (checked before generating)."""
+
+    model: str
+    num_inference_steps: int
+    num_steps: int  # denoiser calls per generation (0: single pass)
+    height: int | None
+    width: int | None
 
 
 @dataclass
@@ -116,8 +128,14 @@ def fmt_bytes(b: float) -> str:
 
 
 def plan_interventions(
-    ivs: Sequence[Intervention], lmap: LayerMap, n: int, num_steps: int, branches: Sequence[str]
+    ivs: Sequence[Intervention],
+    lmap: LayerMap,
+    n: int,
+    num_steps: int,
+    branches: Sequence[str],
+    run: RunInfo | None = None,
 ) -> list[PlannedIntervention]:
+    """Validate every intervention; ``run`` (when given) is checked against each :class:`Stored` source's record."""
     planned = []
     for iv in ivs:
         if iv.op not in OPS:
@@ -147,6 +165,8 @@ def plan_interventions(
             p.kind = "row"
         elif isinstance(src, Stored):
             p.kind = "stored"
+            if run is not None:
+                _check_stored_run(src, run, what)
             _check_stored(p, src, info, branches, what)
         elif isinstance(src, torch.Tensor):
             p.kind = "tensor"
@@ -231,3 +251,55 @@ def _check_stored(p: PlannedIntervention, src: Stored, info: LayerInfo, branches
             p.stored_branch[b] = labels[b]
         else:
             raise ConfigError(f"{what}: the stored capture has no branch {labels[b]!r}; it has {', '.join(stored_br)}")
+
+
+def _recorded(capture: Any) -> dict[str, Any]:
+    rec = getattr(capture, "recorded", None)
+    return dict(rec()) if callable(rec) else {}
+
+
+def _check_stored_run(src: Stored, run: RunInfo, what: str) -> None:
+    """Refuse a stored capture recorded by another model, step count or image size than this run's."""
+    rec = _recorded(src.capture)
+    diffs = []
+    if "model" in rec and rec["model"] != run.model:
+        diffs.append(f"model {rec['model']!r} (this run: {run.model!r})")
+    if run.num_steps:
+        ts = rec.get("timesteps") or []
+        if "num_inference_steps" in rec and rec["num_inference_steps"] != run.num_inference_steps:
+            diffs.append(f"num_inference_steps={rec['num_inference_steps']} (this run: {run.num_inference_steps})")
+        elif ts and len(ts) != run.num_steps:
+            diffs.append(f"{len(ts)} denoising steps (this run: {run.num_steps})")
+    for key in ("height", "width"):
+        if key in rec and rec[key] != getattr(run, key):
+            diffs.append(f"{key}={rec[key]} (this run: {getattr(run, key)})")
+    if diffs:
+        raise ConfigError(
+            f"{what}: the stored capture comes from another run, with {', '.join(diffs)}, so its activations would "
+            "land at other steps or positions; capture the source with this run's model, steps and size"
+        )
+
+
+def check_stored_timesteps(planned: Sequence[PlannedIntervention], timesteps: Sequence[float]) -> None:
+    """After the first batch (before anything is kept): stored sources must have been recorded at this run's
+    scheduler timesteps (the step counts were checked before generating; this catches another schedule)."""
+    if not timesteps:
+        return
+    for p in planned:
+        if p.kind != "stored":
+            continue
+        ts = _recorded(cast(Stored, p.iv.source).capture).get("timesteps") or []
+        same = len(ts) == len(timesteps) and all(
+            math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(ts, timesteps)
+        )
+        if ts and not same:
+            raise ConfigError(
+                f"intervention {p.iv.op} at {p.iv.layer}: the stored capture was recorded at timesteps "
+                f"{_fmt_ts(ts)} but this run steps through {_fmt_ts(timesteps)}; capture the source with this run's "
+                "scheduler settings"
+            )
+
+
+def _fmt_ts(ts: Sequence[float]) -> str:
+    shown = ", ".join(f"{float(t):g}" for t in ts[:6])
+    return f"[{shown}{', ...' if len(ts) > 6 else ''}]"

@@ -26,7 +26,9 @@ class Stored:
     """Source = a previous capture (in memory or a zarr store) of sample ``sample``.
 
     ``layer`` defaults to the intervened layer; ``what`` is ``"output"`` or ``"update"``. A capture with a single
-    branch serves every branch; otherwise branches are matched by label.
+    branch serves every branch; otherwise branches are matched by label. The capture must come from a run like
+    this one: its recorded model, step count and height/width are checked before generating, its timesteps after
+    the first batch (before anything is kept), so activations never land at other steps.
     """
 
     capture: Any

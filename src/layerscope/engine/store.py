@@ -1,6 +1,6 @@
 """Captured activations: in memory (:class:`CaptureResult`) or streamed to a zarr folder (:class:`ActivationStore`).
 
-Store schema (zarr v3, one folder per experiment)::
+Store schema (zarr v3, one folder per experiment; schema 2)::
 
     <store>/                      group; attrs: layerscope {schema, version}, model, prompts, negative_prompt, seeds,
                                   timesteps, num_inference_steps, guidance_scale, height, width, branches,
@@ -10,20 +10,40 @@ Store schema (zarr v3, one folder per experiment)::
                                   attrs: layer, kind, stage, what, dims, steps (step indices, [null] for tensors
                                   computed once per generation), branches, pooled
     <store>/update/<layer>        same for block updates (output - input), when requested
+    <store>/images                float32 (sample, 3, H, W) in [0, 1]: the generated images exactly as ``generate``
+                                  returned them (so a resumed run returns every row, finished ones read back from
+                                  here, bitwise equal to an uninterrupted run); created with the first batch
     <store>/done                  bool (sample,): True once every array holds that sample; a resumed run only
                                   generates samples that are not done, so nothing finished is recomputed and no
                                   sample is written twice
+    <store>/manifest/<block>.json what the store wrote (not zarr; plain JSON): one file per sample block ``k`` (the
+                                  samples ``k*c .. (k+1)*c-1`` of chunk size ``c``), ``{"block", "samples": [start,
+                                  stop], "files": {chunk file path: [size in bytes, crc32]}}`` for every chunk file of
+                                  that block in every data array (output, update, images); rewritten atomically after
+                                  a batch's data is written and before its samples are marked done
+    <store>/.layerscope.lock      the writer's lock (``layerscope.folders.lock``), holding its pid; not zarr
 
 Arrays are chunked one sample batch x all steps (split along steps above 32 MiB), so a batch is one file per
 layer (``ActivationStore.open(path)["up_blocks.1"]`` is a lazy zarr array).
+
+**Integrity.** ``ActivationStore.open`` checks that every chunk file of the manifest exists with its recorded size
+(a stat per file), ``open(path, verify=True)`` also its crc32 (reads every byte), and raises
+:class:`StoreIntegrityError` naming the first damaged file. A resumed run (:meth:`ActivationStore.create_or_resume`)
+does the size check and marks the samples of every damaged block as not done, so exactly those are regenerated.
+The store is created under a temporary name beside its path and moved into place with the root ``zarr.json`` last,
+so a kill at any moment leaves nothing or a resumable store; ``done``, the root metadata and the manifest are
+written atomically (temporary file + rename).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
+import os
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -34,8 +54,20 @@ import zarr
 from zarr.core.sync import sync as zarr_sync
 
 from ..errors import ConfigError, LayerNameError, StoreMismatchError, close_matches
+from ..folders import LOCK_FILE, atomic_write_bytes, atomic_write_text, disk_errors
 
-SCHEMA = 1
+SCHEMA = 2
+
+MANIFEST = "manifest"
+IMAGES = "images"
+CREATING = ".layerscope-creating"  # marker inside a store folder while a creation moves its files in
+TMP_TAG = ".layerscope-tmp-"  # temporary folders (creations, the images array) start or contain this
+WRITE_ALL_CHUNKS: Any = {"write_empty_chunks": True}  # every chunk file exists, so a missing one is damage
+
+
+class StoreIntegrityError(StoreMismatchError):
+    """A store's files do not match what it recorded writing (a missing, truncated or changed chunk file), or its
+    metadata cannot be read."""
 
 
 def fingerprint(payload: dict[str, Any]) -> str:
@@ -59,6 +91,17 @@ class ArraySpec:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+def check_array_names(specs: list[ArraySpec]) -> None:
+    """Refuse, before any generation, a layer whose name cannot be a zarr array name (``/`` nests arrays)."""
+    for s in specs:
+        name = s.layer
+        if "/" in name or name in ("", ".", "..") or name.startswith("__"):
+            raise ConfigError(
+                f"the layer name {name!r} cannot name an array in a zarr store (names must not contain '/', be "
+                "'.' or '..', or start with '__'); capture it in memory (store=None) or give the layer another name"
+            )
+
+
 class _Lookup:
     """Shared access used by interventions that take a stored capture as their source."""
 
@@ -70,6 +113,11 @@ class _Lookup:
 
     def layer_names(self, what: str = "output") -> list[str]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def recorded(self) -> dict[str, Any]:
+        """The run the capture came from, as far as recorded: model, num_inference_steps, height, width,
+        timesteps (keys missing when unknown; nothing is checked for a capture that records nothing)."""
+        return {}
 
     def steps_of(self, layer: str, what: str = "output") -> list[int | None]:
         return list(self._meta(layer, what)["steps"])
@@ -122,6 +170,14 @@ class CaptureResult(_Lookup):
     def layer_names(self, what: str = "output") -> list[str]:
         return list((self.output if what == "output" else self.update).keys())
 
+    def recorded(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            k: self.attrs[k] for k in ("model", "num_inference_steps", "height", "width") if k in self.attrs
+        }
+        if self.timesteps:
+            rec["timesteps"] = list(self.timesteps)
+        return rec
+
     def __getitem__(self, layer: str) -> torch.Tensor:
         return self._arr(layer, "output")
 
@@ -152,130 +208,369 @@ class CaptureResult(_Lookup):
         self._parts = {}
 
 
+@dataclass
+class Damage:
+    """One damaged file of a store: its path relative to the store, what is wrong, the sample block it holds."""
+
+    file: str
+    problem: str
+    block: int | None = None
+
+
 class ActivationStore(_Lookup):
-    """A zarr folder of captured activations (see the module docstring for its schema)."""
+    """A zarr folder of captured activations (see the module docstring for its schema and integrity rules)."""
 
     def __init__(self, path: str | Path, group: zarr.Group) -> None:
         self.path = Path(path)
         self.group = group
         self._handles: dict[tuple[str, str], zarr.Array[Any]] = {}
+        self._data: list[zarr.Array[Any]] | None = None  # every data array (output, update, images), for manifests
 
     def _array(self, what: str, layer: str) -> zarr.Array[Any]:
         key = (what, layer)
         if key not in self._handles:  # each lookup would reread metadata from disk
-            self._handles[key] = cast("zarr.Array[Any]", cast(zarr.Group, self.group[what])[layer])
+            try:
+                arr = cast("zarr.Array[Any]", cast(zarr.Group, self.group[what])[layer])
+            except (KeyError, LayerNameError):
+                raise
+            except Exception as exc:
+                raise StoreIntegrityError(
+                    f"the metadata of {what}/{layer} in the store {str(self.path)!r} cannot be read "
+                    f"({type(exc).__name__}: {exc}); restore it or delete the store"
+                ) from None
+            self._handles[key] = arr.with_config(WRITE_ALL_CHUNKS)
         return self._handles[key]
 
     # opening ----------------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path) -> "ActivationStore":
-        """Open an existing store for lazy reading."""
+    def open(cls, path: str | Path, verify: bool = False) -> "ActivationStore":
+        """Open an existing store for lazy reading; its chunk files are checked against its manifest (sizes; also
+        checksums with ``verify=True``), and a damaged store raises :class:`StoreIntegrityError`."""
         path = Path(path)
         if not (path / "zarr.json").exists():
+            if (path / CREATING).exists():
+                raise ConfigError(
+                    f"{str(path)!r} is an unfinished activation store (its creation was interrupted); rerun the "
+                    "capture to create it"
+                )
             raise ConfigError(f"{str(path)!r} is not a layerscope activation store (no zarr.json there)")
-        group = zarr.open_group(str(path), mode="r")
+        group = _open_group(path, "r")
         if "layerscope" not in group.attrs:
             raise ConfigError(f"{str(path)!r} is a zarr group but not a layerscope activation store")
-        return cls(path, group)
+        store = cls(path, group)
+        damage = store.check(verify=verify)
+        if damage:
+            raise StoreIntegrityError(_damage_message(path, damage))
+        return store
+
+    @staticmethod
+    def check_target(path: str | Path) -> None:
+        """Refuse a folder that is neither a layerscope store nor empty (before a lock file is put into it)."""
+        path = Path(path)
+        if (path / "zarr.json").exists() or (path / CREATING).exists() or not path.is_dir():
+            return
+        if _foreign_entries(path):
+            raise StoreMismatchError(f"{str(path)!r} exists, is not empty and is not a zarr store; choose another path")
 
     @classmethod
     def create_or_resume(
         cls, path: str | Path, attrs: dict[str, Any], specs: list[ArraySpec], chunk_samples: int, dtype: torch.dtype
     ) -> "ActivationStore":
-        """Create a store for this experiment, or reopen it to resume; a different experiment is refused."""
+        """Create a store for this experiment, or reopen it to resume; a different experiment is refused.
+
+        The caller holds ``layerscope.folders.lock(path)``. On resume, the samples of blocks whose chunk files are
+        missing or have the wrong size are marked not done (so they are regenerated)."""
         path = Path(path)
         fp = attrs["fingerprint"]
-        if (path / "zarr.json").exists():
-            group = zarr.open_group(str(path), mode="a")
-            old = dict(group.attrs)
-            if "layerscope" not in old:
-                raise StoreMismatchError(f"{str(path)!r} exists and is not a layerscope store; choose another path")
-            if old.get("fingerprint") != fp:
-                diff = sorted(
-                    k
-                    for k in set(old) | set(attrs)
-                    if k not in ("fingerprint", "timesteps", "layerscope") and old.get(k) != _jsonable(attrs.get(k))
-                )
+        n = specs[0].shape[0] if specs else len(attrs.get("prompts", []))
+        with disk_errors(path):
+            _clean_temporaries(path)
+            if (path / "zarr.json").exists():
+                group = _open_group(path, "a")
+                old = dict(group.attrs)
+                if "layerscope" not in old:
+                    raise StoreMismatchError(
+                        f"{str(path)!r} exists and is a zarr group without layerscope's attributes, so it is not a "
+                        "layerscope store; choose another path (or delete it if it is a store an older layerscope "
+                        "left unfinished)"
+                    )
+                if old.get("fingerprint") != fp:
+                    diff = sorted(
+                        k
+                        for k in set(old) | set(attrs)
+                        if k not in ("fingerprint", "timesteps", "layerscope") and old.get(k) != _jsonable(attrs.get(k))
+                    )
+                    raise StoreMismatchError(
+                        f"the store {str(path)!r} holds a different experiment (differs in: "
+                        f"{', '.join(diff) or 'settings'}); use a new store path or delete the old one"
+                    )
+                store = cls(path, group)
+                if store.schema < SCHEMA:
+                    if store.pending() != list(range(n)):
+                        raise StoreMismatchError(
+                            f"the store {str(path)!r} was written by an older layerscope (store schema "
+                            f"{store.schema}) that kept no images, so a resumed run could not return every image; "
+                            "delete it or use a new store path"
+                        )
+                    _clear(path)  # holds nothing finished: re-created in today's schema
+                else:
+                    (path / CREATING).unlink(missing_ok=True)
+                    store._repair()
+                    return store
+            if (path / CREATING).exists():
+                _clear(path)  # an interrupted creation: its files are ours, and nothing in them is finished
+            if path.exists() and _foreign_entries(path):
                 raise StoreMismatchError(
-                    f"the store {str(path)!r} holds a different experiment (differs in: {', '.join(diff) or 'settings'}); "
-                    "use a new store path or delete the old one"
+                    f"{str(path)!r} exists, is not empty and is not a zarr store; choose another path"
                 )
-            return cls(path, group)
-        if path.exists() and any(path.iterdir()):
-            raise StoreMismatchError(f"{str(path)!r} exists, is not empty and is not a zarr store; choose another path")
-        group = zarr.open_group(str(path), mode="w")
-        np_dtype = np.dtype(torch_dtype_name(dtype))
-        n = specs[0].shape[0] if specs else 0
-        subs = {what: group.require_group(what) for what in {s.what for s in specs}}
-        for s in specs:
-            subs[s.what].create_array(
-                s.layer,
-                shape=s.shape,
-                chunks=_chunks(s.shape, chunk_samples, np_dtype.itemsize),
-                dtype=np_dtype,
-                compressors=None,
-                fill_value=0,
-                attributes=_jsonable(
-                    {
-                        "layer": s.layer,
-                        "what": s.what,
-                        "dims": list(s.dims),
-                        "steps": s.steps,
-                        "branches": s.branches,
-                        **s.attrs,
-                    }
-                ),
-            )
-        group.create_array("done", shape=(n,), chunks=(max(n, 1),), dtype=bool, fill_value=False)
-        # attrs last: a folder without them is an unfinished creation and is re-created
-        group.attrs.update(_jsonable(attrs))
-        return cls(path, group)
+            _create(path, attrs, specs, n, chunk_samples, dtype)
+        return cls(path, _open_group(path, "a"))
 
     # writing ----------------------------------------------------------------------------------------------------
+    @property
+    def schema(self) -> int:
+        return int(cast(dict[str, Any], self.group.attrs.get("layerscope", {})).get("schema", 1))
+
+    @property
+    def n(self) -> int:
+        return int(self._done_array().shape[0])
+
+    def _done_array(self) -> zarr.Array[Any]:
+        return self._array_at("done")
+
+    def _array_at(self, name: str) -> zarr.Array[Any]:
+        key = ("", name)
+        if key not in self._handles:
+            try:
+                arr = cast("zarr.Array[Any]", self.group[name])
+            except KeyError:
+                raise
+            except Exception as exc:
+                raise StoreIntegrityError(
+                    f"the metadata of {name} in the store {str(self.path)!r} cannot be read "
+                    f"({type(exc).__name__}: {exc}); restore it or delete the store"
+                ) from None
+            self._handles[key] = arr.with_config(WRITE_ALL_CHUNKS)
+        return self._handles[key]
+
+    def _done_file(self) -> tuple[Path, int]:
+        arr = self._done_array()
+        return self.path / "done" / arr.metadata.encode_chunk_key((0,)), int(arr.chunks[0])
+
+    def _read_done(self) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        file, size = self._done_file()
+        try:
+            data = file.read_bytes()
+        except FileNotFoundError:  # never written: nothing done
+            return np.zeros(self.n, dtype=bool)
+        if len(data) != size:
+            raise StoreIntegrityError(
+                f"the store {str(self.path)!r} is damaged: {file.relative_to(self.path)} holds {len(data)} of "
+                f"{size} bytes; delete the store and rerun the capture"
+            )
+        return np.frombuffer(data, dtype=np.uint8)[: self.n].astype(bool)
+
+    def _write_done(self, mask: np.ndarray[Any, np.dtype[np.bool_]]) -> None:
+        file, size = self._done_file()
+        data = np.zeros(size, dtype=np.uint8)
+        data[: len(mask)] = mask
+        atomic_write_bytes(file, data.tobytes())  # a kill or full disk leaves the old flags, never half of them
+
     def pending(self) -> list[int]:
-        done = np.asarray(cast("zarr.Array[Any]", self.group["done"])[:])
-        return [int(i) for i in np.flatnonzero(~done)]
+        return [int(i) for i in np.flatnonzero(~self._read_done())]
 
-    def write_batch(self, items: list[tuple[ArraySpec, torch.Tensor]], samples: list[int]) -> None:
-        """Write one batch of samples for every layer, all arrays concurrently (zarr's async API)."""
+    @property
+    def has_images(self) -> bool:
+        return IMAGES in self.group
+
+    def images(self, samples: list[int] | None = None) -> torch.Tensor:
+        """The generated images of ``samples`` (default all), float32 (sample, 3, H, W) in [0, 1]."""
+        if not self.has_images:
+            raise ConfigError(f"the store {str(self.path)!r} holds no images (written by an older layerscope)")
+        arr = self._array_at(IMAGES)
+        data = arr[...] if samples is None else arr.get_orthogonal_selection((np.asarray(samples, dtype=np.int64),))
+        return torch.from_numpy(np.ascontiguousarray(data))
+
+    def _ensure_images(self, shape: tuple[int, ...]) -> zarr.Array[Any]:
+        """The images array, created with the first batch (atomically: built under a temporary name, renamed)."""
+        if self.has_images:
+            arr = self._array_at(IMAGES)
+            if tuple(arr.shape[1:]) != tuple(shape):
+                raise StoreMismatchError(
+                    f"the store {str(self.path)!r} holds images of shape {tuple(arr.shape[1:])}, but this run "
+                    f"generates {tuple(shape)}; use a new store path"
+                )
+            return arr
+        cs = self._chunk_samples()
+        tmp = self.path / f"{TMP_TAG}{IMAGES}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        zarr.create_array(
+            str(tmp),
+            shape=(self.n,) + tuple(shape),
+            chunks=(cs,) + tuple(shape),
+            dtype=np.float32,
+            compressors=None,
+            fill_value=0.0,
+            zarr_format=3,
+            attributes={"dims": ["sample", "channel", "h", "w"], "range": [0.0, 1.0]},
+        )
+        tmp.rename(self.path / IMAGES)
+        self.group = _open_group(self.path, "a")
+        self._data = None
+        return self._array_at(IMAGES)
+
+    def _chunk_samples(self) -> int:
+        for arr in self._data_arrays():
+            if arr.path != IMAGES:
+                return int(arr.chunks[0])
+        return int(self._done_array().chunks[0])
+
+    def write_batch(
+        self, items: list[tuple[ArraySpec, torch.Tensor]], samples: list[int], images: torch.Tensor | None = None
+    ) -> None:
+        """Write one batch of samples for every layer (and its images), all arrays concurrently (zarr's async API),
+        then record the manifest of the blocks it touched. A full disk raises ``DiskFullError``."""
         contiguous = samples == list(range(samples[0], samples[-1] + 1))
+        with disk_errors(self.path):
+            pairs = [(self._array(spec.what, spec.layer).async_array, data) for spec, data in items]
+            if images is not None:
+                pairs.append((self._ensure_images(tuple(images.shape[1:])).async_array, images.float()))
 
-        arrays = [self._array(spec.what, spec.layer).async_array for spec, _ in items]
+            async def put(arr: Any, data: torch.Tensor) -> None:
+                values = data.numpy()
+                if contiguous:
+                    await arr.setitem(slice(samples[0], samples[-1] + 1), values)
+                else:
+                    for k, i in enumerate(samples):
+                        await arr.setitem(i, values[k])
 
-        async def put(arr: Any, data: torch.Tensor) -> None:
-            values = data.numpy()
-            if contiguous:
-                await arr.setitem(slice(samples[0], samples[-1] + 1), values)
-            else:
-                for k, i in enumerate(samples):
-                    await arr.setitem(i, values[k])
+            async def put_all() -> None:
+                await asyncio.gather(*(put(arr, data) for arr, data in pairs))
 
-        async def put_all() -> None:
-            await asyncio.gather(*(put(arr, data) for arr, (_, data) in zip(arrays, items)))
-
-        zarr_sync(put_all())
+            zarr_sync(put_all())
+            cs = self._chunk_samples()
+            for block in sorted({i // cs for i in samples}):
+                self._record_block(block, cs)
 
     def mark_done(self, samples: list[int], timesteps: list[float]) -> None:
-        done = cast("zarr.Array[Any]", self.group["done"])
-        mask = np.asarray(done[:])
-        mask[samples] = True
-        done[:] = mask
-        if timesteps and not self.group.attrs.get("timesteps"):
-            self.group.attrs["timesteps"] = [float(t) for t in timesteps]
+        with disk_errors(self.path):
+            mask = self._read_done()
+            mask[samples] = True
+            if timesteps and not self.group.attrs.get("timesteps"):
+                self._set_root_attr("timesteps", [float(t) for t in timesteps])
+            self._write_done(mask)
+
+    def _set_root_attr(self, key: str, value: Any) -> None:
+        """Rewrite the root zarr.json atomically (zarr writes it in place, which a kill could leave half-written)."""
+        file = self.path / "zarr.json"
+        meta = json.loads(file.read_text())
+        meta.setdefault("attributes", {})[key] = value
+        atomic_write_text(file, json.dumps(meta, indent=2))
+        self.group = _open_group(self.path, "a")
+
+    # integrity --------------------------------------------------------------------------------------------------
+    def _data_arrays(self) -> list[zarr.Array[Any]]:
+        if self._data is None:
+            arrays = [self._array(what, name) for what in ("output", "update") for name in self.layer_names(what)]
+            if self.has_images:
+                arrays.append(self._array_at(IMAGES))
+            self._data = arrays
+        return self._data
+
+    def _block_files(self, block: int) -> list[str]:
+        """Paths (relative to the store) of every data chunk file holding samples of sample block ``block``."""
+        files = []
+        for arr in self._data_arrays():
+            grid = [range(int(c)) for c in arr.cdata_shape[1:]]
+            for rest in itertools.product(*grid):
+                files.append(f"{arr.path}/{arr.metadata.encode_chunk_key((block,) + tuple(rest))}")
+        return files
+
+    def _record_block(self, block: int, cs: int) -> None:
+        files: dict[str, list[int]] = {}
+        for rel in self._block_files(block):
+            data = (self.path / rel).read_bytes()
+            files[rel] = [len(data), zlib.crc32(data)]
+        entry = {"block": block, "samples": [block * cs, min((block + 1) * cs, self.n)], "files": files}
+        atomic_write_text(self.path / MANIFEST / f"{block}.json", json.dumps(entry, separators=(",", ":")))
+
+    def manifest(self) -> dict[int, dict[str, Any]]:
+        """The recorded manifest, by sample block (an unreadable block file maps to an empty dict)."""
+        folder = self.path / MANIFEST
+        out: dict[int, dict[str, Any]] = {}
+        if not folder.is_dir():
+            return out
+        for f in folder.iterdir():
+            if f.suffix != ".json" or not f.stem.isdigit():
+                continue
+            try:
+                entry = json.loads(f.read_text())
+                if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict):
+                    raise ValueError("not a manifest")
+            except (ValueError, OSError):
+                entry = {}
+            out[int(f.stem)] = entry
+        return out
+
+    def check(self, verify: bool = False) -> list[Damage]:
+        """Every damaged file: manifest chunk files missing or of another size (``verify``: or another crc32), and
+        blocks holding finished samples with no readable manifest. Stores of schema 1 have no manifest: []."""
+        if self.schema < 2:
+            return []
+        damage: list[Damage] = []
+        manifest = self.manifest()
+        for block in sorted(manifest):
+            entry = manifest[block]
+            if not entry:
+                damage.append(Damage(f"{MANIFEST}/{block}.json", "not a readable manifest", block))
+                continue
+            for rel, (size, crc) in entry["files"].items():
+                problem = _file_problem(self.path / rel, int(size), int(crc) if verify else None)
+                if problem:
+                    damage.append(Damage(rel, problem, block))
+        cs = self._chunk_samples()
+        done = self._read_done()
+        for block in sorted({int(i) // cs for i in np.flatnonzero(done)} - set(manifest)):
+            damage.append(Damage(f"{MANIFEST}/{block}.json", "missing", block))
+        return damage
+
+    def _repair(self) -> None:
+        """Mark the samples of every damaged block not done (size check), so a resumed run regenerates them."""
+        blocks = {d.block for d in self.check() if d.block is not None}
+        if not blocks:
+            return
+        cs = self._chunk_samples()
+        mask = self._read_done()
+        for b in blocks:
+            mask[b * cs : (b + 1) * cs] = False
+        self._write_done(mask)
 
     # reading ----------------------------------------------------------------------------------------------------
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs)
 
+    def recorded(self) -> dict[str, Any]:
+        attrs = self.attrs
+        rec: dict[str, Any] = {k: attrs[k] for k in ("model", "num_inference_steps", "height", "width") if k in attrs}
+        if attrs.get("timesteps"):
+            rec["timesteps"] = list(attrs["timesteps"])
+        return rec
+
     @property
     def complete(self) -> bool:
         return not self.pending()
 
     def layer_names(self, what: str = "output") -> list[str]:
-        if what not in self.group:
-            return []
-        return sorted(name for name, _ in cast(zarr.Group, self.group[what]).arrays())
+        try:
+            if what not in self.group:
+                return []
+            return sorted(name for name, _ in cast(zarr.Group, self.group[what]).arrays())
+        except Exception as exc:
+            raise StoreIntegrityError(
+                f"the arrays of {what}/ in the store {str(self.path)!r} cannot be listed ({type(exc).__name__}: "
+                f"{exc}); restore their zarr.json files or delete the store"
+            ) from None
 
     def _arr(self, layer: str, what: str) -> zarr.Array[Any]:
         if (what, layer) not in self._handles:
@@ -296,6 +591,147 @@ class ActivationStore(_Lookup):
 
     def delete(self) -> None:
         shutil.rmtree(self.path)
+
+
+# files and metadata ---------------------------------------------------------------------------------------------
+def _file_problem(file: Path, size: int, crc: int | None) -> str | None:
+    try:
+        have = file.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    if have < size:
+        return f"truncated ({have} of {size} bytes)"
+    if have != size:
+        return f"{have} bytes where {size} were written"
+    if crc is not None and zlib.crc32(file.read_bytes()) != crc:
+        return "changed since it was written (checksum mismatch)"
+    return None
+
+
+def _damage_message(path: Path, damage: list[Damage]) -> str:
+    first = damage[0]
+    return (
+        f"the store {str(path)!r} is damaged: {first.file} is {first.problem} ({len(damage)} damaged file"
+        f"{'s' if len(damage) != 1 else ''} in all); rerun the same capture to regenerate the damaged samples, or "
+        "delete the store"
+    )
+
+
+def _read_json(file: Path, store: Path) -> None:
+    """Raise :class:`StoreIntegrityError` naming ``file`` when it is not a JSON object."""
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        return
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StoreIntegrityError(
+            f"the store metadata file {str(file)!r} is not valid JSON ({exc}); restore it or delete the store"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or "node_type" not in meta:
+        raise StoreIntegrityError(
+            f"the store metadata file {str(file)!r} is not zarr v3 metadata (a JSON object with zarr_format 3 and "
+            "node_type); restore it or delete the store"
+        )
+
+
+def _check_metadata(path: Path) -> None:
+    """Every zarr.json of the store (root, groups, arrays; not the chunks) is readable JSON."""
+    _read_json(path / "zarr.json", path)
+    for what in ("output", "update"):
+        sub = path / what
+        if sub.is_dir():
+            _read_json(sub / "zarr.json", path)
+            for child in sub.iterdir():
+                if child.is_dir():
+                    _read_json(child / "zarr.json", path)
+    for name in ("done", IMAGES):
+        _read_json(path / name / "zarr.json", path)
+
+
+def _open_group(path: Path, mode: str) -> zarr.Group:
+    _check_metadata(path)
+    try:
+        return zarr.open_group(str(path), mode=cast(Any, mode))
+    except Exception as exc:
+        raise StoreIntegrityError(
+            f"the store metadata file {str(path / 'zarr.json')!r} is not valid zarr metadata "
+            f"({type(exc).__name__}: {exc}); restore it or delete the store"
+        ) from None
+
+
+def _is_ours(name: str) -> bool:
+    """Lock, marker, probe and temporary files layerscope keeps in a store folder."""
+    return name.startswith(".layerscope")
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    return [e.name for e in path.iterdir() if not _is_ours(e.name)]
+
+
+def _clean_temporaries(path: Path) -> None:
+    """Remove what killed creations left: temporary folders beside the store and inside it (the caller holds the
+    store's lock, so no other run is writing them)."""
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(f".{path.name}{TMP_TAG}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    if path.is_dir():
+        for tmp in path.glob(f"{TMP_TAG}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _clear(path: Path) -> None:
+    """Empty a store folder of an unfinished creation, keeping the lock file (the marker goes last)."""
+    for e in path.iterdir():
+        if e.name in (LOCK_FILE, CREATING):
+            continue
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e)
+        else:
+            e.unlink()
+    (path / CREATING).unlink(missing_ok=True)
+
+
+def _create(
+    path: Path, attrs: dict[str, Any], specs: list[ArraySpec], n: int, chunk_samples: int, dtype: torch.dtype
+) -> None:
+    """Build the store under a temporary name beside ``path``, then move it in with the root zarr.json last."""
+    tmp = path.parent / f".{path.name}{TMP_TAG}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(str(tmp), mode="w")
+    np_dtype = np.dtype(torch_dtype_name(dtype))
+    subs = {what: group.require_group(what) for what in sorted({s.what for s in specs})}
+    for s in specs:
+        subs[s.what].create_array(
+            s.layer,
+            shape=s.shape,
+            chunks=_chunks(s.shape, chunk_samples, np_dtype.itemsize),
+            dtype=np_dtype,
+            compressors=None,
+            fill_value=0,
+            attributes=_jsonable(
+                {
+                    "layer": s.layer,
+                    "what": s.what,
+                    "dims": list(s.dims),
+                    "steps": s.steps,
+                    "branches": s.branches,
+                    **s.attrs,
+                }
+            ),
+        )
+    group.create_array("done", shape=(n,), chunks=(max(n, 1),), dtype=bool, fill_value=False)
+    meta = _jsonable(attrs)
+    meta["layerscope"] = {**meta.get("layerscope", {}), "schema": SCHEMA}
+    group.attrs.update(meta)
+    (tmp / MANIFEST).mkdir()
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path / CREATING, str(os.getpid()))
+    for entry in sorted(tmp.iterdir()):
+        if entry.name != "zarr.json":
+            entry.rename(path / entry.name)
+    (tmp / "zarr.json").rename(path / "zarr.json")  # the commit point: from here on the store is resumable
+    (path / CREATING).unlink()
+    tmp.rmdir()
 
 
 CHUNK_BYTES = 32 * 2**20
