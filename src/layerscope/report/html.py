@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import numbers
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,14 @@ class Page:
     def table(self, df: pd.DataFrame, caption: str = "", floats: str = "{:.2f}", max_rows: int = 400) -> str:
         """A DataFrame as an HTML table (first ``max_rows`` rows)."""
         shown = df.head(max_rows)
-        body = shown.to_html(index=False, classes="data", border=0, na_rep="–", float_format=lambda v: floats.format(v))
+        body = shown.to_html(
+            index=False,
+            classes="data",
+            border=0,
+            na_rep="–",
+            float_format=lambda v: floats.format(v),
+            escape=True,  # column names and cells come from data (layer names, a user's factor names, prompts)
+        )
         more = f"<p><i>{len(df) - max_rows} more rows in the saved table.</i></p>" if len(df) > max_rows else ""
         cap = f"<p><b>{self.esc(caption)}</b></p>" if caption else ""
         return cap + body + more
@@ -71,34 +79,47 @@ class Page:
         return f"<p>{self.esc(text)}</p>"
 
 
+def _num(value: Any, fmt: str = "{}", mul: float = 1, div: float = 1) -> str:
+    """A number from data, ``fmt.format(mul * value / div)``; anything that is not a real number is shown as
+    escaped text (run.json is user-editable: its fields reach the page only escaped or as checked numbers)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return fmt.format(mul * value / div)
+    return html.escape(str(value))
+
+
 def _model_cards(cards: list[dict[str, Any]], page: Page) -> str:
     """Model cards as the main job wrote them into run.json (no model or weights are read here)."""
+    esc = page.esc
     out = []
     for c in cards:
-        rows = [f"<h4>{page.esc(c.get('name', '?'))}</h4>"]
+        rows = [f"<h4>{esc(c.get('name', '?'))}</h4>"]
         if c.get("description"):
-            rows.append(f"<p>{page.esc(c['description'])}</p><ul>")
+            rows.append(f"<p>{esc(c['description'])}</p><ul>")
             if c.get("parameters"):
+                res = esc(c.get("resolution", "?"))
                 rows.append(
-                    f"<li>{c['parameters'] / 1e6:.2f}M parameters, {c['resolution']}x{c['resolution']} "
-                    f"pixels, {c['weights_bytes'] / 1e6:.1f} MB of weights</li>"
+                    f"<li>{_num(c['parameters'], '{:.2f}', div=1e6)}M parameters, {res}x{res} "
+                    f"pixels, {_num(c.get('weights_bytes', '?'), '{:.1f}', div=1e6)} MB of weights</li>"
                 )
             if c.get("steps"):
                 mins = (
-                    f", {c['train_seconds'] / 60:.0f} min on {c.get('device', '?')}" if c.get("train_seconds") else ""
+                    f", {_num(c['train_seconds'], '{:.0f}', div=60)} min on {esc(c.get('device', '?'))}"
+                    if c.get("train_seconds")
+                    else ""
                 )
-                rows.append(f"<li>trained {c['steps']} steps{mins}</li>")
+                rows.append(f"<li>trained {esc(c['steps'])} steps{mins}</li>")
             q = c.get("quality")
             if q:
                 if q.get("prompt_agreement"):
-                    ag = ", ".join(f"{k} {100 * v:.1f}%" for k, v in q["prompt_agreement"].items())
-                    rows.append(f"<li>prompt agreement (oracle, {q['samples']} samples): {page.esc(ag)}</li>")
+                    ag = ", ".join(f"{esc(k)} {_num(v, '{:.1f}', mul=100)}%" for k, v in q["prompt_agreement"].items())
+                    rows.append(f"<li>prompt agreement (oracle, {esc(q.get('samples', '?'))} samples): {ag}</li>")
                 rows.append(
-                    f"<li>in-distribution {100 * q['in_distribution']:.1f}%; Frechet distance "
-                    f"{q['frechet_distance']:.1f} (floor {q['frechet_floor']:.1f})</li>"
+                    f"<li>in-distribution {_num(q.get('in_distribution', '?'), '{:.1f}', mul=100)}%; Frechet "
+                    f"distance {_num(q.get('frechet_distance', '?'), '{:.1f}')} "
+                    f"(floor {_num(q.get('frechet_floor', '?'), '{:.1f}')})</li>"
                 )
                 if q.get("settings"):
-                    rows.append(f"<li>sampling: {page.esc(json.dumps(q['settings']))}</li>")
+                    rows.append(f"<li>sampling: {esc(json.dumps(q['settings']))}</li>")
             rows.append("</ul>")
         out.append(f'<div class="card">{"".join(rows)}</div>')
     return f'<div class="cards">{"".join(out)}</div>'
@@ -125,7 +146,7 @@ def build(folder: Path) -> Path:
                 cards.setdefault(spec, card or {"name": spec})
         notes = "".join(page.note(n) for n in info.get("notes", []))
         frag = sec.render(SectionRun(sec.KEY, folder / sec.KEY, info), page)
-        secs = f"<p><i>computed in {info.get('seconds', '?')} s</i></p>"
+        secs = f"<p><i>computed in {_num(info.get('seconds', '?'))} s</i></p>"
         body.append(f'<section id="{sec.KEY}"><h2>{page.esc(sec.TITLE)}</h2>{secs}{notes}{frag}</section>')
         toc.append(f'<li><a href="#{sec.KEY}">{page.esc(sec.TITLE)}</a></li>')
     card_html = (
