@@ -55,7 +55,7 @@ MODELS: dict[str, ZooModel] = {
         "categorical code per factor and draws it",
     ),
 }
-TRAINABLE = (*MODELS, "oracle")
+TRAINABLE = (*MODELS, "oracle", "ldm")  # ldm: trained (VAE, then U-Net) but not yet in MODELS
 
 
 def _entry(name: str) -> ZooModel:
@@ -108,6 +108,10 @@ def train(
 
         kw = {"steps": steps} if steps else {}
         return train_oracle(Path(out) if out else None, device=device, show_progress=show_progress, **kw)
+    if name == "ldm":  # both stages (world VAE, then the latent U-Net), each resuming from its checkpoint
+        from . import ldm
+
+        return ldm.train(Path(out) if out else WEIGHTS / "ldm", device=device, steps=steps, show_progress=show_progress)
     entry = _entry(name)
     folder = Path(out) if out else entry.folder
     folder.mkdir(parents=True, exist_ok=True)
