@@ -54,8 +54,9 @@ from torch import nn
 
 from ..factors import FACTORS, SHAPES, VALUES, sample_factors
 from ..render import render
-from ..text import ANGLES, COLOURS, SIZES_WORDS, encode, orientation_phrase, tokenizer, vocabulary
+from ..text import ANGLES, COLOURS, SIZES_WORDS, encode, orientation_phrase, tokenizer
 from ..training import TrainLog, autocast, pick_device, progress, seed_everything, write_json
+from .diffusion import build_text_encoder  # the zoo's one CLIPTextModel on the world's tokenizer
 
 SIZE = 64  # render resolution of the VAE and the LDM
 CHECKPOINT = "checkpoint/state.pt"
@@ -636,25 +637,6 @@ def evaluate_vae(
 
 
 # -- the latent diffusion model ---------------------------------------------------------------------------------
-
-
-def build_text_encoder(cfg: dict):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ..text import MAX_LENGTH
-
-    tok = tokenizer()
-    conf = CLIPTextConfig(
-        vocab_size=len(vocabulary()),
-        max_position_embeddings=MAX_LENGTH,
-        hidden_act="gelu",
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        projection_dim=cfg["hidden_size"],
-        **cfg,
-    )
-    return CLIPTextModel(conf)
 
 
 def build_unet(config: dict | None = None):
