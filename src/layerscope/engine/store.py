@@ -44,6 +44,7 @@ import json
 import os
 import shutil
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -227,15 +228,18 @@ class ActivationStore(_Lookup):
         self._data: list[zarr.Array[Any]] | None = None  # every data array (output, update, images), for manifests
 
     def _array(self, what: str, layer: str) -> zarr.Array[Any]:
-        key = (what, layer)
-        if key not in self._handles:  # each lookup would reread metadata from disk
+        return self._handle((what, layer), f"{what}/{layer}", lambda: cast(zarr.Group, self.group[what])[layer])
+
+    def _handle(self, key: tuple[str, str], label: str, get: Callable[[], Any]) -> zarr.Array[Any]:
+        """A cached array handle (each lookup would reread metadata from disk); unreadable metadata in one sentence."""
+        if key not in self._handles:
             try:
-                arr = cast("zarr.Array[Any]", cast(zarr.Group, self.group[what])[layer])
+                arr = cast("zarr.Array[Any]", get())
             except (KeyError, LayerNameError):
                 raise
             except Exception as exc:
                 raise StoreIntegrityError(
-                    f"the metadata of {what}/{layer} in the store {str(self.path)!r} cannot be read "
+                    f"the metadata of {label} in the store {str(self.path)!r} cannot be read "
                     f"({type(exc).__name__}: {exc}); restore it or delete the store"
                 ) from None
             self._handles[key] = arr.with_config(WRITE_ALL_CHUNKS)
@@ -339,19 +343,7 @@ class ActivationStore(_Lookup):
         return self._array_at("done")
 
     def _array_at(self, name: str) -> zarr.Array[Any]:
-        key = ("", name)
-        if key not in self._handles:
-            try:
-                arr = cast("zarr.Array[Any]", self.group[name])
-            except KeyError:
-                raise
-            except Exception as exc:
-                raise StoreIntegrityError(
-                    f"the metadata of {name} in the store {str(self.path)!r} cannot be read "
-                    f"({type(exc).__name__}: {exc}); restore it or delete the store"
-                ) from None
-            self._handles[key] = arr.with_config(WRITE_ALL_CHUNKS)
-        return self._handles[key]
+        return self._handle(("", name), name, lambda: self.group[name])
 
     def _done_file(self) -> tuple[Path, int]:
         arr = self._done_array()
