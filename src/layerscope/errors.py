@@ -37,6 +37,10 @@ class ConfigError(LayerscopeError, ValueError):
     """An argument of a capture, intervention or sweep is invalid."""
 
 
+class DamagedError(LayerscopeError, ValueError):
+    """Saved files (a Result, a report record, a store's chunks) are missing, truncated, changed or unreadable."""
+
+
 def close_matches(name: str, valid: Iterable[str], n: int = 5) -> list[str]:
     """Return up to ``n`` valid names closest to ``name`` (for 'did you mean' messages)."""
     valid = list(valid)

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,3 +117,26 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def file_record(path: str | Path) -> dict[str, int]:
+    """What a writer records of a file it finished: ``{"size": bytes, "crc32": checksum}``."""
+    path = Path(path)
+    crc = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return {"size": path.stat().st_size, "crc32": crc}
+
+
+def file_damage(path: str | Path, want: dict[str, int]) -> str | None:
+    """Why the file at ``path`` is not the one :func:`file_record` described (None when it is)."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    if size != want.get("size"):
+        return f"{path.name} has {size} bytes, {want.get('size')} were written"
+    if file_record(path)["crc32"] != want.get("crc32"):
+        return f"{path.name} was changed after it was written (checksum)"
+    return None

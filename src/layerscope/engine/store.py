@@ -54,7 +54,7 @@ import torch
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
-from ..errors import ConfigError, LayerNameError, StoreMismatchError, close_matches
+from ..errors import ConfigError, DamagedError, LayerNameError, StoreMismatchError, close_matches
 from ..folders import LOCK_FILE, atomic_write_bytes, atomic_write_text, disk_errors
 
 SCHEMA = 2
@@ -66,7 +66,7 @@ TMP_TAG = ".layerscope-tmp-"  # temporary folders (creations, the images array) 
 WRITE_ALL_CHUNKS: Any = {"write_empty_chunks": True}  # every chunk file exists, so a missing one is damage
 
 
-class StoreIntegrityError(StoreMismatchError):
+class StoreIntegrityError(StoreMismatchError, DamagedError):
     """A store's files do not match what it recorded writing (a missing, truncated or changed chunk file), or its
     metadata cannot be read."""
 

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import folders
 from .._version import __version__
-from ..errors import ConfigError
+from ..errors import ConfigError, DamagedError
 
 RESULT_FILE = "result.json"
 #: open-domain prompts, cycled, for experiments given none (properties' base samples, alignment's rows)
@@ -43,12 +44,34 @@ OPEN_PROMPTS = (
 )
 
 
-def _escape(key: str) -> str:  # npz member names: keep dots out of them
-    return key.replace(".", "__")
+NPZ_FORMAT = 2  # npz member names percent-escape "%", "." and "/"; format 1 wrote "." as "__" (not reversible)
 
 
-def _unescape(key: str) -> str:
-    return key.replace("__", ".")
+def _escape(key: str) -> str:
+    return key.replace("%", "%25").replace(".", "%2E").replace("/", "%2F")
+
+
+def _unescape(key: str, fmt: int = NPZ_FORMAT) -> str:
+    if fmt < 2:
+        return key.replace("__", ".")
+    return key.replace("%2F", "/").replace("%2E", ".").replace("%25", "%")
+
+
+def save_arrays(path: str | Path, arrays: Mapping[str, Any]) -> dict[str, int]:
+    """Write ``arrays`` (key -> array; any key) as one compressed npz, atomically; return its file record."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as fh:
+            np.savez_compressed(fh, **{_escape(k): np.asarray(v) for k, v in arrays.items()})
+
+    folders.atomic_write(path, write)
+    return folders.file_record(path)
+
+
+def load_arrays(path: str | Path, fmt: int = NPZ_FORMAT) -> dict[str, np.ndarray]:
+    """Read what :func:`save_arrays` wrote (``fmt``: the npz format of the writer, 1 for older files)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {_unescape(k, fmt): z[k] for k in z.files}
 
 
 @dataclass
@@ -72,43 +95,72 @@ class Result:
         return list(self.record.get("notes", []))
 
     def save(self, folder: str | Path) -> Path:
-        """Write every table as ``<name>.parquet``, every artifact as ``<name>.npz``, then ``result.json``."""
+        """Write every table as ``<name>.parquet``, every artifact as ``<name>.npz`` (each atomically), then
+        ``result.json`` with every file's size and checksum: a folder with ``result.json`` holds a whole result."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        files: dict[str, dict[str, int]] = {}
         for name, table in self.tables.items():
-            table.to_parquet(folder / f"{name}.parquet", index=False)
+            path = folders.atomic_write(folder / f"{name}.parquet", lambda tmp, t=table: t.to_parquet(tmp, index=False))
+            files[path.name] = folders.file_record(path)
         for name, arrays in self.artifacts.items():
-            np.savez_compressed(folder / f"{name}.npz", **{_escape(k): v for k, v in arrays.items()})
+            files[f"{name}.npz"] = save_arrays(folder / f"{name}.npz", arrays)
         meta = {
             "experiment": self.experiment,
             "layerscope": __version__,
             "tables": list(self.tables),
             "artifacts": list(self.artifacts),
+            "npz": NPZ_FORMAT,
+            "files": files,
             "record": self.record,
         }
-        tmp = folder / (RESULT_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1, default=_json_default))
-        tmp.replace(folder / RESULT_FILE)  # written last: a folder with result.json holds a whole result
+        folders.atomic_write_text(folder / RESULT_FILE, json.dumps(meta, indent=1, default=_json_default))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> Result:
-        """Read a result :meth:`save` wrote (no model is loaded)."""
+        """Read a result :meth:`save` wrote (no model is loaded); a missing, truncated, changed or unreadable file
+        raises :class:`~layerscope.errors.DamagedError` naming it."""
         folder = Path(folder)
         path = folder / RESULT_FILE
         if not path.exists():
             raise ConfigError(f"{folder} holds no saved result ({RESULT_FILE} is missing)")
-        meta = json.loads(path.read_text())
-        tables = {name: pd.read_parquet(folder / f"{name}.parquet") for name in meta["tables"]}
-        artifacts = {}
-        for name in meta["artifacts"]:
-            with np.load(folder / f"{name}.npz") as z:
-                artifacts[name] = {_unescape(k): z[k] for k in z.files}
+
+        def damaged(why: str) -> ResultDamagedError:
+            return ResultDamagedError(folder, why)
+
+        try:
+            meta = json.loads(path.read_text())
+            if not isinstance(meta, dict) or not {"experiment", "tables", "artifacts", "record"} <= set(meta):
+                raise ValueError("it lacks the experiment, tables, artifacts or record")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise damaged(f"{RESULT_FILE} cannot be read ({exc})") from None
+        for name, want in (meta.get("files") or {}).items():  # results saved before 0.x record no files
+            why = folders.file_damage(folder / name, want)
+            if why:
+                raise damaged(why)
+        try:
+            tables = {name: pd.read_parquet(folder / f"{name}.parquet") for name in meta["tables"]}
+            fmt = int(meta.get("npz", 1))
+            artifacts = {name: load_arrays(folder / f"{name}.npz", fmt) for name in meta["artifacts"]}
+        except Exception as exc:  # no file record (an older result) or a file that does not parse
+            raise damaged(f"a file cannot be read ({type(exc).__name__}: {exc})") from None
         return cls(meta["experiment"], tables, meta["record"], artifacts)
 
     @staticmethod
     def exists(folder: str | Path) -> bool:
         return (Path(folder) / RESULT_FILE).exists()
+
+
+class ResultDamagedError(DamagedError):
+    """A saved Result's files are missing, truncated, changed or unreadable (``why`` says which and how)."""
+
+    def __init__(self, folder: Path, why: str) -> None:
+        super().__init__(
+            f"the saved result in {folder} is damaged: {why}; rerun the study into that folder (or delete it) "
+            "to recompute it"
+        )
+        self.folder, self.why = folder, why
 
 
 def _json_default(v: Any) -> Any:

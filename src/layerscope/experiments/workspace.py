@@ -33,7 +33,7 @@ import pandas as pd
 
 from .. import folders
 from ..errors import ConfigError, StoreMismatchError
-from .base import RESULT_FILE, Result, settings_dict
+from .base import NPZ_FORMAT, RESULT_FILE, Result, ResultDamagedError, load_arrays, save_arrays, settings_dict
 
 MANIFEST = "layerscope.json"
 CELLS = "cells"
@@ -46,14 +46,6 @@ class Cell:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
-
-
-def _crc(path: Path) -> int:
-    crc = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def _stem(key: str) -> str:
@@ -132,8 +124,8 @@ class Workspace:
             return None
         try:
             return Result.load(self.folder)
-        except Exception as exc:  # a damaged table or result.json: recomputed from the cells
-            self.note(f"the saved result in {self.folder} is damaged ({type(exc).__name__}: {exc}); recomputing it")
+        except ResultDamagedError as exc:  # a damaged table or result.json: recomputed from the cells
+            self.note(f"the saved result in {self.folder} was damaged ({exc.why}); recomputed it")
             (self.folder / RESULT_FILE).unlink(missing_ok=True)
             return None
 
@@ -179,26 +171,11 @@ class Workspace:
         for name, table in (tables or {}).items():
             path = stem.with_name(f"{stem.name}.{name}.parquet")
             folders.atomic_write(path, lambda tmp, t=table: t.to_parquet(tmp, index=False))
-            files[path.name] = {"size": path.stat().st_size, "crc32": _crc(path)}
+            files[path.name] = folders.file_record(path)
         if arrays:
-            path = stem.with_name(f"{stem.name}.npz")
-
-            def write_npz(tmp: Path) -> None:
-                with tmp.open("wb") as fh:
-                    np.savez_compressed(fh, **{_escape(k): np.asarray(v) for k, v in arrays.items()})
-
-            folders.atomic_write(path, write_npz)
-            files[path.name] = {"size": path.stat().st_size, "crc32": _crc(path)}
-        marker = {"key": key, "files": files, "tables": list(tables or {}), "record": record or {}}
+            files[f"{stem.name}.npz"] = save_arrays(stem.with_name(f"{stem.name}.npz"), arrays)
+        marker = {"key": key, "files": files, "tables": list(tables or {}), "npz": NPZ_FORMAT, "record": record or {}}
         folders.atomic_write_text(stem.with_name(f"{stem.name}.json"), json.dumps(marker, default=str))
-
-
-def _escape(key: str) -> str:  # npz member names: keep dots out of them
-    return key.replace(".", "__")
-
-
-def _unescape(key: str) -> str:
-    return key.replace("__", ".")
 
 
 def read_cell(stem: Path, key: str, note: Any = None) -> Cell | None:
@@ -218,19 +195,16 @@ def read_cell(stem: Path, key: str, note: Any = None) -> Cell | None:
     except (ValueError, KeyError, TypeError, OSError) as exc:
         return damaged(f"{marker.name}: {exc}")
     for name, want in files.items():
-        path = stem.parent / name
-        if not path.exists():
-            return damaged(f"{path} is missing")
-        if path.stat().st_size != want["size"] or _crc(path) != want["crc32"]:
-            return damaged(f"{path} is truncated or changed")
+        why = folders.file_damage(stem.parent / name, want)
+        if why:
+            return damaged(why)
     cell = Cell(record=meta.get("record") or {})
     try:
         for name in meta.get("tables", []):
             cell.tables[name] = pd.read_parquet(stem.with_name(f"{stem.name}.{name}.parquet"))
         npz = stem.with_name(f"{stem.name}.npz")
         if npz.name in files:
-            with np.load(npz, allow_pickle=False) as z:
-                cell.arrays = {_unescape(k): z[k] for k in z.files}
+            cell.arrays = load_arrays(npz, int(meta.get("npz", 1)))
     except Exception as exc:  # checksums matched but the file does not parse: written by something else
         return damaged(f"{type(exc).__name__}: {exc}")
     return cell

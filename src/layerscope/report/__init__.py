@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DamagedError
 from ..experiments.base import Result
 from .html import Page
 
@@ -58,7 +58,30 @@ def read_run(folder: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"{folder} is not a layerscope report folder ({RUN_FILE} is missing); create one with `layerscope run`"
         )
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DamagedError(f"{path} is not valid JSON ({exc}); rerun `layerscope run` into {folder}") from None
+    why = _malformed(record)
+    if why:
+        raise DamagedError(f"{path} is not a layerscope run record ({why}); rerun `layerscope run` into {folder}")
+    return record
+
+
+def _malformed(record: Any) -> str | None:
+    """What is wrong with the shape of a ``run.json`` record (None when the report can read it)."""
+    if not isinstance(record, dict):
+        return f"it holds a {type(record).__name__}, not an object"
+    sections = record.get("sections")
+    if not isinstance(sections, dict):
+        return "it has no 'sections' object"
+    for key, info in sections.items():
+        if not isinstance(info, dict) or not isinstance(info.get("jobs", []), list):
+            return f"section {key!r} is not an object with a 'jobs' list"
+        for job in info.get("jobs", []):
+            if not isinstance(job, dict) or not isinstance(job.get("folder"), str):
+                return f"a job of section {key!r} has no 'folder'"
+    return None
 
 
 def build_report(folder: str | Path) -> Path:
