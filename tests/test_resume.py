@@ -5,6 +5,7 @@ rerun must compute only what is missing and give the tables of an uninterrupted 
 
 import json
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -211,3 +212,20 @@ def test_injection_checks_metrics_and_batch():
         inj.run(dit, inj.Settings(random_pairs=1, max_batch=0, steps=2))
     with pytest.raises(ls.ConfigError, match="guidance_scale must be a finite"):
         inj.run(dit, inj.Settings(random_pairs=1, guidance=math.nan, steps=2))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["abstractions", "zoo:unet", "--steps", "0"], "steps"),
+        (["properties", "zoo:gan", "--steps", "0"], "steps"),
+        (["sweep", "zoo:dit", "--random-pairs", "1", "--max-batch", "0"], "max_batch"),
+        (["sweep", "zoo:dit", "--random-pairs", "1", "--guidance", "nan"], "finite"),
+        (["sweep", "zoo:dit", "--random-pairs", "1", "--seeds", "-1"], r"\[0, 2\*\*63\)"),
+        (["sweep", "zoo:dit", "--random-pairs", "1", "--metrics", "bogus"], "images scorer"),
+    ],
+)
+def test_the_cli_refuses_bad_numbers_in_one_sentence(tmp_path, args, match):
+    res = CliRunner().invoke(command(), [*args, "--out", str(tmp_path / "o")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "Traceback" not in res.output and re.search(match, text), res.output

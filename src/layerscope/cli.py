@@ -383,7 +383,7 @@ def abstractions(
         settings = ab.Settings(
             n=n,
             seed=seed,
-            steps=steps or None,
+            steps=steps,
             layers=tuple(layers) if layers else None,
             conditional=conditional,
             project_layers=project_layers,
