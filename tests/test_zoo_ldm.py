@@ -209,3 +209,28 @@ def test_caption_words_are_in_the_vocabulary():
         assert len(ids) <= 24
     words = {w for c in caps for w in ldm._WORD.findall(c)}
     assert words <= ldm.caption_words()
+
+
+def test_zoo_ldm_loads_through_the_sd_adapter_unchanged(vae_dir, tmp_path):
+    import layerscope as ls
+    from layerscope.world import zoo
+
+    out = tmp_path / "ldm"
+    with pytest.raises(ls.SpecError, match="has no weights"):
+        ls.load("zoo:ldm", folder=str(out))
+    ldm.train_ldm(out, dict(TINY_LDM, vae=str(vae_dir)), show_progress=False)
+    model = ls.load("zoo:ldm", folder=str(out))
+    assert type(model).__name__ == "UNetPipelineGenerator" and model.capabilities.oracle == "shapes"
+    lmap = model.layer_map()
+    roles = {e.name: e.role for e in lmap.spaces}
+    assert roles["vae_latent"] == "latent" and roles["h_space"] == "bottleneck" and roles["text_eos"] == "condition"
+    assert lmap["vae_latent"].shape == (4, 16, 16)
+    names = [e.name for e in lmap.layers]
+    assert {"down_blocks.0.attentions.1", "down_blocks.3.resnets.1", "mid_block.attentions.0"} <= set(names)
+    assert "up_blocks.1.resnets.1" in names and "up_blocks.3.attentions.2" in names
+    res = model.generate(["a red cube", "seen from the front"], seeds=[0, 1], num_inference_steps=2, max_batch=1)
+    assert res.images.shape == (2, 3, 64, 64)
+    assert zoo.card("ldm", out)["resolution"] == 64
+    same = ls.load(f"hf:{out}").generate(["a red cube"], seeds=[0], num_inference_steps=2, guidance_scale=3.0)
+    again = model.generate(["a red cube"], seeds=[0], num_inference_steps=2, guidance_scale=3.0)
+    assert torch.equal(same.images, again.images)

@@ -94,14 +94,15 @@ def zoo_list() -> None:
     from .world import zoo
     from .world.quality import verdicts
 
-    table = Table(title="layerscope zoo (Shapes world, 32x32)")
+    table = Table(title="layerscope zoo (Shapes world)")
     for col in (
         "model",
+        "res",
         "params",
         "MB",
         "train steps",
         "train time",
-        "prompt agreement (oracle)",
+        "prompt agreement (oracle; zoo:ldm: named factors)",
         "in-dist.",
         "FD (floor)",
         "bars",
@@ -112,7 +113,7 @@ def zoo_list() -> None:
         q = c.get("quality")
         agree = fd = ind = bars = "-"
         if q:
-            ag = q.get("prompt_agreement")
+            ag = q.get("named_followed") or q.get("prompt_agreement")  # partial captions: where a factor is named
             if ag:
                 agree = " ".join(f"{k.replace('_hue', '')}:{_pct(v)}" for k, v in ag.items())
             ind = _pct(q["in_distribution"])
@@ -127,6 +128,7 @@ def zoo_list() -> None:
         params = f"{c['parameters'] / 1e6:.2f}M" if c.get("parameters") else "-"
         table.add_row(
             c["name"],
+            str(c.get("resolution", "-")),
             params,
             f"{c['weights_bytes'] / 1e6:.1f}",
             str(c.get("steps") or "-"),
@@ -173,7 +175,7 @@ def zoo_train(
 
 @zoo_app.command("eval")
 def zoo_eval(
-    name: str = typer.Argument(..., help="unet, dit, vae or gan"),
+    name: str = typer.Argument(..., help="unet, dit, vae, gan or ldm"),
     n: int = typer.Option(1000, help="number of samples"),
     folder: Optional[str] = typer.Option(None, help="weights folder (default: the shipped one)"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (diffusion models)"),

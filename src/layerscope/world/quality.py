@@ -68,13 +68,19 @@ def measure(
 
 
 BARS = {"hue": 0.9, "shape": 0.9, "scale": 0.7, "orientation": 0.7, "in_distribution": 0.9}
+#: zoo:ldm (partial captions): every factor a caption names is followed in at least this share of samples
+NAMED_BAR = 0.95
 
 
 def verdicts(q: dict) -> dict[str, bool]:
     """Which quality bars of the zoo a measurement meets."""
     out: dict[str, bool] = {}
     agree = q.get("prompt_agreement")
-    if agree:
+    named = q.get("named_followed")
+    if named:  # a model trained on partial captions: named factors followed, samples in distribution
+        out.update({f"{f} (named)": v >= NAMED_BAR for f, v in named.items()})
+        out["in_distribution"] = q["in_distribution"] >= BARS["in_distribution"]
+    elif agree:
         for f, v in agree.items():
             bar = BARS["hue"] if f.endswith("_hue") else BARS[f]
             out[f] = v >= bar

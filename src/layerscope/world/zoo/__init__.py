@@ -22,8 +22,9 @@ WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 @dataclass(frozen=True)
 class ZooModel:
     name: str
-    kind: str  # "diffusion" or "latent"
+    kind: str  # "diffusion" (pixel space), "latent_diffusion" (a VAE's latent space) or "latent" (one latent vector)
     description: str
+    resolution: int = 32
 
     @property
     def folder(self) -> Path:
@@ -54,8 +55,16 @@ MODELS: dict[str, ZooModel] = {
         "AC-GAN with a DCGAN-style generator that reads a 32-d N(0, I) latent as one "
         "categorical code per factor and draws it",
     ),
+    "ldm": ZooModel(
+        "ldm",
+        "latent_diffusion",
+        "latent diffusion in Stable Diffusion 1.x's layout (StableDiffusionPipeline: AutoencoderKL 64x64 -> 4x16x16, "
+        "UNet2DConditionModel with 3 cross-attention down/up blocks, 2 layers each, CLIPTextModel, DDIM), trained on "
+        "captions that name a random subset of the factors",
+        resolution=64,
+    ),
 }
-TRAINABLE = (*MODELS, "oracle", "ldm")  # ldm: trained (VAE, then U-Net) but not yet in MODELS
+TRAINABLE = (*MODELS, "oracle")
 
 
 def _entry(name: str) -> ZooModel:
@@ -71,13 +80,23 @@ def source(name: str, folder: str | Path | None = None) -> dict[str, Any]:
     ``layerscope.load("zoo:<name>")`` wraps this in the family's adapter."""
     entry = _entry(name)
     where = Path(folder) if folder else entry.folder
-    if not where.exists() or not any(where.glob("**/*.safetensors")):
+    index = entry.kind != "latent"  # a diffusers pipeline folder
+    if (
+        not where.exists()
+        or not any(where.glob("**/*.safetensors"))
+        or (index and not (where / "model_index.json").exists())
+    ):
         raise SpecError(f"zoo model {name!r} has no weights in {where}; train it with `layerscope zoo train {name}`")
     defaults: dict[str, Any] = {}
-    if entry.kind == "diffusion":
-        from .pipelines import load_pipeline
+    if entry.kind in ("diffusion", "latent_diffusion"):
+        if entry.kind == "diffusion":
+            from .pipelines import load_pipeline
 
-        model: Any = load_pipeline(where)
+            model: Any = load_pipeline(where)
+        else:
+            from .ldm import load_ldm
+
+            model = load_ldm(where)
         if (where / "quality.json").exists():
             settings = read_json(where / "quality.json").get("settings", {})
             defaults = {k: settings[k] for k in ("num_inference_steps", "guidance_scale") if k in settings}
@@ -101,7 +120,7 @@ def train(
 
     ``resume`` (diffusion models): continue from the saved model for ``steps`` more steps (peak ``lr``).
     """
-    if resume and (name not in MODELS or MODELS[name].kind != "diffusion"):
+    if resume and (name not in MODELS or MODELS[name].kind != "diffusion"):  # ldm: resumes from its checkpoint
         raise SpecError(f"--resume is supported for the diffusion models (unet, dit), not {name!r}")
     if name == "oracle":
         from ..oracle import train_oracle
@@ -136,9 +155,16 @@ def evaluate(
     progress: bool = True,
     **gen_kwargs: Any,
 ) -> dict:
-    """Measure a loaded zoo model's quality with the oracle (see :mod:`layerscope.world.quality`); saved as
-    quality.json in ``folder`` (default: the shipped weights of ``name``)."""
+    """Measure a loaded zoo model's quality with the oracle (see :mod:`layerscope.world.quality`; zoo:ldm, trained
+    on partial captions: :func:`.ldm.evaluate_ldm`); saved as quality.json in ``folder`` (default: the shipped
+    weights of ``name``)."""
     from ..quality import measure
+
+    if _entry(name).kind == "latent_diffusion":
+        from .ldm import evaluate_ldm
+
+        kw = {k: gen_kwargs[k] for k in ("num_inference_steps", "guidance_scale") if k in gen_kwargs}
+        return evaluate_ldm(folder or MODELS[name].folder, n=n, save=save, pipe=model.pipe, **kw)
 
     q = measure(model, n=n, progress=progress, **gen_kwargs)
     if save:
@@ -161,7 +187,7 @@ def card(name: str, folder: str | Path | None = None) -> dict:
             device=t.get("device"),
             threads=t.get("threads"),
         )
-    info["resolution"] = 32
+    info["resolution"] = entry.resolution
     info["weights_bytes"] = sum(p.stat().st_size for p in folder.glob("**/*.safetensors")) if folder.exists() else 0
     if (folder / "quality.json").exists():
         info["quality"] = read_json(folder / "quality.json")

@@ -495,7 +495,7 @@ def load_vae(folder: str | Path):
     """The trained world VAE (float32, eval mode, CPU)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(Path(folder), local_files_only=True, torch_dtype=torch.float32).eval()
+    return AutoencoderKL.from_pretrained(Path(folder), local_files_only=True, dtype=torch.float32).eval()
 
 
 def _bf16(tr: dict, dev: torch.device) -> bool:
@@ -669,7 +669,7 @@ def load_ldm(folder: str | Path):
     """The trained ``zoo:ldm`` pipeline (``StableDiffusionPipeline``, float32, CPU, offline)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(Path(folder), local_files_only=True, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(Path(folder), local_files_only=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
