@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from layerscope.world import text as wt
 from layerscope.world.factors import FACTORS, SIZES, sample_factors
 from layerscope.world.text import factors_from_prompt, prompts_for, tokenizer, vocabulary
 from layerscope.world.training import read_json
@@ -142,9 +143,9 @@ def test_ldm_kill_and_resume_is_bitwise_identical(vae_dir, tmp_path):
 def test_partial_captions_round_trip_and_leave_factors_open():
     rng = np.random.default_rng(0)
     f = sample_factors(2000, 3, split="train")
-    caps, named = ldm.partial_captions(f, rng)
+    caps, named = wt.partial_captions(f, rng)
     for c, row, m in zip(caps, f, named):
-        got = ldm.factors_from_partial(c)
+        got = wt.factors_from_partial(c)
         assert np.array_equal(got, np.where(m, row, -1)), (c, row, m)
     share = named.mean(axis=0)
     assert np.all(np.abs(share - 0.45) < 0.05), share  # 1/2 of the 90% non-empty captions
@@ -168,9 +169,9 @@ def test_partial_captions_round_trip_and_leave_factors_open():
 def test_full_prompts_parse_as_today():
     f = sample_factors(500, 5)
     for p, row in zip(prompts_for(f), f):
-        assert np.array_equal(ldm.factors_from_partial(p), factors_from_prompt(p))
-        assert np.array_equal(ldm.factors_from_partial(p), row)
-        assert ldm.partial_prompt(row, np.ones(6, bool)) == p  # everything named, canonical order: the full prompt
+        assert np.array_equal(wt.factors_from_partial(p), factors_from_prompt(p))
+        assert np.array_equal(wt.factors_from_partial(p), row)
+        assert wt.partial_prompt(row, np.ones(6, bool)) == p  # everything named, canonical order: the full prompt
 
 
 @pytest.mark.parametrize(
@@ -187,28 +188,28 @@ def test_parser_reads_partial_prompts(text, expect):
     want = np.full(6, -1)
     for k, v in expect.items():
         want[FACTORS.index(k)] = v
-    assert np.array_equal(ldm.factors_from_partial(text), want)
+    assert np.array_equal(wt.factors_from_partial(text), want)
 
 
 def test_parser_rejects_bad_prompts():
     for bad in ("a red dog", "a red blue cube", "seen from 5 degrees left", "a cube seen from"):
         with pytest.raises(ValueError):
-            ldm.factors_from_partial(bad)
+            wt.factors_from_partial(bad)
 
 
 def test_caption_words_are_in_the_vocabulary():
     vocab = set(vocabulary())
-    assert ldm.caption_words() <= vocab
+    assert wt.caption_words() <= vocab
     rng = np.random.default_rng(1)
-    caps, _ = ldm.partial_captions(sample_factors(3000, 2), rng)
+    caps, _ = wt.partial_captions(sample_factors(3000, 2), rng)
     tok = tokenizer()
     unk = tok.unk_token_id
     for c in caps:
         ids = tok(c).input_ids
         assert unk not in ids, c
         assert len(ids) <= 24
-    words = {w for c in caps for w in ldm._WORD.findall(c)}
-    assert words <= ldm.caption_words()
+    words = {w for c in caps for w in wt._WORD.findall(c)}
+    assert words <= wt.caption_words()
 
 
 def test_zoo_ldm_loads_through_the_sd_adapter_unchanged(vae_dir, tmp_path):

@@ -16,8 +16,8 @@ Two stages, each seeded and resumable:
    schedule (scaled-linear betas 0.00085..0.012, epsilon prediction; ``DDPMScheduler`` for training, a
    ``DDIMScheduler`` with SD's settings ships), trained on latents of the frozen VAE
    (``latent_dist.sample() * scaling_factor``) of fresh renders with **captions that leave factors open**
-   (:func:`partial_captions`: each factor named with probability 1/2, phrase order varied, 10% empty captions for
-   classifier-free guidance), optional min-SNR weighting, EMA.
+   (:func:`layerscope.world.text.partial_captions`: each factor named with probability 1/2, phrase order varied,
+   10% empty captions for classifier-free guidance), optional min-SNR weighting, EMA.
 
 **Training that survives stops.** Every ``checkpoint_seconds`` (3 minutes) and at the end, the whole training state
 (weights, EMA, optimizer, step, numpy / torch RNG states, elapsed seconds, running loss) is written atomically to
@@ -41,9 +41,8 @@ import csv
 import json
 import math
 import os
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..factors import FACTORS, SHAPES, VALUES, sample_factors
+from ..factors import FACTORS, sample_factors
 from ..render import render
-from ..text import ANGLES, COLOURS, SIZES_WORDS, encode, orientation_phrase, tokenizer
+from ..text import encode, partial_captions, tokenizer  # captions that leave factors open: world.text
 from ..training import TrainLog, autocast, pick_device, progress, seed_everything, write_json
 from .diffusion import build_text_encoder  # the zoo's one CLIPTextModel on the world's tokenizer
 
@@ -149,163 +148,6 @@ LDM: dict[str, Any] = dict(
 )
 
 DEFAULTS: dict[str, dict[str, Any]] = {"vae": VAE, "ldm": LDM}
-
-
-# -- captions that leave factors open ---------------------------------------------------------------------------
-
-PHRASES = ("object", "floor", "wall", "orientation")  # the canonical order (that of the full prompts)
-_OBJECT = ("scale", "object_hue", "shape")
-_IDX = {f: i for i, f in enumerate(FACTORS)}
-
-
-def _a(word: str) -> str:
-    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
-
-
-def partial_prompt(
-    factors: Sequence[int] | np.ndarray, named: Sequence[bool] | np.ndarray, order: Sequence[str] | None = None
-) -> str:
-    """A caption naming only the factors where ``named`` is true, phrases in ``order`` (default canonical).
-
-    Phrases: the object (``a [size] [colour] [shape]``, only the named words; e.g. ``a cube``, ``an orange``,
-    ``a small red``), the floor (``an orange floor``), the wall (``a blue wall``) and the view (``seen from the
-    front``). After the object or the floor, the floor and the wall join as ``on ...`` and ``in front of ...``;
-    everything else joins with a comma. With everything named in the canonical order it is exactly the full prompt
-    (:func:`layerscope.world.text.prompt_for`). Nothing named gives ``""``."""
-    f = [int(x) for x in np.asarray(factors).reshape(-1)]
-    on = [bool(x) for x in np.asarray(named).reshape(-1)]
-    if len(f) != len(FACTORS) or len(on) != len(FACTORS):
-        raise ValueError(f"factors and named need {len(FACTORS)} entries, got {len(f)} and {len(on)}")
-    words = {
-        "scale": SIZES_WORDS[f[_IDX["scale"]]],
-        "object_hue": COLOURS[f[_IDX["object_hue"]]],
-        "shape": SHAPES[f[_IDX["shape"]]],
-    }
-    nouns: dict[str, str] = {}
-    obj = [words[k] for k in _OBJECT if on[_IDX[k]]]
-    if obj:
-        nouns["object"] = _a(" ".join(obj))
-    if on[_IDX["floor_hue"]]:
-        nouns["floor"] = f"{_a(COLOURS[f[_IDX['floor_hue']]])} floor"
-    if on[_IDX["wall_hue"]]:
-        nouns["wall"] = f"{_a(COLOURS[f[_IDX['wall_hue']]])} wall"
-    if on[_IDX["orientation"]]:
-        nouns["orientation"] = orientation_phrase(f[_IDX["orientation"]])
-    order = list(order) if order is not None else list(PHRASES)
-    if sorted(order) != sorted(PHRASES):
-        raise ValueError(f"order must be a permutation of {PHRASES}, got {order}")
-    out, prev = "", None
-    for kind in order:
-        if kind not in nouns:
-            continue
-        if prev is None:
-            out = nouns[kind]
-        elif kind == "floor" and prev in ("object",):
-            out += " on " + nouns[kind]
-        elif kind == "wall" and prev in ("object", "floor"):
-            out += " in front of " + nouns[kind]
-        else:
-            out += ", " + nouns[kind]
-        prev = kind
-    return out
-
-
-def partial_captions(
-    factors: np.ndarray,
-    rng: np.random.Generator,
-    p_name: float = 0.5,
-    p_empty: float = 0.1,
-    p_shuffle: float = 0.5,
-) -> tuple[list[str], np.ndarray]:
-    """Training captions of scenes (n, 6) that leave factors open, and which factors each names (n, 6) bool.
-
-    Each factor is named independently with probability ``p_name``; a share ``p_empty`` of the captions is empty
-    (for classifier-free guidance; it names nothing); the phrase order is canonical, or with probability
-    ``p_shuffle`` a random permutation."""
-    f = np.asarray(factors, dtype=np.int64).reshape(-1, len(FACTORS))
-    n = len(f)
-    named = rng.random((n, len(FACTORS))) < p_name
-    empty = rng.random(n) < p_empty
-    shuffle = rng.random(n) < p_shuffle
-    perms = np.argsort(rng.random((n, len(PHRASES))), axis=1)
-    named[empty] = False
-    caps = []
-    for i in range(n):
-        order = [PHRASES[j] for j in perms[i]] if shuffle[i] else None
-        caps.append(partial_prompt(f[i], named[i], order))
-    return caps, named
-
-
-_WORD = re.compile(r"\w+|[^\w\s]+")
-_SKIP = {"a", "an", "on", "in", "front", "of", ","}
-
-
-def factors_from_partial(prompt: str) -> np.ndarray:
-    """The factor indices (6,) a (partial) prompt names, -1 where it leaves a factor open.
-
-    Reads every caption of :func:`partial_captions` and the full prompts of
-    :func:`layerscope.world.text.prompt_for` (for those it equals ``factors_from_prompt``). A colour word before
-    ``floor`` / ``wall`` is the floor / wall hue, any other colour the object's; size and shape words are the
-    object's; ``seen from the front`` / ``seen from N degrees left|right`` the orientation. Unknown words, and a
-    factor named twice with different values, raise ``ValueError``."""
-    words = _WORD.findall(prompt.strip().lower())
-    out = np.full(len(FACTORS), -1, dtype=np.int64)
-
-    def put(factor: str, value: int) -> None:
-        j = _IDX[factor]
-        if out[j] >= 0 and out[j] != value:
-            raise ValueError(f"{factor} named twice with different values in {prompt!r}")
-        out[j] = value
-
-    i = 0
-    while i < len(words):
-        w = words[i]
-        nxt = words[i + 1] if i + 1 < len(words) else None
-        if w in COLOURS:
-            if nxt in ("floor", "wall"):
-                put(f"{nxt}_hue", COLOURS.index(w))
-                i += 2
-                continue
-            put("object_hue", COLOURS.index(w))
-        elif w in SIZES_WORDS:
-            put("scale", SIZES_WORDS.index(w))
-        elif w in SHAPES:
-            put("shape", SHAPES.index(w))
-        elif w == "seen":
-            rest = words[i + 1 : i + 5]
-            if rest[:3] == ["from", "the", "front"]:
-                put("orientation", int(np.argmin(np.abs(VALUES["orientation"]))))
-                i += 4
-                continue
-            if len(rest) == 4 and rest[0] == "from" and rest[1].isdigit() and rest[2] == "degrees":
-                if rest[3] not in ("left", "right"):
-                    raise ValueError(f"expected left or right after degrees in {prompt!r}")
-                cands = [
-                    k
-                    for k, a in enumerate(ANGLES)
-                    if a == int(rest[1]) and a != 0 and (VALUES["orientation"][k] < 0) == (rest[3] == "left")
-                ]
-                if not cands:
-                    raise ValueError(f"no orientation of {rest[1]} degrees in the grid (valid: {sorted(set(ANGLES))})")
-                put("orientation", cands[0])
-                i += 5
-                continue
-            raise ValueError(
-                f"malformed view phrase in {prompt!r} (expected 'seen from the front' or 'seen from N "
-                "degrees left|right')"
-            )
-        elif w not in _SKIP:
-            raise ValueError(f"unknown word {w!r} in prompt {prompt!r}")
-        i += 1
-    return out
-
-
-def caption_words() -> set[str]:
-    """Every word partial captions can use (all of them are in the world's tokenizer vocabulary)."""
-    words = {"a", "an", "on", "in", "front", "of", ",", "floor", "wall", "seen", "from", "the", "degrees"}
-    words |= {"left", "right", *COLOURS, *SIZES_WORDS, *SHAPES}
-    words |= {str(a) for a in ANGLES if a != 0}
-    return words
 
 
 # -- checkpointed training loop ---------------------------------------------------------------------------------
