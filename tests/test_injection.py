@@ -39,6 +39,48 @@ def test_shapes_pairs_differ_in_every_factor():
         assert (factors_from_prompt(o) != factors_from_prompt(e)).all()
 
 
+def test_partial_pairs_name_the_same_factors_with_different_values():
+    from layerscope.world.text import factors_from_partial
+
+    counts = set()
+    for o, e in inj.shapes_pairs(40, seed=4, named=(2, 3)):
+        fo, fe = factors_from_partial(o), factors_from_partial(e)
+        named = fo >= 0
+        assert np.array_equal(named, fe >= 0) and (fo[named] != fe[named]).all()
+        counts.add(int(named.sum()))
+    assert counts == {2, 3}
+    with pytest.raises(ls.ConfigError, match="min <= max"):
+        inj.shapes_pairs(2, named=(3, 2))
+
+
+def test_protocol_with_partial_prompts_and_other_seeds(dit, tmp_path):
+    """Protocol (b): partial prompts, E on its own seed; the noise decides what the prompts leave open."""
+    st = inj.Settings(
+        random_pairs=2,
+        named=(2, 3),
+        seeds=(0, 1),
+        e_seeds=(100, 101),
+        layers=("transformer_blocks.0", "noise"),
+        steps=3,
+        sanity=True,
+    )
+    result = inj.run(dit, st, out=tmp_path / "b")
+    table = result["injection"]
+    assert set(zip(table["seed"], table["e_seed"])) == {(0, 100), (1, 101)}
+    assert sorted(p.name for p in (tmp_path / "b" / "cells").glob("pair000_*.json")) == [
+        "pair000_seed0-100_all.json",
+        "pair000_seed1-101_all.json",
+    ]
+    assert result.record["sanity"]["every_layer_vs_E"] < 1e-5  # E from its own seed, rebuilt from every layer
+    assert set(table["value"].dropna().unique()) <= {0.0, 1.0} and table["value"].notna().any()
+    imgs, rows = inj.load_images(tmp_path / "b", 0, 0, "all", e_seed=100)
+    assert rows[:2] == ["O", "E"] and imgs.shape[0] == 4
+    with pytest.raises(ls.ConfigError, match="one E seed per seed"):
+        inj.run(dit, inj.Settings(random_pairs=1, seeds=(0, 1), e_seeds=(5,), steps=2))
+    with pytest.raises(ls.ConfigError, match="give random_pairs too"):
+        inj.run(dit, inj.Settings(pairs=(("a red cube", "a blue ball"),), named=(2, 3), steps=2))
+
+
 def test_oracle_table_and_summary(dit, pairs, tmp_path):
     layers = ("transformer_blocks.0", "transformer_blocks.5", "text_embeds", "noise")
     result = inj.run(dit, inj.Settings(pairs=tuple(pairs), layers=layers, windows=("all", "late"), steps=4))

@@ -243,6 +243,13 @@ def _list(text: Optional[str]) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in _list(text) or [])
+    except ValueError:
+        raise LayerscopeError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
 def _finish(section, result, folder: Path) -> None:
     """Write the section's figures next to the Result the run saved in ``folder``, print what the section says."""
     from .report.figures import png_bytes
@@ -281,6 +288,9 @@ def sweep(
         0, help="Shapes-world models: add N random held-out prompt pairs that differ in every factor"
     ),
     pair_seed: int = typer.Option(0, help="seed of the random pairs"),
+    named: Optional[str] = typer.Option(
+        None, help="random pairs as partial prompts naming MIN-MAX factors (e.g. 2-3; O and E name the same ones)"
+    ),
     layers: Optional[list[str]] = typer.Option(
         None, "--layers", "-l", help="glob(s) of layers/spaces, one injected row each (default: every layer)"
     ),
@@ -293,7 +303,8 @@ def sweep(
         help="with the default layers: also the candidate spaces (noise, text embeddings, skips; not x_t)",
     ),
     windows: str = typer.Option("all", help="step windows, comma-separated: all, early, middle, late"),
-    seeds: str = typer.Option("0", help="seeds, comma-separated (O and E share each seed)"),
+    seeds: str = typer.Option("0", help="seeds, comma-separated (O and E share each seed, unless --e-seeds)"),
+    e_seeds: Optional[str] = typer.Option(None, help="E's seeds, comma-separated, one per --seeds entry"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's)"),
     guidance: Optional[float] = typer.Option(None, help="guidance scale (default: the model's)"),
     branches: Optional[str] = typer.Option(None, help="CFG branches E is injected in: uncond,cond (default: both)"),
@@ -309,16 +320,20 @@ def sweep(
     from .report.sections import injection as section
 
     try:
+        seed_list, e_list = _ints(seeds, "--seeds"), _ints(e_seeds, "--e-seeds") if e_seeds else None
         try:
-            seed_list = tuple(int(s) for s in _list(seeds) or [])
+            lo, _, hi = (named or "").partition("-")
+            named_range = (int(lo), int(hi or lo)) if named else None
         except ValueError:
-            raise LayerscopeError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+            raise LayerscopeError(f"--named must be MIN-MAX factors, e.g. 2-3; got {named!r}") from None
         sel = list(layers or []) + [tuple(_list(c) or []) for c in combine or []]
         settings = inj.Settings(
             pairs=tuple(tuple(json.loads(p)) for p in pair or []),
             random_pairs=random_pairs,
             pair_seed=pair_seed,
+            named=named_range,
             seeds=seed_list,
+            e_seeds=e_list,
             layers=sel or None,
             spaces=spaces,
             windows=tuple(_list(windows) or []),

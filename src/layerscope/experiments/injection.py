@@ -59,6 +59,7 @@ class InjectionPlan:
     model: str
     pairs: list[tuple[str, str]]
     seeds: list[int]
+    e_seeds: list[int] | None  # E's seed for each of ``seeds`` (None: E shares O's seed)
     layer_sets: list[list[str]]
     windows: list[str]
     branches: list[str] | None
@@ -74,6 +75,10 @@ class InjectionPlan:
 
     def cells(self) -> list[tuple[int, int, str]]:
         return [(p, s, w) for w in self.windows for p in range(len(self.pairs)) for s in self.seeds]
+
+    def e_seed(self, seed: int) -> int:
+        """E's seed in the cells of O's ``seed``."""
+        return seed if self.e_seeds is None else self.e_seeds[self.seeds.index(seed)]
 
 
 def default_layers(model: "Generator", spaces: bool = True, **size: Any) -> list[str]:
@@ -116,6 +121,7 @@ def plan_injection(
     pairs: Sequence[tuple[Any, Any]],
     *,
     seeds: Sequence[int] = (0,),
+    e_seeds: Sequence[int] | None = None,
     layers: Any = None,
     windows: Sequence[str] = ("all",),
     branches: Sequence[str] | None = None,
@@ -132,6 +138,12 @@ def plan_injection(
     seeds = check_seeds(seeds)
     if not seeds:
         raise ConfigError("give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"the seeds repeat ({seeds}): give each seed once")
+    if e_seeds is not None:
+        e_seeds = check_seeds(e_seeds)
+        if len(e_seeds) != len(seeds):
+            raise ConfigError(f"give one E seed per seed: {len(seeds)} seeds, {len(e_seeds)} E seeds")
     bad = [w for w in windows if w not in WINDOWS]
     if bad or not windows:
         raise ConfigError(f"unknown step window(s) {bad}; valid windows: {', '.join(WINDOWS)}")
@@ -180,6 +192,7 @@ def plan_injection(
         model=model.spec,
         pairs=[(_as_text(o), _as_text(e)) for o, e in pairs],
         seeds=seeds,
+        e_seeds=list(e_seeds) if e_seeds is not None else None,
         layer_sets=[list(g) for g in sets],
         windows=list(windows),
         branches=list(branches) if branches is not None else None,
@@ -212,6 +225,7 @@ def run_injection(
     pairs: Sequence[tuple[str, str]],
     *,
     seeds: Sequence[int] = (0,),
+    e_seeds: Sequence[int] | None = None,
     layers: Any = None,
     windows: Sequence[str] = ("all",),
     branches: Sequence[str] | None = None,
@@ -226,18 +240,21 @@ def run_injection(
 ) -> pd.DataFrame:
     """Run the injection sweep over pairs x seeds x windows and score every injected image; a tidy table.
 
+    ``seeds``: O's seeds, one cell each; ``e_seeds``: E's seed for each (None: E shares O's seed, so the two differ
+    only by their prompts; different seeds let the noise decide what the prompts leave open).
     ``layers``: None = every layer of the map; a glob, a list of names/globs, or tuples for combinations (as in
     :func:`layerscope.injection_sweep`). ``windows``: among ``all``, ``early``, ``middle``, ``late``. ``branches``:
     the CFG-branch policy (None = both halves; ``["cond"]`` = the conditional half only). ``out``: a folder where
     each finished cell is saved (table part + images) and from which an interrupted run resumes. ``notify``
     receives notices (e.g. CLIP skipped); default: a Python warning.
-    Columns: model, pair, seed, window, layer, layer_index, stage, factor, metric, value, o_value, e_value, c_value
+    Columns: model, pair, seed, e_seed, window, layer, layer_index, stage, factor, metric, value, o_value, e_value, c_value
     (oracle readings of the factor; NaN for image metrics).
     """
     plan = plan_injection(
         model,
         pairs,
         seeds=seeds,
+        e_seeds=e_seeds,
         layers=layers,
         windows=windows,
         branches=branches,
@@ -277,7 +294,8 @@ def _sweep_cells(
     parts: list[pd.DataFrame] = []
     with progress_callback(progress, f"injection: {len(cells)} cells x {k} layer sets") as report:
         for i, (p, s, w) in enumerate(cells):
-            done = ws.get(_cell_key(p, s, w))
+            key = _cell_key(p, s, w, plan.e_seed(s))
+            done = ws.get(key)
             if done is not None:
                 part = done.tables["injection"]
             else:
@@ -287,7 +305,7 @@ def _sweep_cells(
                     o,
                     e,
                     sets,
-                    seeds=(s, s),
+                    seeds=(s, plan.e_seed(s)),
                     steps=None if w == "all" else w,
                     branches=plan.branches,
                     max_batch=max_batch,
@@ -297,7 +315,7 @@ def _sweep_cells(
                 part = score(images, plan, p, s, w)
                 arr = (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
                 rows = np.array(["O", "E", *res.injected])
-                ws.put(_cell_key(p, s, w), {"injection": part}, {"images": arr, "rows": rows})
+                ws.put(key, {"injection": part}, {"images": arr, "rows": rows})
             parts.append(part)
             if report is not None:
                 report(i + 1, len(cells))
@@ -311,7 +329,7 @@ def _sweep_cells(
 
 
 def _rows(plan: InjectionPlan, p: int, s: int, w: str) -> dict[str, Any]:
-    return {"model": plan.model, "pair": p, "seed": s, "window": w}
+    return {"model": plan.model, "pair": p, "seed": s, "e_seed": plan.e_seed(s), "window": w}
 
 
 def _oracle_scorer() -> Callable[..., pd.DataFrame]:
@@ -398,8 +416,9 @@ def _image_scorer(
 # -- the output folder (one part per cell, resumable) -------------------------------------------------------------
 
 
-def _cell_key(p: int, s: int, w: str) -> str:
-    return f"pair{p:03d}_seed{s}_{w}"
+def _cell_key(p: int, s: int, w: str, e_seed: int | None = None) -> str:
+    seeds = f"{s}" if e_seed is None or e_seed == s else f"{s}-{e_seed}"
+    return f"pair{p:03d}_seed{seeds}_{w}"
 
 
 def load_plan(folder: str | Path) -> dict[str, Any]:
@@ -410,9 +429,12 @@ def load_plan(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_images(folder: str | Path, pair: int, seed: int, window: str) -> tuple[np.ndarray, list[str]]:
-    """The saved images of one cell: uint8 (rows, 3, H, W) in order [O, E, injected...] and the row names."""
-    key = _cell_key(pair, seed, window)
+def load_images(
+    folder: str | Path, pair: int, seed: int, window: str, e_seed: int | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """The saved images of one cell: uint8 (rows, 3, H, W) in order [O, E, injected...] and the row names
+    (``e_seed``: E's seed where it differs from O's)."""
+    key = _cell_key(pair, seed, window, e_seed)
     cell = Workspace(folder, {}).get(key)
     if cell is None or "images" not in cell.arrays:
         raise ConfigError(f"{folder} holds no finished injection cell {key!r}")
@@ -526,30 +548,47 @@ def specialize(summary: pd.DataFrame) -> pd.DataFrame:
 # -- Shapes-world pairs and sanity ---------------------------------------------------------------------------------
 
 
-def shapes_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+def shapes_pairs(n: int, seed: int = 0, named: tuple[int, int] | None = None) -> list[tuple[str, str]]:
     """``n`` prompt pairs of held-out Shapes combinations whose O and E differ in every factor (as the paper's pairs
-    differ in object, background and style)."""
-    from ..world.factors import sample_factors
-    from ..world.text import prompts_for
+    differ in object, background and style).
 
+    ``named=(lo, hi)``: partial prompts instead (:func:`layerscope.world.text.partial_prompt`, canonical phrase
+    order): each pair names the same ``lo..hi`` factors (a uniform count, then a uniform subset) in O and in E, with
+    different values; what the prompts leave open is decided by each image's noise."""
+    from ..world.factors import FACTORS, sample_factors
+    from ..world.text import partial_prompt, prompts_for
+
+    if named is not None:
+        lo, hi = (check_int(v, "named factors per prompt", 1, len(FACTORS)) for v in named)
+        if lo > hi:
+            raise ConfigError(f"named factors per prompt: give (min, max) with min <= max, got {named}")
     rng = np.random.default_rng(seed)
     pairs: list[tuple[str, str]] = []
     while len(pairs) < n:
         a, b = sample_factors(64, rng, split="test"), sample_factors(64, rng, split="test")
         ok = (a != b).all(axis=1)
         for fo, fe in zip(a[ok], b[ok]):
-            pairs.append(tuple(prompts_for(np.stack([fo, fe]))))
+            if named is None:
+                pairs.append(tuple(prompts_for(np.stack([fo, fe]))))
+            else:
+                mask = np.zeros(len(FACTORS), bool)
+                mask[rng.choice(len(FACTORS), size=int(rng.integers(lo, hi + 1)), replace=False)] = True
+                pairs.append((partial_prompt(fo, mask), partial_prompt(fe, mask)))
             if len(pairs) == n:
                 break
     return pairs
 
 
-def sanity(model: "Generator", pair: tuple[str, str], seed: int = 0, **gen_kwargs: Any) -> dict[str, float]:
+def sanity(
+    model: "Generator", pair: tuple[str, str], seed: int | tuple[int, int] = 0, **gen_kwargs: Any
+) -> dict[str, float]:
     """The two anchors of the experiment: injecting at no layer gives O (the O row equals a separate plain
-    generation of O) and injecting E at every layer and space from step 0 gives E. Max absolute pixel differences."""
+    generation of O) and injecting E at every layer and space from step 0 gives E. Max absolute pixel differences.
+    ``seed``: one seed for O and E, or (O's, E's)."""
     every = tuple(model.layer_map().names())
-    res = injection_sweep(model, pair[0], pair[1], [every], seeds=(seed, seed), **gen_kwargs)
-    plain = model.generate([pair[0]], seeds=[seed], **gen_kwargs).images[0]
+    s_o, s_e = seed if isinstance(seed, tuple) else (seed, seed)
+    res = injection_sweep(model, pair[0], pair[1], [every], seeds=(s_o, s_e), **gen_kwargs)
+    plain = model.generate([pair[0]], seeds=[s_o], **gen_kwargs).images[0]
     return {
         "no_layer_vs_O": float((res.original - plain).abs().max()),
         "every_layer_vs_E": float((res.injected["+".join(every)] - res.edit).abs().max()),
@@ -563,7 +602,9 @@ def sanity(model: "Generator", pair: tuple[str, str], seed: int = 0, **gen_kwarg
 @dataclass(frozen=True)
 class Settings:
     """An injection study. ``pairs``: (original, edit) prompts; ``random_pairs``: add this many held-out Shapes-world
-    pairs differing in every factor (models the Shapes oracle reads); ``layers``: None = every layer (with
+    pairs differing in every factor (models the Shapes oracle reads), or with ``named=(lo, hi)`` partial prompts
+    naming ``lo..hi`` factors (:func:`shapes_pairs`); ``seeds``: O's seeds, ``e_seeds``: E's (None: E shares O's
+    seed); ``layers``: None = every layer (with
     ``spaces``: also the candidate spaces, :func:`default_layers`), or globs / names / tuples of names for
     combinations; ``sanity``: also run :func:`sanity` on the first pair. Generation: ``steps``, ``guidance`` (None:
     the model's) and ``generation`` (other keywords for ``generate``)."""
@@ -571,7 +612,9 @@ class Settings:
     pairs: tuple[tuple[str, str], ...] = ()
     random_pairs: int = 0
     pair_seed: int = 0
+    named: tuple[int, int] | None = None
     seeds: tuple[int, ...] = (0,)
+    e_seeds: tuple[int, ...] | None = None
     layers: Any = None
     spaces: bool = False
     windows: tuple[str, ...] = ("all",)
@@ -594,7 +637,9 @@ def _pairs(model: "Generator", st: Settings) -> list[tuple[str, str]]:
             f"random pairs are Shapes-world prompts, for models the Shapes oracle reads (zoo: models); "
             f"{model.spec} is open-domain: give pairs (--pair O E)"
         )
-    pairs = [tuple(p) for p in st.pairs] + shapes_pairs(st.random_pairs, seed=st.pair_seed)
+    if st.named is not None and not st.random_pairs:
+        raise ConfigError("named=(lo, hi) makes partial random pairs: give random_pairs too")
+    pairs = [tuple(p) for p in st.pairs] + shapes_pairs(st.random_pairs, seed=st.pair_seed, named=st.named)
     if not pairs:
         raise ConfigError(
             "give at least one (original, edit) prompt pair (--pair O E), or random pairs for "
@@ -628,6 +673,7 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
     notes: list[str] = []
     plan_kw: dict[str, Any] = dict(
         seeds=st.seeds,
+        e_seeds=st.e_seeds,
         layers=sel,
         windows=st.windows,
         branches=list(st.branches) if st.branches is not None else None,
@@ -661,7 +707,8 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
         }
         if st.sanity:
             cell = ws.get("sanity")
-            anchors = cell.record if cell is not None else sanity(model, pairs[0], seed=st.seeds[0], **gen_kw)
+            first = (plan.seeds[0], plan.e_seed(plan.seeds[0]))
+            anchors = cell.record if cell is not None else sanity(model, pairs[0], seed=first, **gen_kw)
             if cell is None:
                 ws.put("sanity", record=anchors)
             record["sanity"] = anchors

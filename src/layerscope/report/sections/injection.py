@@ -44,10 +44,11 @@ def grid_figure(folder: Path, plan: dict[str, Any], pairs: int = 3, window: str 
     from ..figures import image_grid
 
     seed = plan["seeds"][0]
+    e_seed = (plan.get("e_seeds") or [seed])[0]
     rows, labels = [], []
     for p in range(min(pairs, len(plan["pairs"]))):
         try:
-            imgs, names = inj.load_images(folder, p, seed, window)
+            imgs, names = inj.load_images(folder, p, seed, window, e_seed)
         except (FileNotFoundError, LayerscopeError):  # a cell not finished (or damaged): left out
             continue
         rows.append((f"pair {p}", imgs))
