@@ -250,3 +250,29 @@ def test_default_layers_skip_the_denoiser_input_and_layer_aliases():
     assert {"noise", "text_embeds", "text_eos", "vae_latent"} <= set(spaces)
     assert any(s.startswith("skip.") for s in spaces)
     assert inj.default_layers(sd, spaces=False) == [e.name for e in lmap.layers]
+
+
+@pytest.mark.parametrize(
+    "st",
+    [
+        inj.FULL,
+        inj.Settings(random_pairs=4, named=(2, 3), seeds=(0, 1), e_seeds=(7, 8), layers=("mid_block", "up_*"), steps=6),
+    ],
+)
+def test_report_sweep_command_reproduces_the_settings(st):
+    """The command the report prints parses into the same study settings."""
+    import shlex
+
+    from layerscope.cli import command
+    from layerscope.experiments.base import settings_dict
+    from layerscope.report.sections.injection import sweep_command
+
+    args = shlex.split(sweep_command("zoo:dit", settings_dict(st), "out"))[2:]
+    ctx = command().commands["sweep"].make_context("sweep", args)
+    p = ctx.params
+    assert p["model"] == "zoo:dit" and p["random_pairs"] == st.random_pairs and p["steps"] == st.steps
+    assert p["windows"] == ",".join(st.windows) and p["spaces"] == st.spaces
+    assert p["named"] == (f"{st.named[0]}-{st.named[1]}" if st.named else None)
+    assert p["seeds"] == ",".join(map(str, st.seeds)) or st.seeds == (0,)
+    assert p["e_seeds"] == (",".join(map(str, st.e_seeds)) if st.e_seeds else None)
+    assert tuple(p["layers"] or ()) == tuple(st.layers or ())

@@ -22,10 +22,44 @@ GROUP_ORDER = ("structure", "content", "surface")
 
 def sweep_command(spec: str, settings: dict[str, Any], out: str) -> str:
     """The CLI command that reproduces a main-job sweep (table, figures) into ``out``."""
-    return (
-        f"layerscope sweep {spec} --random-pairs {settings['random_pairs']} --spaces "
-        f"--windows {','.join(settings['windows'])} --steps {settings['steps']} --out {out}"
+    parts = [f"layerscope sweep {spec} --random-pairs {settings['random_pairs']}"]
+    if settings.get("named"):
+        lo, hi = settings["named"]
+        parts.append(f"--named {lo}-{hi}")
+    seeds = settings.get("seeds") or [0]
+    if list(seeds) != [0]:
+        parts.append(f"--seeds {','.join(str(s) for s in seeds)}")
+    if settings.get("e_seeds"):
+        parts.append(f"--e-seeds {','.join(str(s) for s in settings['e_seeds'])}")
+    layers = settings.get("layers")
+    if isinstance(layers, str):
+        parts.append(f"-l '{layers}'")
+    elif layers:
+        for entry in layers:
+            if isinstance(entry, str):
+                parts.append(f"-l '{entry}'")
+            else:
+                parts.append(f"--combine '{','.join(entry)}'")
+    if settings.get("spaces"):
+        parts.append("--spaces")
+    parts.append(f"--windows {','.join(settings['windows'])}")
+    if settings.get("steps"):
+        parts.append(f"--steps {settings['steps']}")
+    if settings.get("guidance") is not None:
+        parts.append(f"--guidance {settings['guidance']}")
+    return " ".join([*parts, f"--out {out}"])
+
+
+def protocol(settings: dict[str, Any]) -> str:
+    """How a sweep's pairs were made, in words."""
+    named, e_seeds = settings.get("named"), settings.get("e_seeds")
+    prompts = (
+        f"partial prompts naming {named[0]}-{named[1]} factors (the same ones in O and E, with different values)"
+        if named
+        else "full prompts that differ in all six factors"
     )
+    seeds = "E on its own seed, so the noise decides what the prompts leave open" if e_seeds else "a shared seed"
+    return f"{prompts}, {seeds}"
 
 
 def _layer_order(summary: pd.DataFrame) -> list[str]:
@@ -229,7 +263,8 @@ def render(run: SectionRun, page: Page) -> str:
         page.p(
             "Schaerf (2025) generates an original O and an edit E in parallel and puts E's representation at one layer "
             "into O's generation at every step of a window; what moves tells what the layer carries. Here O and E are "
-            "Shapes-world prompts that differ in all six factors, and the oracle reads O, E and every injected image C. "
+            "Shapes-world prompts (each model's heading says how its pairs were made), and the oracle reads O, E and "
+            "every injected image C. "
             "Transfer of a factor = share of pairs in which C shows E's value (pairs where the oracle reads the same "
             "value in O and E are left out). Groups: structure/composition = scale, orientation; content = shape; "
             "surface/colour = object, floor and wall hue (a group's transfer averages its factors per pair). CIs: "
@@ -247,7 +282,7 @@ def render(run: SectionRun, page: Page) -> str:
         summary, labels = result["summary"], result["labels"]
         spec = result.record["model"]
         cmd = sweep_command(spec, job["settings"], f"sweep-{sub.name}")
-        out.append(f"<h3>{page.esc(spec)}</h3>")
+        out.append(f"<h3>{page.esc(spec)}: {page.esc(protocol(job['settings']))}</h3>")
         s = result.record.get("sanity")
         if s is not None:
             ok = s["no_layer_vs_O"] < 1e-5 and s["every_layer_vs_E"] < 1e-4
