@@ -256,7 +256,15 @@ def test_default_layers_skip_the_denoiser_input_and_layer_aliases():
     "st",
     [
         inj.FULL,
-        inj.Settings(random_pairs=4, named=(2, 3), seeds=(0, 1), e_seeds=(7, 8), layers=("mid_block", "up_*"), steps=6),
+        inj.Settings(
+            random_pairs=4,
+            named=(2, 3),
+            seeds=(0, 1),
+            e_seeds=(7, 8),
+            seed_per_pair=True,
+            layers=("mid_block", "up_*"),
+            steps=6,
+        ),
     ],
 )
 def test_report_sweep_command_reproduces_the_settings(st):
@@ -275,4 +283,5 @@ def test_report_sweep_command_reproduces_the_settings(st):
     assert p["named"] == (f"{st.named[0]}-{st.named[1]}" if st.named else None)
     assert p["seeds"] == ",".join(map(str, st.seeds)) or st.seeds == (0,)
     assert p["e_seeds"] == (",".join(map(str, st.e_seeds)) if st.e_seeds else None)
+    assert p["seed_per_pair"] == st.seed_per_pair
     assert tuple(p["layers"] or ()) == tuple(st.layers or ())

@@ -60,6 +60,7 @@ class InjectionPlan:
     pairs: list[tuple[str, str]]
     seeds: list[int]
     e_seeds: list[int] | None  # E's seed for each of ``seeds`` (None: E shares O's seed)
+    seed_per_pair: bool  # pair p adds p to every seed: each pair has its own noise
     layer_sets: list[list[str]]
     windows: list[str]
     branches: list[str] | None
@@ -74,11 +75,26 @@ class InjectionPlan:
         return d
 
     def cells(self) -> list[tuple[int, int, str]]:
-        return [(p, s, w) for w in self.windows for p in range(len(self.pairs)) for s in self.seeds]
+        """(pair, O's seed, window) of every cell."""
+        return [(p, o, w) for w in self.windows for p in range(len(self.pairs)) for o, _ in self.seeds_of(p)]
 
-    def e_seed(self, seed: int) -> int:
-        """E's seed in the cells of O's ``seed``."""
-        return seed if self.e_seeds is None else self.e_seeds[self.seeds.index(seed)]
+    def seeds_of(self, pair: int) -> list[tuple[int, int]]:
+        """(O's seed, E's seed) of each cell of ``pair``."""
+        return seed_pairs({"seeds": self.seeds, "e_seeds": self.e_seeds, "seed_per_pair": self.seed_per_pair}, pair)
+
+    def e_seed(self, pair: int, seed: int) -> int:
+        """E's seed in the cell of ``pair`` where O has ``seed``."""
+        return dict(self.seeds_of(pair))[seed]
+
+
+def seed_pairs(plan: dict[str, Any], pair: int) -> list[tuple[int, int]]:
+    """(O's seed, E's seed) of each cell of ``pair`` in a plan (an :class:`InjectionPlan` as a dict, e.g. a saved
+    result's ``record["plan"]``): ``seeds`` and ``e_seeds`` (E shares O's seed without them), plus ``pair`` when
+    ``seed_per_pair``."""
+    off = pair if plan.get("seed_per_pair") else 0
+    seeds = list(plan["seeds"])
+    e_seeds = plan.get("e_seeds") or seeds
+    return [(int(o) + off, int(e) + off) for o, e in zip(seeds, e_seeds)]
 
 
 def default_layers(model: "Generator", spaces: bool = True, **size: Any) -> list[str]:
@@ -122,6 +138,7 @@ def plan_injection(
     *,
     seeds: Sequence[int] = (0,),
     e_seeds: Sequence[int] | None = None,
+    seed_per_pair: bool = False,
     layers: Any = None,
     windows: Sequence[str] = ("all",),
     branches: Sequence[str] | None = None,
@@ -144,6 +161,8 @@ def plan_injection(
         e_seeds = check_seeds(e_seeds)
         if len(e_seeds) != len(seeds):
             raise ConfigError(f"give one E seed per seed: {len(seeds)} seeds, {len(e_seeds)} E seeds")
+    if seed_per_pair:  # the largest seed a pair reaches must stay a seed
+        check_seeds([s + len(pairs) - 1 for s in [*seeds, *(e_seeds or [])]])
     bad = [w for w in windows if w not in WINDOWS]
     if bad or not windows:
         raise ConfigError(f"unknown step window(s) {bad}; valid windows: {', '.join(WINDOWS)}")
@@ -193,6 +212,7 @@ def plan_injection(
         pairs=[(_as_text(o), _as_text(e)) for o, e in pairs],
         seeds=seeds,
         e_seeds=list(e_seeds) if e_seeds is not None else None,
+        seed_per_pair=bool(seed_per_pair),
         layer_sets=[list(g) for g in sets],
         windows=list(windows),
         branches=list(branches) if branches is not None else None,
@@ -226,6 +246,7 @@ def run_injection(
     *,
     seeds: Sequence[int] = (0,),
     e_seeds: Sequence[int] | None = None,
+    seed_per_pair: bool = False,
     layers: Any = None,
     windows: Sequence[str] = ("all",),
     branches: Sequence[str] | None = None,
@@ -241,7 +262,8 @@ def run_injection(
     """Run the injection sweep over pairs x seeds x windows and score every injected image; a tidy table.
 
     ``seeds``: O's seeds, one cell each; ``e_seeds``: E's seed for each (None: E shares O's seed, so the two differ
-    only by their prompts; different seeds let the noise decide what the prompts leave open).
+    only by their prompts; different seeds let the noise decide what the prompts leave open); ``seed_per_pair``:
+    pair p adds p to every seed, so each pair has its own noise (see :func:`seed_pairs`).
     ``layers``: None = every layer of the map; a glob, a list of names/globs, or tuples for combinations (as in
     :func:`layerscope.injection_sweep`). ``windows``: among ``all``, ``early``, ``middle``, ``late``. ``branches``:
     the CFG-branch policy (None = both halves; ``["cond"]`` = the conditional half only). ``out``: a folder where
@@ -255,6 +277,7 @@ def run_injection(
         pairs,
         seeds=seeds,
         e_seeds=e_seeds,
+        seed_per_pair=seed_per_pair,
         layers=layers,
         windows=windows,
         branches=branches,
@@ -294,7 +317,7 @@ def _sweep_cells(
     parts: list[pd.DataFrame] = []
     with progress_callback(progress, f"injection: {len(cells)} cells x {k} layer sets") as report:
         for i, (p, s, w) in enumerate(cells):
-            key = _cell_key(p, s, w, plan.e_seed(s))
+            key = _cell_key(p, s, w, plan.e_seed(p, s))
             done = ws.get(key)
             if done is not None:
                 part = done.tables["injection"]
@@ -305,7 +328,7 @@ def _sweep_cells(
                     o,
                     e,
                     sets,
-                    seeds=(s, plan.e_seed(s)),
+                    seeds=(s, plan.e_seed(p, s)),
                     steps=None if w == "all" else w,
                     branches=plan.branches,
                     max_batch=max_batch,
@@ -329,7 +352,7 @@ def _sweep_cells(
 
 
 def _rows(plan: InjectionPlan, p: int, s: int, w: str) -> dict[str, Any]:
-    return {"model": plan.model, "pair": p, "seed": s, "e_seed": plan.e_seed(s), "window": w}
+    return {"model": plan.model, "pair": p, "seed": s, "e_seed": plan.e_seed(p, s), "window": w}
 
 
 def _oracle_scorer() -> Callable[..., pd.DataFrame]:
@@ -604,7 +627,7 @@ class Settings:
     """An injection study. ``pairs``: (original, edit) prompts; ``random_pairs``: add this many held-out Shapes-world
     pairs differing in every factor (models the Shapes oracle reads), or with ``named=(lo, hi)`` partial prompts
     naming ``lo..hi`` factors (:func:`shapes_pairs`); ``seeds``: O's seeds, ``e_seeds``: E's (None: E shares O's
-    seed); ``layers``: None = every layer (with
+    seed), ``seed_per_pair``: pair p adds p to every seed (its own noise); ``layers``: None = every layer (with
     ``spaces``: also the candidate spaces, :func:`default_layers`), or globs / names / tuples of names for
     combinations; ``sanity``: also run :func:`sanity` on the first pair. Generation: ``steps``, ``guidance`` (None:
     the model's) and ``generation`` (other keywords for ``generate``)."""
@@ -615,6 +638,7 @@ class Settings:
     named: tuple[int, int] | None = None
     seeds: tuple[int, ...] = (0,)
     e_seeds: tuple[int, ...] | None = None
+    seed_per_pair: bool = False
     layers: Any = None
     spaces: bool = False
     windows: tuple[str, ...] = ("all",)
@@ -674,6 +698,7 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
     plan_kw: dict[str, Any] = dict(
         seeds=st.seeds,
         e_seeds=st.e_seeds,
+        seed_per_pair=st.seed_per_pair,
         layers=sel,
         windows=st.windows,
         branches=list(st.branches) if st.branches is not None else None,
@@ -707,7 +732,7 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
         }
         if st.sanity:
             cell = ws.get("sanity")
-            first = (plan.seeds[0], plan.e_seed(plan.seeds[0]))
+            first = plan.seeds_of(0)[0]
             anchors = cell.record if cell is not None else sanity(model, pairs[0], seed=first, **gen_kw)
             if cell is None:
                 ws.put("sanity", record=anchors)

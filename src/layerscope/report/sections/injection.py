@@ -31,6 +31,8 @@ def sweep_command(spec: str, settings: dict[str, Any], out: str) -> str:
         parts.append(f"--seeds {','.join(str(s) for s in seeds)}")
     if settings.get("e_seeds"):
         parts.append(f"--e-seeds {','.join(str(s) for s in settings['e_seeds'])}")
+    if settings.get("seed_per_pair"):
+        parts.append("--seed-per-pair")
     layers = settings.get("layers")
     if isinstance(layers, str):
         parts.append(f"-l '{layers}'")
@@ -59,6 +61,8 @@ def protocol(settings: dict[str, Any]) -> str:
         else "full prompts that differ in all six factors"
     )
     seeds = "E on its own seed, so the noise decides what the prompts leave open" if e_seeds else "a shared seed"
+    if settings.get("seed_per_pair"):
+        seeds += ", new seeds for every pair"
     return f"{prompts}, {seeds}"
 
 
@@ -77,10 +81,9 @@ def grid_figure(folder: Path, plan: dict[str, Any], pairs: int = 3, window: str 
     images saved in ``folder``; ``plan``: the result's ``record["plan"]``)."""
     from ..figures import image_grid
 
-    seed = plan["seeds"][0]
-    e_seed = (plan.get("e_seeds") or [seed])[0]
     rows, labels = [], []
     for p in range(min(pairs, len(plan["pairs"]))):
+        seed, e_seed = inj.seed_pairs(plan, p)[0]
         try:
             imgs, names = inj.load_images(folder, p, seed, window, e_seed)
         except (FileNotFoundError, LayerscopeError):  # a cell not finished (or damaged): left out
