@@ -285,3 +285,61 @@ def test_report_sweep_command_reproduces_the_settings(st):
     assert p["e_seeds"] == (",".join(map(str, st.e_seeds)) if st.e_seeds else None)
     assert p["seed_per_pair"] == st.seed_per_pair
     assert tuple(p["layers"] or ()) == tuple(st.layers or ())
+
+
+def _fake_table(values: dict[str, float], pairs: int = 40, seed: int = 0) -> pd.DataFrame:
+    """An oracle table where each layer moves every factor in a share ``values[layer]`` of the pairs."""
+    from layerscope.world.factors import FACTORS
+
+    rng = np.random.default_rng(seed)
+    recs = []
+    for i, (layer, share) in enumerate(values.items()):
+        for p in range(pairs):
+            moved = rng.random(len(FACTORS)) < share
+            for f, factor in enumerate(FACTORS):
+                for metric, v in (("transfer", moved[f]), ("keep", not moved[f])):
+                    recs.append(
+                        dict(
+                            model="m",
+                            pair=p,
+                            seed=0,
+                            e_seed=0,
+                            window="all",
+                            layer=layer,
+                            layer_index=i,
+                            stage="decoder",
+                            factor=factor,
+                            metric=metric,
+                            value=float(v),
+                            o_value=0,
+                            e_value=1,
+                            c_value=int(moved[f]),
+                        )
+                    )
+    return pd.DataFrame.from_records(recs)
+
+
+def test_anchors_and_ci_check():
+    table = _fake_table(
+        {"down_blocks.0": 0.0, "mid_block": 0.5, "up_blocks.1.resnets.1": 1.0, "skip.up_blocks.1.resnets.2": 0.3}
+    )
+    summary = inj.summarize(table)
+    labels = inj.specialize(summary)
+    a = inj.anchors(summary, labels)
+    assert list(a["layer"]) == ["mid_block", "skip.up_blocks.1.resnets.2", "up_blocks.1.resnets.1"]
+    assert a.set_index("layer").at["up_blocks.1.resnets.1", "structure"] == (1.0, 1.0, 1.0)
+    assert "PnP" in a.set_index("layer").at["up_blocks.1.resnets.1", "source"]
+    ci = inj.ci_check(summary)
+    mid = summary[(summary["level"] == "group") & (summary["metric"] == "transfer")]
+    mid = mid[(mid["estimate"] >= 0.2) & (mid["estimate"] <= 0.8)]
+    assert ci["shares_in_range"] == len(mid) > 0 and ci["pairs"] == 40
+    assert ci["max_half_width"] == pytest.approx(((mid["ci_high"] - mid["ci_low"]) / 2).max())
+    assert ci["within"] == (ci["max_half_width"] <= inj.CI_HALF_WIDTH)
+    few = inj.ci_check(inj.summarize(_fake_table({"mid_block": 0.5}, pairs=8)))
+    assert few["max_half_width"] > inj.CI_HALF_WIDTH and not few["within"]  # 8 pairs are too few
+    from layerscope.report.sections.injection import anchors_table
+
+    res = Result("injection", {"summary": summary, "labels": labels}, {"model": "zoo:ldm"})
+    side = anchors_table([({"settings": {"named": [2, 3]}}, res), ({"settings": {}}, res)])
+    assert list(side.columns[-2:]) == ["zoo:ldm (partial prompts)", "zoo:ldm (full prompts)"]
+    assert side.iloc[2, -1] == "mixed: stru 1.00 [1.00, 1.00]; cont 1.00 [1.00, 1.00]; surf 1.00 [1.00, 1.00]"

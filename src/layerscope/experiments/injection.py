@@ -568,6 +568,61 @@ def specialize(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(recs)
 
 
+#: what published work reports for Stable Diffusion 1.4 at layers that a model in SD 1.x's layout has under the
+#: same names (glob, what is reported, source); compared side by side with a model's labels by :func:`anchors`
+SD14_ANCHORS = (
+    ("down_blocks.2", "the most critical layers in the late encoder", "Schaerf 2025"),
+    ("down_blocks.3", "the most critical layers in the late encoder", "Schaerf 2025"),
+    ("mid_block", "content / semantic edits (h-space, the bottleneck's output)", "Kwon et al. 2023"),
+    (
+        "skip.up_blocks.1.resnets.*",
+        "content: the skips from the third encoder block",
+        "SkipInject, Schaerf et al. 2025",
+    ),
+    ("up_blocks.1.resnets.1", "structure / layout: the features PnP injects", "Tumanyan et al. 2023 (PnP)"),
+    ("up_blocks.1.attentions.*", "structure: decoder self-attention (PnP injects its queries and keys)", "PnP"),
+)
+#: the confidence intervals a study should reach: half-width at most this for every share in SHARE_RANGE
+CI_HALF_WIDTH, SHARE_RANGE = 0.15, (0.2, 0.8)
+
+
+def anchors(summary: pd.DataFrame, labels: pd.DataFrame, window: str = "all") -> pd.DataFrame:
+    """The :data:`SD14_ANCHORS` a sweep covered, each with the sweep's label and group transfers (estimate and CI)
+    at every layer the anchor's glob matches. Empty when the sweep has none of them."""
+    import fnmatch
+
+    s = summary[(summary["level"] == "group") & (summary["metric"] == "transfer") & (summary["window"] == window)]
+    lab = labels[labels["window"] == window].set_index("layer")["label"]
+    layers = list(s.sort_values("layer_index", kind="stable")["layer"].drop_duplicates())
+    recs = []
+    for pattern, reported, source in SD14_ANCHORS:
+        for layer in [x for x in layers if fnmatch.fnmatchcase(x, pattern)]:
+            rec: dict[str, Any] = {"layer": layer, "SD 1.4 (reported)": reported, "source": source}
+            for r in s[s["layer"] == layer].itertuples():
+                rec[str(r.target)] = (float(r.estimate), float(r.ci_low), float(r.ci_high))
+            rec["label"] = lab.get(layer, "")
+            recs.append(rec)
+    return pd.DataFrame.from_records(recs)
+
+
+def ci_check(summary: pd.DataFrame, window: str = "all") -> dict[str, Any]:
+    """The widest 95% CI (half-width) among group transfers in :data:`SHARE_RANGE`, and whether it is within
+    :data:`CI_HALF_WIDTH`."""
+    s = summary[(summary["level"] == "group") & (summary["metric"] == "transfer") & (summary["window"] == window)]
+    lo, hi = SHARE_RANGE
+    mid = s[(s["estimate"] >= lo) & (s["estimate"] <= hi)]
+    half = ((mid["ci_high"] - mid["ci_low"]) / 2).to_numpy()
+    worst = float(half.max()) if len(half) else 0.0
+    where = mid.iloc[int(half.argmax())] if len(half) else None
+    return {
+        "shares_in_range": int(len(mid)),
+        "max_half_width": worst,
+        "at": None if where is None else f"{where['layer']} ({where['target']})",
+        "within": worst <= CI_HALF_WIDTH,
+        "pairs": int(s["n"].max()) if len(s) else 0,
+    }
+
+
 # -- Shapes-world pairs and sanity ---------------------------------------------------------------------------------
 
 

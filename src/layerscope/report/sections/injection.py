@@ -328,6 +328,56 @@ def render(run: SectionRun, page: Page) -> str:
                 f"{int(summary['n'].max())} pairs per cell at most",
             )
         )
+        ci = inj.ci_check(summary)
+        if ci["shares_in_range"]:
+            out.append(
+                page.p(
+                    f"Confidence: {ci['shares_in_range']} group transfers lie between {inj.SHARE_RANGE[0]} and "
+                    f"{inj.SHARE_RANGE[1]}; the widest 95% CI among them has half-width {ci['max_half_width']:.3f} "
+                    f"(at {ci['at']}), {'within' if ci['within'] else 'above'} the target of {inj.CI_HALF_WIDTH}, with "
+                    f"{ci['pairs']} pairs."
+                )
+            )
         for w in [w for w in job["settings"].get("windows", []) if w != "all"]:
             out.append(page.finding(findings(spec, labels, window=w, summary=summary)))
+    side = anchors_table(run.results())
+    if side is not None:
+        out.append(
+            page.table(
+                side,
+                "Stable Diffusion 1.4 anchors beside the same-named layers of the models built in its layout, "
+                "all steps, transfer per group [95% CI] and label, per model and pair protocol. The attention entries "
+                "are whole transformer blocks (self- and cross-attention and feed-forward), not PnP's self-attention "
+                "queries and keys alone.",
+            )
+        )
     return "".join(out)
+
+
+def anchors_table(results: list[tuple[dict[str, Any], Any]]) -> pd.DataFrame | None:
+    """One row per SD 1.4 anchor layer, one column per (model, protocol) that has it (None when none has)."""
+    cols: dict[str, pd.DataFrame] = {}
+    for job, result in results:
+        a = inj.anchors(result["summary"], result["labels"])
+        if len(a):
+            cols[f"{result.record['model']} ({'partial' if job['settings'].get('named') else 'full'} prompts)"] = a
+    if not cols:
+        return None
+    first = next(iter(cols.values()))
+    out = first[["layer", "SD 1.4 (reported)", "source"]].copy()
+    for name, a in cols.items():
+        by = a.set_index("layer")
+        cells = []
+        for layer in out["layer"]:
+            if layer not in by.index:
+                cells.append("–")
+                continue
+            row = by.loc[layer]
+            parts = [
+                f"{g[:4]} {row[g][0]:.2f} [{row[g][1]:.2f}, {row[g][2]:.2f}]"
+                for g in GROUP_ORDER
+                if isinstance(row.get(g), tuple)
+            ]
+            cells.append(f"{row['label']}: " + "; ".join(parts))
+        out[name] = cells
+    return out
