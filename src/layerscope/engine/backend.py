@@ -47,7 +47,17 @@ class Backend(Protocol):
         ...
 
     def num_steps(self, cfg: GenerationConfig) -> int:
-        """Denoiser calls per generation with this configuration (0 for single-pass generators)."""
+        """Denoising steps per generation with this configuration (0 for single-pass generators)."""
+        ...
+
+    def sampler_name(self) -> str | None:
+        """The scheduler's class name (None for single-pass generators), for messages and records."""
+        ...
+
+    def call_steps(self) -> list[int] | None:
+        """During a generation, at its first denoiser call: the step of each denoiser call of this run, or None when
+        the denoiser runs once per step. Schedulers that evaluate it more than once per step (Heun, KDPM2, PNDM)
+        map several calls to one step."""
         ...
 
     def site_index(

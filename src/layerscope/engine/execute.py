@@ -48,21 +48,29 @@ class GenerationResult:
 
 
 def trace_shapes(gen: Backend, lmap: LayerMap, cfg: GenerationConfig) -> LayerMap:
-    """Run one 2-step generation of one sample (PixArt cannot run 1 step) and fill in every entry's per-sample shape."""
-    run = RunState(1, ["cond"])
-    recorders = {e.name: ShapeRecorder(e) for e in lmap}
-    trace_cfg = GenerationConfig(
-        num_inference_steps=2,
-        guidance_scale=1.0,
-        height=cfg.height,
-        width=cfg.width,
-        negative_prompt=cfg.negative_prompt,
-        extra=dict(cfg.extra),
-    )
+    """Run one 2-step generation of one sample (PixArt cannot run 1 step; a scheduler that cannot run 2, such as
+    PNDM with Runge-Kutta warm-up steps, runs the configuration's own steps) and fill in every entry's per-sample
+    shape."""
     inputs = gen.trace_inputs()
-    set_indices(gen, recorders, inputs, trace_cfg, ["cond"])
-    with torch.no_grad(), installed_hooks(gen, run, recorders, count_steps=False):
-        gen.run_batch(inputs, [0], trace_cfg)
+    for steps in dict.fromkeys((2, max(2, cfg.num_inference_steps))):
+        run = RunState(1, ["cond"])
+        recorders = {e.name: ShapeRecorder(e) for e in lmap}
+        trace_cfg = GenerationConfig(
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            height=cfg.height,
+            width=cfg.width,
+            negative_prompt=cfg.negative_prompt,
+            extra=dict(cfg.extra),
+        )
+        set_indices(gen, recorders, inputs, trace_cfg, ["cond"])
+        try:
+            with torch.no_grad(), installed_hooks(gen, run, recorders, count_steps=False):
+                gen.run_batch(inputs, [0], trace_cfg)
+            break
+        except ValueError:  # the scheduler's own error for too few steps; the last try raises it
+            if steps == max(2, cfg.num_inference_steps):
+                raise
     missing = [n for n, r in recorders.items() if r.shape is None]
     if missing:
         raise ConfigError(
@@ -168,6 +176,14 @@ def execute(
     return GenerationResult(out_images, store if store is not None else result_cap, timesteps)
 
 
+def per_step_timesteps(timesteps: list[float], call_steps: list[int] | None) -> list[float]:
+    """The timestep of each step: that of its first denoiser call when a scheduler calls the denoiser several
+    times per step (``call_steps``: the step of each call)."""
+    if call_steps is None or len(timesteps) != len(call_steps):
+        return timesteps
+    return [t for k, t in enumerate(timesteps) if k == 0 or call_steps[k] != call_steps[k - 1]]
+
+
 def _run_chunks(
     gen: Backend,
     prompts: Sequence[Any],
@@ -218,12 +234,14 @@ def _run_chunks(
             with torch.no_grad(), installed_hooks(gen, run, handlers):
                 imgs, meta = gen.run_batch(chunk_prompts, [seeds[i] for i in ids], cfg)
             if gen.step_module is not None and run.step + 1 != num_steps:
+                calls = run.call + 1
                 raise ConfigError(
-                    f"the denoiser ran {run.step + 1} times for {num_steps} expected steps; this scheduler calls the "
-                    "model more than once per step, which layerscope does not support yet"
+                    f"the denoiser ran {calls} times and reached step {run.step + 1} of {num_steps} expected steps "
+                    f"({gen.sampler_name() or 'its scheduler'}); layerscope could not tell which step each call "
+                    "belongs to"
                 )
             first = not timesteps
-            timesteps = [float(t) for t in meta.get("timesteps", [])]
+            timesteps = per_step_timesteps([float(t) for t in meta.get("timesteps", [])], run.call_steps)
             if first:  # before anything is kept: stored sources must come from steps at these timesteps
                 check_stored_timesteps(planned, timesteps)
             batch_images = imgs.detach().float().cpu()

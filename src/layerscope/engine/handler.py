@@ -18,10 +18,34 @@ from .spec import Capture, Row, Stored
 
 
 class RunState:
+    """One chunk's generation as the hooks see it: rows, branches, and which step each denoiser call belongs to.
+
+    ``call`` counts denoiser calls; ``step`` is the step of the current call (``call_steps[call]``: schedulers that
+    evaluate the denoiser more than once per step, such as Heun or PNDM, map several calls to one step), and
+    ``first_of_step`` says whether the current call is the first of its step."""
+
     def __init__(self, n: int, branches: Sequence[str]) -> None:
         self.n = n
         self.branches = list(branches)
+        self.call = -1
         self.step = -1
+        self.first_of_step = True
+        self.call_steps: list[int] | None = None  # set at the first call (None: one call per step)
+
+    def next_call(self) -> None:
+        self.call += 1
+        steps = self.call_steps
+        if steps is None:
+            self.step, self.first_of_step = self.call, True
+            return
+        if self.call >= len(steps):
+            raise ConfigError(
+                f"the denoiser was called {self.call + 1} times, more than the {len(steps)} calls its scheduler "
+                "announced for this run"
+            )
+        step = steps[self.call]
+        self.first_of_step = self.call == 0 or steps[self.call - 1] != step
+        self.step = step
 
     def rows(self, info: LayerInfo, samples: Sequence[int], branch_idx: Sequence[int]) -> list[int]:
         if not info.branched:
@@ -72,7 +96,7 @@ class SiteHandler:
     def process(self, x: torch.Tensor, get_in: Callable[[], torch.Tensor] | None) -> torch.Tensor:
         info, run = self.info, self.run
         step = run.step if info.per_step else None
-        key = step if info.per_step else -99
+        key = run.call if info.per_step else -99
         if self.calls_at == key:
             raise ConfigError(
                 f"{info.name} ran twice in {'step ' + str(step) if info.per_step else 'one generation'}; layerscope "
@@ -94,8 +118,8 @@ class SiteHandler:
             x = x.clone()
             for p, tl, src_local in active:
                 self._apply(x, orig, p, tl, src_local, step)
-        if self.cap_specs and (step is None or step in self.cap_steps):
-            self._capture(x, get_in)
+        if self.cap_specs and (step is None or (step in self.cap_steps and run.first_of_step)):
+            self._capture(x, get_in)  # a step evaluated several times is captured at its first call
         return x
 
     def _apply(

@@ -63,7 +63,9 @@ def installed_hooks(
         if count_steps and gen.step_module is not None:
 
             def count(_mod: Any, _args: Any) -> None:
-                run.step += 1
+                if run.call < 0:  # the pipeline has set its scheduler's timesteps for this run by now
+                    run.call_steps = gen.call_steps()
+                run.next_call()
 
             handles.append(gen.module(gen.step_module).register_forward_pre_hook(count))
         for handler in handlers.values():

@@ -152,6 +152,9 @@ class Generator(ABC):
     def num_steps(self, cfg: GenerationConfig) -> int:
         return cfg.num_inference_steps if self.step_module is not None else 0
 
+    def call_steps(self) -> list[int] | None:
+        return None  # one denoiser call per step
+
     def default_size(self) -> tuple[int, int] | None:
         return None
 

@@ -190,8 +190,14 @@ class PipelineGenerator(Generator):
         if not plan:
             return
 
-        def reseed(step: int) -> None:
-            for r in plan.get(int(step), ()):
+        def reseed(call: int) -> None:  # diffusers passes the loop index: a denoiser call, not always a step
+            steps = self.call_steps()
+            step = int(call)
+            if steps is not None and step < len(steps):
+                if step + 1 < len(steps) and steps[step + 1] == steps[step]:
+                    return  # not the last call of its step
+                step = steps[step]
+            for r in plan.get(step, ()):
                 gens[r].manual_seed(sampler_seed(seeds[r].fork_seed, FORK_STREAM))
 
         params = inspect.signature(self.pipe.__call__).parameters
@@ -261,6 +267,34 @@ class PipelineGenerator(Generator):
                 z = z + cfg.shift_factor
         image = vae.decode(z, return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def call_steps(self) -> list[int] | None:
+        """The step of each denoiser call of the running generation, read from the scheduler as diffusers' own
+        pipelines count steps for their progress bar: the scheduler's ``timesteps`` has one entry per call; with
+        ``order`` k, after the first ``len(timesteps) - steps * k`` calls (warm-up: PNDM's PRK or first PLMS step),
+        every k-th call and the last one complete a step. So Heun / KDPM2 (order 2) evaluate each step twice (the
+        last once), and PNDM with ``skip_prk_steps`` evaluates its first step twice. None when there is one call per
+        step."""
+        sched = getattr(self.pipe, "scheduler", None)
+        ts = getattr(sched, "timesteps", None)
+        n = getattr(sched, "num_inference_steps", None)
+        if ts is None or not n or len(ts) == n:
+            return None
+        order = int(getattr(sched, "order", 1) or 1)
+        calls = len(ts)
+        warmup = calls - n * order
+        steps, done = [], 0
+        for i in range(calls):
+            steps.append(done)
+            if i == calls - 1 or (i + 1 > warmup and (i + 1) % order == 0):
+                done += 1
+        if done != n:
+            raise ConfigError(
+                f"{type(sched).__name__} runs {calls} denoiser calls for {n} steps (order {order}) and layerscope "
+                "cannot tell which step each call belongs to; use a scheduler such as DDIM, Euler, DPM-Solver, PNDM "
+                "or Heun"
+            )
+        return steps
 
     def _timesteps(self) -> list[float]:
         ts = getattr(self.pipe.scheduler, "timesteps", None)
