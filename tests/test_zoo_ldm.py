@@ -235,3 +235,26 @@ def test_zoo_ldm_loads_through_the_sd_adapter_unchanged(vae_dir, tmp_path):
     same = ls.load(f"hf:{out}").generate(["a red cube"], seeds=[0], num_inference_steps=2, guidance_scale=3.0)
     again = model.generate(["a red cube"], seeds=[0], num_inference_steps=2, guidance_scale=3.0)
     assert torch.equal(same.images, again.images)
+
+
+def test_a_further_stage_starts_from_the_shipped_weights_and_resumes_bitwise(vae_dir, tmp_path):
+    cfg = dict(TINY_LDM, vae=str(vae_dir))
+    more = {"train": {"steps": 4, "lr": 2e-4}}
+    a, b = tmp_path / "a", tmp_path / "b"
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        ldm.train_ldm(a, cfg, show_progress=False, resume=True)
+    for out in (a, b):
+        ldm.train_ldm(out, cfg, show_progress=False)
+    first = _weights(a / "unet")
+    done = ldm.train_ldm(a, more, show_progress=False, resume=True)
+    assert done["steps"] == 3 + 4 and [h["steps"] for h in done["history"]] == [3, 4]
+    assert done["history"][1]["train"]["lr"] == 2e-4 and done["config"]["train"]["steps"] == 4
+    assert ldm.load_checkpoint(a, stage=2)["step"] == 4 and ldm.load_checkpoint(a)["step"] == 3  # stage 1 kept
+    assert not all(torch.equal(first[k], v) for k, v in _weights(a / "unet").items())  # trained on
+    assert _log_steps(a / "train_log.csv") == list(range(1, 8))  # the log goes on at step 4
+    # killed in the middle of the stage, then resumed: the same weights as the uninterrupted stage
+    assert ldm.train_ldm(b, more, show_progress=False, resume=True, _stop_step=2) is None
+    again = ldm.train_ldm(b, more, show_progress=False, resume=True)
+    assert again["history"][1]["resumed_at"] == 2 and _log_steps(b / "train_log.csv") == list(range(1, 8))
+    wa, wb = _weights(a / "unet"), _weights(b / "unet")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -153,11 +153,13 @@ def zoo_list() -> None:
 
 @zoo_app.command("train")
 def zoo_train(
-    name: str = typer.Argument(..., help="unet, dit, vae, gan or oracle"),
+    name: str = typer.Argument(..., help="unet, dit, vae, gan, ldm or oracle"),
     out: Optional[str] = typer.Option(None, help="output folder (default: the package's weights folder)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
     steps: Optional[int] = typer.Option(None, help="override the config's number of training steps"),
-    resume: bool = typer.Option(False, help="diffusion models: continue the saved model for --steps more steps"),
+    resume: bool = typer.Option(
+        False, help="diffusion models (unet, dit, ldm): continue the saved model for --steps more steps"
+    ),
     lr: Optional[float] = typer.Option(None, help="override the peak learning rate (diffusion models)"),
 ) -> None:
     """Train one zoo model with its seeded config; the loss log is kept next to the weights."""

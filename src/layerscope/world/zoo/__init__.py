@@ -120,8 +120,8 @@ def train(
 
     ``resume`` (diffusion models): continue from the saved model for ``steps`` more steps (peak ``lr``).
     """
-    if resume and (name not in MODELS or MODELS[name].kind != "diffusion"):  # ldm: resumes from its checkpoint
-        raise SpecError(f"--resume is supported for the diffusion models (unet, dit), not {name!r}")
+    if resume and (name not in MODELS or MODELS[name].kind not in ("diffusion", "latent_diffusion")):
+        raise SpecError(f"--resume is supported for the diffusion models (unet, dit, ldm), not {name!r}")
     if name == "oracle":
         from ..oracle import train_oracle
 
@@ -130,7 +130,8 @@ def train(
     if name == "ldm":  # both stages (world VAE, then the latent U-Net), each resuming from its checkpoint
         from . import ldm
 
-        return ldm.train(Path(out) if out else WEIGHTS / "ldm", device=device, steps=steps, show_progress=show_progress)
+        where = Path(out) if out else WEIGHTS / "ldm"
+        return ldm.train(where, device=device, steps=steps, show_progress=show_progress, resume=resume, lr=lr)
     entry = _entry(name)
     folder = Path(out) if out else entry.folder
     folder.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ from torch import nn
 from ..factors import FACTORS, sample_factors
 from ..render import render
 from ..text import encode, partial_captions, tokenizer  # captions that leave factors open: world.text
-from ..training import TrainLog, autocast, pick_device, progress, seed_everything, write_json
+from ..training import TrainLog, autocast, pick_device, progress, read_json, seed_everything, write_json
 from .diffusion import build_text_encoder  # the zoo's one CLIPTextModel on the world's tokenizer
 
 SIZE = 64  # render resolution of the VAE and the LDM
@@ -176,9 +176,14 @@ def _save_atomic(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(out: str | Path) -> dict | None:
-    """The training state saved in ``<out>/checkpoint/state.pt`` (tensors and plain data only), or None."""
-    path = Path(out) / CHECKPOINT
+def _checkpoint(stage: int) -> str:
+    return CHECKPOINT if stage == 1 else f"checkpoint/stage{stage}.pt"
+
+
+def load_checkpoint(out: str | Path, stage: int = 1) -> dict | None:
+    """The training state saved in ``<out>/checkpoint/state.pt`` (stage ``k`` > 1: ``checkpoint/stage<k>.pt``;
+    tensors and plain data only), or None."""
+    path = Path(out) / _checkpoint(stage)
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -218,23 +223,32 @@ def _run(
     show_progress: bool,
     max_seconds: float | None,
     stop_step: int | None,
+    stage: int = 1,
+    prior_steps: int = 0,
+    prior_seconds: float = 0.0,
 ) -> dict | None:
     """Train ``modules`` with ``step_fn`` (one batch's loss) for ``cfg['train']['steps']`` steps, resuming from and
     writing ``<out>/checkpoint/state.pt``. Leaves the EMA weights in the modules and returns the run's summary, or
-    None when stopped early (``max_seconds`` of this session passed, or ``stop_step`` reached) with a checkpoint."""
+    None when stopped early (``max_seconds`` of this session passed, or ``stop_step`` reached) with a checkpoint.
+
+    ``stage`` > 1: a further stage after ``prior_steps`` steps (and ``prior_seconds``) of earlier stages, from the
+    weights the modules hold: its own checkpoint (``checkpoint/stage<k>.pt``), RNGs seeded by ``seed +
+    prior_steps``, and the loss log continued at step ``prior_steps + 1``."""
     tr = cfg["train"]
     steps = tr["steps"]
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tr["lr"], weight_decay=tr["weight_decay"], betas=tuple(tr["betas"]))
-    gen = seed_everything(tr["seed"])
-    rng = np.random.default_rng(tr["seed"])
+    gen = seed_everything(tr["seed"] + prior_steps)
+    rng = np.random.default_rng(tr["seed"] + prior_steps)
     ema = [p.detach().clone() for p in params]
     done, before, running = 0, 0.0, {}
-    state = load_checkpoint(out)
+    where = _checkpoint(stage)
+    ident = _comparable({**cfg, "stage": stage, "prior_steps": prior_steps})
+    state = load_checkpoint(out, stage)
     if state is not None:
-        if state["config"] != _comparable(cfg):
+        if state["config"] != (ident if stage > 1 else _comparable(cfg)):
             raise ValueError(
-                f"the checkpoint in {out / CHECKPOINT} was written with another config; resume with the same config "
+                f"the checkpoint in {out / where} was written with another config; resume with the same config "
                 "or delete the checkpoint folder to start over"
             )
         for name, m in modules.items():
@@ -250,8 +264,11 @@ def _run(
             torch.cuda.set_rng_state_all(state["cuda"])
         done, before = int(state["step"]), float(state["seconds"])
         running = {k: float(v) for k, v in state["running"].items()}
-        _cut_log(out / "train_log.csv", done)
-    log = TrainLog(out / "train_log.csv", [*fields, "lr"], append=done > 0, offset_seconds=before)
+    if done or prior_steps:
+        _cut_log(out / "train_log.csv", prior_steps + done)
+    log = TrainLog(
+        out / "train_log.csv", [*fields, "lr"], append=done + prior_steps > 0, offset_seconds=prior_seconds + before
+    )
     start = time.perf_counter()
     last_save = start
 
@@ -268,9 +285,9 @@ def _run(
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "running": dict(running),
-                "config": _comparable(cfg),
+                "config": ident if stage > 1 else _comparable(cfg),
             },
-            out / CHECKPOINT,
+            out / where,
         )
 
     for m in modules.values():
@@ -297,7 +314,7 @@ def _run(
                 running[k] = v if k not in running else 0.98 * running[k] + 0.02 * v
             n = step + 1
             if n % every == 0 or n == steps:
-                log.write(n, **{k: running[k] for k in fields}, lr=lr)
+                log.write(prior_steps + n, **{k: running[k] for k in fields}, lr=lr)
                 advance(every if n % every == 0 else n % every, loss=running["loss"])
             now = time.perf_counter()
             stopped = (stop_step is not None and n >= stop_step) or (
@@ -314,6 +331,7 @@ def _run(
         for p, e in zip(params, ema):
             p.copy_(e)
     return {
+        "stage": stage,
         "steps": steps,
         "seconds": round(before + session, 1),
         "session_seconds": round(session, 1),
@@ -523,15 +541,26 @@ def train_ldm(
     show_progress: bool = True,
     max_seconds: float | None = None,
     _stop_step: int | None = None,
+    resume: bool = False,
 ) -> dict | None:
     """Train ``zoo:ldm`` on latents of the trained world VAE (``config['vae']``, default ``out/vae``) and save the
     ``StableDiffusionPipeline`` (EMA weights) into ``out``; resumes from ``out/checkpoint``. Returns the summary
-    written to ``training.json``, or None if ``max_seconds`` ran out first (checkpoint saved; call again)."""
+    written to ``training.json``, or None if ``max_seconds`` ran out first (checkpoint saved; call again).
+
+    ``resume=True`` trains a further stage from the model saved in ``out`` (its EMA weights: what ships) for
+    ``config['train']['steps']`` more steps with a fresh warm-up and cosine schedule (the earlier config, updated by
+    ``config``), itself resumable; ``training.json`` keeps every stage in ``history``."""
     from diffusers import DDPMScheduler
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _merge(LDM, config)
+    if resume and not ((out / "training.json").exists() and (out / "model_index.json").exists()):
+        raise FileNotFoundError(f"nothing to resume in {out}: train zoo:ldm there first")
+    prior = read_json(out / "training.json") if resume else None
+    history = list(prior.get("history") or [_stage_of(prior)]) if prior else []
+    prior_steps = sum(int(h["steps"]) for h in history)
+    prior_seconds = sum(float(h["seconds"]) for h in history)
+    cfg = _merge(prior["config"] if prior else LDM, config)
     tr, caps = cfg["train"], cfg["captions"]
     vae_dir = _vae_folder(out, cfg)
     if not (vae_dir / "config.json").exists() or not any(vae_dir.glob("*.safetensors")):
@@ -540,9 +569,12 @@ def train_ldm(
     bf16 = _bf16(tr, dev)
     vae = load_vae(vae_dir).to(dev).requires_grad_(False)
     sf = float(vae.config.scaling_factor)
-    torch.manual_seed(tr["seed"])  # the initial weights
-    unet = build_unet(cfg).to(dev)
-    text = build_text_encoder(cfg["text"]).to(dev)
+    if prior:  # a further stage starts from the shipped (EMA) weights
+        saved = load_ldm(out)
+        unet, text = saved.unet.to(dev), saved.text_encoder.to(dev)
+    else:
+        torch.manual_seed(tr["seed"])  # the initial weights
+        unet, text = build_unet(cfg).to(dev), build_text_encoder(cfg["text"]).to(dev)
     noise_sched = DDPMScheduler(**cfg["schedule"])
     alphas = noise_sched.alphas_cumprod.to(dev)
     snr_all = alphas / (1 - alphas)
@@ -578,9 +610,19 @@ def train_ldm(
         show_progress,
         max_seconds,
         _stop_step,
+        stage=len(history) + 1,
+        prior_steps=prior_steps,
+        prior_seconds=prior_seconds,
     )
     if run is None:
         return None
+    history.append(_stage_of({**run, "config": cfg}))
+    run = {
+        **run,
+        "steps": prior_steps + run["steps"],
+        "seconds": round(prior_seconds + run["seconds"], 1),
+        "history": history,
+    }
     unet.eval().cpu().float()
     text.eval().cpu().float()
     pipe = build_pipeline(unet, text, vae.cpu().float(), cfg)
@@ -596,6 +638,12 @@ def train_ldm(
     }
     write_json(out / "training.json", summary)
     return summary
+
+
+def _stage_of(summary: dict) -> dict:
+    """What ``training.json``'s history keeps of one training stage."""
+    keep = ("stage", "steps", "seconds", "session_seconds", "resumed_at", "device", "threads")
+    return {**{k: summary[k] for k in keep if k in summary}, "train": dict(summary.get("config", {}).get("train", {}))}
 
 
 @torch.no_grad()
@@ -682,16 +730,20 @@ def train(
     steps: int | None = None,
     show_progress: bool = True,
     max_seconds: float | None = None,
+    resume: bool = False,
+    lr: float | None = None,
 ) -> dict | None:
     """Both stages into ``out``: the VAE into ``out/vae`` (skipped when it has finished), then the LDM (``steps``
-    overrides its step count). Each resumes from its checkpoint."""
+    overrides its step count, ``lr`` its peak learning rate). Each resumes from its checkpoint. ``resume``: a further
+    LDM stage from the model saved in ``out`` (see :func:`train_ldm`)."""
     out = Path(out)
     vae_dir = out / "vae"
     start = time.perf_counter()
-    if not (vae_dir / "training.json").exists():
+    if not resume and not (vae_dir / "training.json").exists():
         if train_vae(vae_dir, device=device, show_progress=show_progress, max_seconds=max_seconds) is None:
             return None
         evaluate_vae(vae_dir, device=device)
     left = None if max_seconds is None else max(1.0, max_seconds - (time.perf_counter() - start))
-    over = {"train": {"steps": steps}} if steps else None
-    return train_ldm(out, over, device=device, show_progress=show_progress, max_seconds=left)
+    train_over = {k: v for k, v in (("steps", steps), ("lr", lr)) if v}
+    over = {"train": train_over} if train_over else None
+    return train_ldm(out, over, device=device, show_progress=show_progress, max_seconds=left, resume=resume)
