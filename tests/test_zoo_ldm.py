@@ -258,3 +258,18 @@ def test_a_further_stage_starts_from_the_shipped_weights_and_resumes_bitwise(vae
     assert again["history"][1]["resumed_at"] == 2 and _log_steps(b / "train_log.csv") == list(range(1, 8))
     wa, wb = _weights(a / "unet"), _weights(b / "unet")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_an_unfinished_stage_exports_its_ema_and_a_further_stage_goes_on(vae_dir, tmp_path):
+    cfg = dict(TINY_LDM, vae=str(vae_dir))
+    out = tmp_path / "ldm"
+    assert ldm.train_ldm(out, cfg, show_progress=False, _stop_step=2) is None  # a session ended at step 2 of 3
+    summary = ldm.export_unfinished(out, device="cpu", threads=1)
+    assert summary["steps"] == 2 and summary["planned_steps"] == 3 and summary["stopped_early"]
+    state = ldm.load_checkpoint(out)
+    unet = ldm.load_ldm(out).unet
+    params = [p for p in unet.parameters()]
+    assert all(torch.equal(p, e) for p, e in zip(params, state["ema"]))  # the EMA ships, not the raw weights
+    more = ldm.train_ldm(out, {"train": {"steps": 2}}, show_progress=False, resume=True)
+    assert more["steps"] == 4 and [h["steps"] for h in more["history"]] == [2, 2]
+    assert more["history"][0]["stopped_early"] and _log_steps(out / "train_log.csv") == [1, 2, 3, 4]

@@ -640,9 +640,60 @@ def train_ldm(
     return summary
 
 
+def export_unfinished(out: str | Path, stage: int = 1, device: str | None = None, threads: int | None = None) -> dict:
+    """Save the EMA weights of a stage stopped before its last step (its checkpoint in ``out``) as the pipeline in
+    ``out``, with a ``training.json`` that records the step it reached of the planned ones (``device`` and
+    ``threads``: where it ran, as the caller reports it; the checkpoint does not record them). A later
+    ``train_ldm(out, resume=True)`` trains a further stage from these weights. Returns the summary."""
+    out = Path(out)
+    state = load_checkpoint(out, stage)
+    if state is None:
+        raise FileNotFoundError(f"no checkpoint of stage {stage} in {out}")
+    cfg = json.loads(state["config"])
+    prior_steps = int(cfg.pop("prior_steps", 0))
+    cfg.pop("stage", None)
+    cfg["train"].setdefault("checkpoint_seconds", LDM["train"]["checkpoint_seconds"])
+    prior = read_json(out / "training.json") if stage > 1 else None
+    history = list(prior.get("history") or [_stage_of(prior)]) if prior else []
+    unet, text = build_unet(cfg), build_text_encoder(cfg["text"])
+    params = [p for m in (unet, text) for p in m.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p, e in zip(params, state["ema"], strict=True):
+            p.copy_(e)
+    vae_dir = _vae_folder(out, cfg)
+    vae = load_vae(vae_dir)
+    build_pipeline(unet.eval(), text.eval(), vae, cfg).save_pretrained(out, safe_serialization=True)
+    run = {
+        "stage": stage,
+        "steps": int(state["step"]),
+        "planned_steps": int(cfg["train"]["steps"]),
+        "stopped_early": int(state["step"]) < int(cfg["train"]["steps"]),
+        "seconds": round(float(state["seconds"]), 1),
+        "device": device or "unknown",
+        "threads": threads,
+        "parameters": sum(p.numel() for p in params),
+    }
+    history.append(_stage_of({**run, "config": cfg}))
+    summary = {
+        "model": "zoo:ldm",
+        **run,
+        "steps": prior_steps + run["steps"],
+        "seconds": round(sum(float(h["seconds"]) for h in history), 1),
+        "history": history,
+        "vae": str(vae_dir),
+        "vae_scaling_factor": float(vae.config.scaling_factor),
+        "bf16": False if (device or "cpu") == "cpu" else None,
+        "config": cfg,
+        "data": "latents of fresh 64x64 renders of the training split, captions naming a random subset of factors",
+    }
+    write_json(out / "training.json", summary)
+    return summary
+
+
 def _stage_of(summary: dict) -> dict:
     """What ``training.json``'s history keeps of one training stage."""
-    keep = ("stage", "steps", "seconds", "session_seconds", "resumed_at", "device", "threads")
+    keep = ("stage", "steps", "planned_steps", "stopped_early", "seconds", "session_seconds", "resumed_at", "device")
+    keep += ("threads",)
     return {**{k: summary[k] for k in keep if k in summary}, "train": dict(summary.get("config", {}).get("train", {}))}
 
 
