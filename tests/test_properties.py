@@ -171,11 +171,11 @@ def test_result_round_trips_through_save_and_load(tmp_path):
 
 
 def test_strip_keys_with_dots_survive_the_round_trip(tmp_path):
-    """Space names such as ``down_blocks.0`` are escaped in the npz as the old save did."""
+    """Space names such as ``down_blocks.0`` are escaped in the npz (reversibly: "." as "%2E")."""
     strips = {"down_blocks.0.resnets.1": np.zeros((2, 3, 4, 4), np.uint8), "noise": np.ones((2, 3, 4, 4), np.uint8)}
     Result(pr.NAME, {}, {}, {pr.STRIPS: strips}).save(tmp_path)
     with np.load(tmp_path / "strips.npz") as z:
-        assert set(z.files) == {"down_blocks__0__resnets__1", "noise"}
+        assert set(z.files) == {"down_blocks%2E0%2Eresnets%2E1", "noise"}
     back = Result.load(tmp_path).artifacts[pr.STRIPS]
     assert set(back) == set(strips) and all(np.array_equal(back[k], v) for k, v in strips.items())
 
