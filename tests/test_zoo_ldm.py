@@ -273,3 +273,18 @@ def test_an_unfinished_stage_exports_its_ema_and_a_further_stage_goes_on(vae_dir
     more = ldm.train_ldm(out, {"train": {"steps": 2}}, show_progress=False, resume=True)
     assert more["steps"] == 4 and [h["steps"] for h in more["history"]] == [2, 2]
     assert more["history"][0]["stopped_early"] and _log_steps(out / "train_log.csv") == [1, 2, 3, 4]
+
+
+def test_the_shipped_zoo_ldm_loads_and_its_card_tells_its_quality():
+    import layerscope as ls
+    from layerscope.world import zoo
+    from layerscope.world.quality import verdicts
+
+    model = ls.load("zoo:ldm")
+    assert model.config().num_inference_steps == 20 and model.config().guidance_scale == 3.0  # as measured
+    img = model.generate(["a red cube on a blue floor"], seeds=[0], num_inference_steps=2).images
+    assert img.shape == (1, 3, 64, 64)
+    c = zoo.card("ldm")
+    assert c["resolution"] == 64 and c["steps"] == 12000 and 0 < c["weights_bytes"] < 20e6
+    q = c["quality"]
+    assert q["samples"] == 1000 and set(verdicts(q)) == {f"{f} (named)" for f in FACTORS} | {"in_distribution"}

@@ -630,7 +630,7 @@ def train_ldm(
     summary = {
         "model": "zoo:ldm",
         **run,
-        "vae": str(vae_dir),
+        "vae": cfg["vae"],  # as configured (relative to the model folder unless absolute)
         "vae_scaling_factor": sf,
         "bf16": bf16,
         "config": cfg,
@@ -680,7 +680,7 @@ def export_unfinished(out: str | Path, stage: int = 1, device: str | None = None
         "steps": prior_steps + run["steps"],
         "seconds": round(sum(float(h["seconds"]) for h in history), 1),
         "history": history,
-        "vae": str(vae_dir),
+        "vae": cfg["vae"],  # as configured (relative to the model folder unless absolute)
         "vae_scaling_factor": float(vae.config.scaling_factor),
         "bf16": False if (device or "cpu") == "cpu" else None,
         "config": cfg,
