@@ -165,7 +165,9 @@ def evaluate(
         from .ldm import evaluate_ldm
 
         kw = {k: gen_kwargs[k] for k in ("num_inference_steps", "guidance_scale") if k in gen_kwargs}
-        return evaluate_ldm(folder or MODELS[name].folder, n=n, save=save, pipe=model.pipe, **kw)
+        return evaluate_ldm(
+            folder or MODELS[name].folder, n=n, save=save, pipe=model.pipe, show_progress=progress, **kw
+        )
 
     q = measure(model, n=n, progress=progress, **gen_kwargs)
     if save:

@@ -708,6 +708,7 @@ def evaluate_ldm(
     save: bool = True,
     device: str | None = None,
     pipe: Any = None,
+    show_progress: bool = True,
 ) -> dict:
     """Quality of ``zoo:ldm`` read by the oracle on ``n`` held-out scenes with partial captions (each factor named
     with probability 1/2, none empty), one seed per sample: per factor, the share of samples that follow it where
@@ -723,7 +724,9 @@ def evaluate_ldm(
     pipe = (pipe or load_ldm(folder)).to(dev)
     pipe.set_progress_bar_config(disable=True)
 
-    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    n_full = max(1, n // 4)
+
+    def generate(prompts: list[str], seeds: list[int], advance: Callable[..., None]) -> torch.Tensor:
         out = []
         for s in range(0, len(prompts), batch):
             gens = [torch.Generator().manual_seed(k) for k in seeds[s : s + batch]]
@@ -735,12 +738,16 @@ def evaluate_ldm(
                 output_type="pt",
             ).images
             out.append(img.float().cpu().clamp(0, 1))
+            advance(len(gens))
         return torch.cat(out)
 
     oracle = load_oracle()
     f = sample_factors(n, seed + 7, split="test")
     caps, named = partial_captions(f, np.random.default_rng(seed + 8), p_empty=0.0)
-    r = read(generate(caps, list(range(seed, seed + n))), oracle)
+    with progress(n + n_full, "zoo:ldm eval", show_progress) as advance:
+        r = read(generate(caps, list(range(seed, seed + n)), advance), oracle)
+        ff = sample_factors(n_full, seed + 9, split="test")
+        rf = read(generate(prompts_for(ff), list(range(seed + n, seed + n + n_full)), advance), oracle)
     follow, open_shares = {}, {}
     for i, name in enumerate(FACTORS):
         m = named[:, i]
@@ -753,9 +760,6 @@ def evaluate_ldm(
             "min": float(counts.min()),
             "shares": [round(float(c), 4) for c in counts],
         }
-    n_full = max(1, n // 4)
-    ff = sample_factors(n_full, seed + 9, split="test")
-    rf = read(generate(prompts_for(ff), list(range(seed + n, seed + n + n_full))), oracle)
     ref = reference_features(n, seed + 1, size=SIZE)
     q = {
         "samples": n,
