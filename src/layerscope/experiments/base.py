@@ -68,6 +68,12 @@ def save_arrays(path: str | Path, arrays: Mapping[str, Any]) -> dict[str, int]:
     return folders.file_record(path)
 
 
+def save_table(path: str | Path, table: pd.DataFrame) -> dict[str, int]:
+    """Write ``table`` as parquet, atomically; return its file record."""
+    folders.atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+    return folders.file_record(path)
+
+
 def load_arrays(path: str | Path, fmt: int = NPZ_FORMAT) -> dict[str, np.ndarray]:
     """Read what :func:`save_arrays` wrote (``fmt``: the npz format of the writer, 1 for older files)."""
     with np.load(path, allow_pickle=False) as z:
@@ -101,8 +107,7 @@ class Result:
         folder.mkdir(parents=True, exist_ok=True)
         files: dict[str, dict[str, int]] = {}
         for name, table in self.tables.items():
-            path = folders.atomic_write(folder / f"{name}.parquet", lambda tmp, t=table: t.to_parquet(tmp, index=False))
-            files[path.name] = folders.file_record(path)
+            files[f"{name}.parquet"] = save_table(folder / f"{name}.parquet", table)
         for name, arrays in self.artifacts.items():
             files[f"{name}.npz"] = save_arrays(folder / f"{name}.npz", arrays)
         meta = {
@@ -126,25 +131,22 @@ class Result:
         if not path.exists():
             raise ConfigError(f"{folder} holds no saved result ({RESULT_FILE} is missing)")
 
-        def damaged(why: str) -> ResultDamagedError:
-            return ResultDamagedError(folder, why)
-
         try:
             meta = json.loads(path.read_text())
             if not isinstance(meta, dict) or not {"experiment", "tables", "artifacts", "record"} <= set(meta):
                 raise ValueError("it lacks the experiment, tables, artifacts or record")
         except (ValueError, UnicodeDecodeError) as exc:
-            raise damaged(f"{RESULT_FILE} cannot be read ({exc})") from None
-        for name, want in (meta.get("files") or {}).items():  # results saved before 0.x record no files
+            raise ResultDamagedError(folder, f"{RESULT_FILE} cannot be read ({exc})") from None
+        for name, want in (meta.get("files") or {}).items():  # results saved before file records: none
             why = folders.file_damage(folder / name, want)
             if why:
-                raise damaged(why)
+                raise ResultDamagedError(folder, why)
         try:
             tables = {name: pd.read_parquet(folder / f"{name}.parquet") for name in meta["tables"]}
             fmt = int(meta.get("npz", 1))
             artifacts = {name: load_arrays(folder / f"{name}.npz", fmt) for name in meta["artifacts"]}
         except Exception as exc:  # no file record (an older result) or a file that does not parse
-            raise damaged(f"a file cannot be read ({type(exc).__name__}: {exc})") from None
+            raise ResultDamagedError(folder, f"a file cannot be read ({type(exc).__name__}: {exc})") from None
         return cls(meta["experiment"], tables, meta["record"], artifacts)
 
     @staticmethod

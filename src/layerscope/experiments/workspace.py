@@ -33,7 +33,16 @@ import pandas as pd
 
 from .. import folders
 from ..errors import ConfigError, StoreMismatchError
-from .base import NPZ_FORMAT, RESULT_FILE, Result, ResultDamagedError, load_arrays, save_arrays, settings_dict
+from .base import (
+    NPZ_FORMAT,
+    RESULT_FILE,
+    Result,
+    ResultDamagedError,
+    load_arrays,
+    save_arrays,
+    save_table,
+    settings_dict,
+)
 
 MANIFEST = "layerscope.json"
 CELLS = "cells"
@@ -170,8 +179,7 @@ class Workspace:
         files: dict[str, dict[str, int]] = {}
         for name, table in (tables or {}).items():
             path = stem.with_name(f"{stem.name}.{name}.parquet")
-            folders.atomic_write(path, lambda tmp, t=table: t.to_parquet(tmp, index=False))
-            files[path.name] = folders.file_record(path)
+            files[path.name] = save_table(path, table)
         if arrays:
             files[f"{stem.name}.npz"] = save_arrays(stem.with_name(f"{stem.name}.npz"), arrays)
         marker = {"key": key, "files": files, "tables": list(tables or {}), "npz": NPZ_FORMAT, "record": record or {}}
