@@ -411,16 +411,19 @@ def test_settings_errors_come_before_any_generation(dit, monkeypatch):
 
 
 def test_main_job_is_the_old_sections_settings():
-    """The probe grid then forking on zoo:unet and zoo:dit, with the settings the main job always used."""
+    """The probe grid then forking on zoo:unet and zoo:dit, with the settings the main job always used, and on zoo:ldm
+    at the layers of its injection study."""
     for quick, (n, steps, prompts, forks, taus) in (
         (False, (320, 10, 12, 8, tuple(range(9)))),
         (True, (64, 4, 3, 4, (0, 1, 2))),
     ):
         jobs = ab.main_job(quick)
-        assert [j.spec for j in jobs] == ["zoo:unet", "zoo:dit"]
-        assert [j.folder_name() for j in jobs] == ["zoo_unet", "zoo_dit"]
-        for j in jobs:
-            assert j.settings == ab.Settings(n=n, steps=steps, fork_prompts=prompts, forks=forks, taus=taus)
+        assert [j.spec for j in jobs] == ["zoo:unet", "zoo:dit", "zoo:ldm"]
+        assert [j.folder_name() for j in jobs] == ["zoo_unet", "zoo_dit", "zoo_ldm"]
+        for j, layers in zip(jobs, (None, None, ab.LDM_LAYERS)):
+            want = ab.Settings(n=n, steps=steps, fork_prompts=prompts, forks=forks, taus=taus, layers=layers)
+            assert j.settings == want
+    assert "mid_block" in ab.LDM_LAYERS and not any(n.startswith(("skip.", "noise")) for n in ab.LDM_LAYERS)
 
 
 def test_section_renders_from_saved_results(small, tmp_path):

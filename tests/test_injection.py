@@ -343,3 +343,21 @@ def test_anchors_and_ci_check():
     side = anchors_table([({"settings": {"named": [2, 3]}}, res), ({"settings": {}}, res)])
     assert list(side.columns[-2:]) == ["zoo:ldm (partial prompts)", "zoo:ldm (full prompts)"]
     assert side.iloc[2, -1] == "mixed: stru 1.00 [1.00, 1.00]; cont 1.00 [1.00, 1.00]; surf 1.00 [1.00, 1.00]"
+
+
+def test_main_job_runs_both_protocols_on_zoo_ldm_at_its_layers():
+    """zoo:ldm runs under protocol (a) (full prompts, a shared seed) and (b) (partial prompts, other seeds); every layer
+    it injects at is a site of the shipped model, the anchors' layers among them."""
+    for quick in (False, True):
+        jobs = inj.main_job(quick)
+        assert [j.folder_name() for j in jobs] == ["zoo_unet", "zoo_dit", "zoo_ldm_full", "zoo_ldm_partial"]
+        full, partial = (j.settings for j in jobs[2:])
+        assert full.named is None and not full.seed_per_pair and full.layers == partial.layers == inj.LDM_LAYERS
+        assert partial.named == (2, 3) and partial.seed_per_pair and partial.e_seeds != partial.seeds
+        assert full.sanity and partial.sanity
+    import fnmatch
+
+    names = set(ls.load("zoo:ldm").layer_map().names())
+    assert set(inj.LDM_LAYERS) - {"noise", "text_embeds"} <= names
+    for glob, _, _ in inj.SD14_ANCHORS:  # the study covers every anchor
+        assert fnmatch.filter(inj.LDM_LAYERS, glob), glob

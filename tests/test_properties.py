@@ -184,9 +184,11 @@ def test_main_job_has_the_old_settings():
     """The main job's models and settings are those of the report's old FULL/QUICK dicts; the sanity generators are
     their own jobs with what each must show as the note."""
     quick = pr.main_job(quick=True)
-    assert [j.spec for j in quick] == ["zoo:unet", "zoo:vae", "zoo:gan"] + [SANITY.format(k) for k in pr.SANITY]
+    specs = ["zoo:unet", "zoo:ldm", "zoo:vae", "zoo:gan"]
+    assert [j.spec for j in quick] == specs + [SANITY.format(k) for k in pr.SANITY]
     by = {j.spec: j for j in quick}
     assert by["zoo:unet"].settings == pr.Settings(n=8, pairs=4, steps=4, spaces=("noise", "text_embeds", "h_space"))
+    assert by["zoo:ldm"].settings == pr.Settings(n=8, pairs=4, steps=4, spaces=("noise", "vae_latent"))
     assert by["zoo:vae"].settings == by["zoo:gan"].settings == pr.Settings(n=32, pairs=8)
     sane = [j for j in quick if j.part == "sanity"]
     assert [j.note for j in sane] == list(pr.SANITY.values())
@@ -195,7 +197,8 @@ def test_main_job_has_the_old_settings():
     assert all(callable(getattr(sanity, k)) for k in pr.SANITY)  # every sanity job names a real factory
     assert all(j.settings == pr.Settings(n=16, pairs=4) for j in sane)
     full = {j.spec: j.settings for j in pr.main_job(quick=False)}
-    assert list(full)[:4] == ["zoo:unet", "zoo:dit", "zoo:vae", "zoo:gan"]
+    assert list(full)[:5] == ["zoo:unet", "zoo:dit", "zoo:ldm", "zoo:vae", "zoo:gan"]
+    assert "vae_latent" in full["zoo:ldm"].spaces and "skip.up_blocks.1.*" in full["zoo:ldm"].spaces
     assert full["zoo:unet"] == pr.Settings(n=16, pairs=8, steps=10)
     assert full["zoo:dit"] == pr.Settings(n=16, pairs=8, steps=10, spaces=("*",))
     assert full["zoo:gan"] == pr.Settings(n=64, pairs=16)

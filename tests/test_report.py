@@ -52,6 +52,16 @@ def test_run_quick_writes_tables_and_page(report):
         probes = pd.read_parquet(report / "abstractions" / spec / "probes.parquet")
         assert {"accuracy", "cross_entropy", "mi_bound", "accuracy_low", "accuracy_high"} == set(probes["metric"])
         assert "x_t" in set(probes["layer"])
+    # zoo:ldm under both pair protocols, beside the SD 1.4 anchors; its probes at its study's layers; its VAE latent
+    for protocol, named in (("zoo_ldm_full", None), ("zoo_ldm_partial", [2, 3])):
+        res = Result.load(report / "injection" / protocol)
+        assert res.record["settings"]["named"] == named and res.record["sanity"]["no_layer_vs_O"] < 1e-5
+        assert set(res.tables["summary"]["layer"]) >= {"mid_block", "up_blocks.1.resnets.1", "noise"}
+    assert "zoo:ldm: partial prompts naming 2-3 factors" in page and "Stable Diffusion 1.4 anchors" in page
+    probes = pd.read_parquet(report / "abstractions" / "zoo_ldm" / "probes.parquet")
+    assert "mid_block" in set(probes["layer"]) and not any(str(x).startswith("skip.") for x in set(probes["layer"]))
+    ldm_scores = pd.read_parquet(report / "properties" / "zoo_ldm" / "properties.parquet")
+    assert {"noise", "vae_latent"} == set(ldm_scores["space"])
     assert page.count("Reproduce: <code>layerscope properties zoo:") >= 3
     assert "picture" in page and "Sanity generators built to fail" in page
     for spec in ("zoo_unet", "zoo_vae", "zoo_gan"):

@@ -48,6 +48,7 @@ from ..stats.bootstrap import mean_ci
 from ..stats.entropy import plugin_entropy
 from ..stats.probes import ProbeGrid, fit_probe_grid
 from ..validate import MAX_STEPS, check_float, check_int, check_seeds
+from . import injection
 from .base import Job, Result, generation_kwargs, settings_dict
 from .workspace import Cell, Workspace, open_workspace
 
@@ -833,11 +834,19 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
 
 #: the main job's settings: the probe grid, then forking (fork_prompts unconditional starts x forks continuations at
 #: every tau, DDIM eta=1), at the probes' steps, on each of MAIN_MODELS
-MAIN_MODELS = ("zoo:unet", "zoo:dit")
+MAIN_MODELS = ("zoo:unet", "zoo:dit", "zoo:ldm")
 FULL = Settings(n=320, steps=10, forks=8, fork_prompts=12, taus=tuple(range(9)))
 QUICK = Settings(n=64, steps=4, forks=4, fork_prompts=3, taus=(0, 1, 2))
+#: zoo:ldm: the layers of its injection study (its blocks, the bottleneck's and decoder's attention, PnP's
+#: up_blocks.1.resnets.1), not all 53
+LDM_LAYERS = tuple(name for name in injection.LDM_LAYERS if not name.startswith(("skip.", "noise", "text_")))
+
+
+#: per model: the layers probed (None: every layer)
+MAIN_LAYERS: dict[str, tuple[str, ...] | None] = {"zoo:unet": None, "zoo:dit": None, "zoo:ldm": LDM_LAYERS}
 
 
 def main_job(quick: bool = False) -> list[Job]:
     """The probe grid and forking entropy on the zoo's diffusion models (unconditional samples, oracle labels)."""
-    return [Job(spec, QUICK if quick else FULL) for spec in MAIN_MODELS]
+    st = QUICK if quick else FULL
+    return [Job(spec, dataclasses.replace(st, layers=MAIN_LAYERS[spec])) for spec in MAIN_MODELS]

@@ -748,17 +748,25 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
         return ws.save(Result(NAME, {SCORES: scores, DETAILS: details}, record, {STRIPS: strips}))
 
 
-#: the main job: zoo:unet every space it offers, zoo:dit its spaces and every transformer block, the GAN/VAE latent
+#: the main job: zoo:unet every space it offers, zoo:dit its spaces and every transformer block, zoo:ldm its spaces
+#: (the skips of the third encoder block only) with the VAE latent, the GAN/VAE latent
 _DIFFUSION = Settings(n=16, pairs=8, steps=10)
 _LATENT = Settings(n=64, pairs=16)
 FULL: dict[str, Settings] = {
     "zoo:unet": _DIFFUSION,
     "zoo:dit": Settings(n=16, pairs=8, steps=10, spaces=("*",)),
+    "zoo:ldm": Settings(
+        n=16,
+        pairs=8,
+        steps=10,
+        spaces=("noise", "text_embeds", "text_eos", "h_space", "skip.up_blocks.1.*", "vae_latent"),
+    ),
     "zoo:vae": _LATENT,
     "zoo:gan": _LATENT,
 }
 QUICK: dict[str, Settings] = {
     "zoo:unet": Settings(n=8, pairs=4, steps=4, spaces=("noise", "text_embeds", "h_space")),
+    "zoo:ldm": Settings(n=8, pairs=4, steps=4, spaces=("noise", "vae_latent")),
     "zoo:vae": Settings(n=32, pairs=8),
     "zoo:gan": Settings(n=32, pairs=8),
 }
