@@ -287,7 +287,9 @@ def sweep(
         help="an (original, edit) prompt pair: --pair 'a red cube' 'a blue ball'; repeatable",
     ),
     random_pairs: int = typer.Option(
-        0, help="Shapes-world models: add N random held-out prompt pairs that differ in every factor"
+        0,
+        help="Shapes-world models: add N random held-out prompt pairs that differ in every factor; latent "
+        "generators (GANs, VAE decoders): N pairs of latents from the seeds (with --seed-per-pair)",
     ),
     pair_seed: int = typer.Option(0, help="seed of the random pairs"),
     named: Optional[str] = typer.Option(
@@ -305,7 +307,11 @@ def sweep(
         help="with the default layers: also the candidate spaces (noise, text embeddings, skips; not x_t)",
     ),
     windows: str = typer.Option("all", help="step windows, comma-separated: all, early, middle, late"),
-    seeds: str = typer.Option("0", help="seeds, comma-separated (O and E share each seed, unless --e-seeds)"),
+    seeds: str = typer.Option(
+        "0",
+        help="seeds, comma-separated (O and E share each seed, unless --e-seeds; a latent generator's E defaults to "
+        "seed + 1000)",
+    ),
     e_seeds: Optional[str] = typer.Option(None, help="E's seeds, comma-separated, one per --seeds entry"),
     seed_per_pair: bool = typer.Option(False, "--seed-per-pair", help="pair p adds p to every seed (its own noise)"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's)"),

@@ -37,6 +37,10 @@ class ConfigError(LayerscopeError, ValueError):
     """An argument of a capture, intervention or sweep is invalid."""
 
 
+class GenerationError(LayerscopeError, ValueError):
+    """A generator returned something that is not a batch of images: the wrong shape, or NaN / infinite values."""
+
+
 class DamagedError(LayerscopeError, ValueError):
     """Saved files (a Result, a report record, a store's chunks) are missing, truncated, changed or unreadable."""
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -180,6 +181,12 @@ def _load_hf(target: str, spec: str, kw: dict[str, Any]) -> Any:
     return adapter_for_pipeline(pipe, spec)
 
 
+def _said(exc: BaseException) -> str:
+    """An exception in one line: its type and first line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def _load_torch(target: str, spec: str, kw: dict[str, Any]) -> Any:
     mod_name, sep, factory = target.rpartition(":")
     if not sep or not mod_name or not factory:
@@ -188,11 +195,25 @@ def _load_torch(target: str, spec: str, kw: dict[str, Any]) -> Any:
         mod = importlib.import_module(mod_name)
     except ImportError as exc:
         raise SpecError(f"cannot import module {mod_name!r} for spec {spec!r}: {exc}") from exc
+    except Exception as exc:  # the module itself fails while importing (SyntaxError, an error at top level)
+        raise SpecError(f"importing module {mod_name!r} for spec {spec!r} failed: {_said(exc)}") from exc
     fn = getattr(mod, factory, None)
     if fn is None or not callable(fn):
         names = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
         raise SpecError(f"module {mod_name!r} has no callable {factory!r}; callables there: {', '.join(names[:10])}")
-    made = fn()
+    try:
+        inspect.signature(fn).bind()
+    except TypeError as exc:
+        raise SpecError(
+            f"{mod_name}:{factory} must be callable without arguments (it builds the generator), but it needs "
+            f"some: {exc}; wrap it in a factory that takes none"
+        ) from None
+    except ValueError:  # no signature to inspect (some builtins): call it and see
+        pass
+    try:
+        made = fn()
+    except Exception as exc:
+        raise SpecError(f"the factory {mod_name}:{factory} of spec {spec!r} raised {_said(exc)}") from exc
     if isinstance(made, Generator):
         return made
     opts = dict(kw)

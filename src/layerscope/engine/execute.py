@@ -18,7 +18,7 @@ import torch
 
 from .._version import __version__
 from ..config import GenerationConfig
-from ..errors import BudgetError, ConfigError
+from ..errors import BudgetError, ConfigError, GenerationError
 from ..folders import check_output, lock
 from ..layers import LayerMap
 from .backend import Backend
@@ -83,6 +83,27 @@ def trace_shapes(gen: Backend, lmap: LayerMap, cfg: GenerationConfig) -> LayerMa
         assert r.shape is not None  # every recorder saw its site (checked above)
         entries.append(e.with_shape(r.shape, r.in_shape))
     return LayerMap(entries, model=lmap.model)
+
+
+def checked_images(gen: Backend, imgs: Any, n: int) -> torch.Tensor:
+    """A batch's images as float32 on the CPU, after checking they are ``n`` finite images (n, 3, H, W)."""
+    if not isinstance(imgs, torch.Tensor):
+        raise GenerationError(f"{gen.spec} returned {type(imgs).__name__}, not a tensor of images")
+    if imgs.ndim != 4 or imgs.shape[0] != n or imgs.shape[1] != 3:
+        raise GenerationError(
+            f"{gen.spec} returned a tensor of shape {tuple(imgs.shape)} for {n} samples; images must be "
+            f"(samples, 3, height, width), here ({n}, 3, H, W)"
+        )
+    out = imgs.detach().float().cpu()
+    bad = ~torch.isfinite(out)
+    if bad.any():
+        rows = sorted({int(i) for i in bad.flatten(1).any(1).nonzero().flatten()})
+        raise GenerationError(
+            f"{gen.spec} generated NaN or infinite pixels in {len(rows)} of {n} samples of this batch (batch rows "
+            f"{rows[:5]}{' ...' if len(rows) > 5 else ''}); an intervention may have blown up the activations, or "
+            "the model is broken"
+        )
+    return out
 
 
 def _chunks(ids: list[int], size: int) -> list[list[int]]:
@@ -244,7 +265,7 @@ def _run_chunks(
             timesteps = per_step_timesteps([float(t) for t in meta.get("timesteps", [])], run.call_steps)
             if first:  # before anything is kept: stored sources must come from steps at these timesteps
                 check_stored_timesteps(planned, timesteps)
-            batch_images = imgs.detach().float().cpu()
+            batch_images = checked_images(gen, imgs, len(ids))
             images.append((ids, batch_images))
             if cap_plan is not None:
                 items = [

@@ -92,6 +92,11 @@ class SiteHandler:
         self.calls_at: int | None = None
         self._tensor_cache: dict[tuple[object, ...], torch.Tensor] = {}
 
+    @property
+    def wants_input(self) -> bool:
+        """Whether the site's input is read (an ``update`` capture: output - input)."""
+        return any(s.what == "update" for s in self.cap_specs)
+
     # -- called from the hooks --------------------------------------------------------------------------------------
     def process(self, x: torch.Tensor, get_in: Callable[[], torch.Tensor] | None) -> torch.Tensor:
         info, run = self.info, self.run

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
 from ..config import GenerationConfig
+from ..errors import ConfigError
 from ..layers import LayerInfo, Site
 from .backend import Backend
 from .handler import RunState
@@ -54,6 +55,26 @@ def set_indices(
         h.index = gen.site_index(key, prompts, cfg, branches if h.info.branched else ["none"]) if key else None
 
 
+def _in_place(mod: Any) -> bool:
+    """Modules that declare they overwrite their input (``nn.ReLU(inplace=True)`` and the like)."""
+    return bool(getattr(mod, "inplace", False))
+
+
+def _input(site: Site, args: tuple[Any, ...], kwargs: dict[str, Any], saved: dict[str, Any], strict: bool) -> Any:
+    """The site's input: for an update capture (``strict``) the copy kept before an in-place module ran, else the
+    argument itself, which must then be as it was before the module ran (torch counts in-place writes)."""
+    if "input" in saved:
+        return saved.pop("input")
+    x = get_input(site, args, kwargs, cast("tuple[Any, ...]", site.in_path))
+    before = saved.pop("version", None)
+    if strict and isinstance(x, torch.Tensor) and before is not None and x._version != before:
+        raise ConfigError(
+            f"{site.module}: the module wrote into its input (in place), so output - input is lost; capture its "
+            "output only, or give the module an attribute inplace=True so layerscope keeps a copy of its input"
+        )
+    return x
+
+
 @contextmanager
 def installed_hooks(
     gen: Backend, run: RunState, handlers: Mapping[str, SiteProcessor], count_steps: bool = True
@@ -72,6 +93,22 @@ def installed_hooks(
             site = handler.info.site
             mod = gen.module(site.module)
             if site.hook == "output":
+                saved: dict[str, Any] = {}
+                if getattr(handler, "wants_input", False) and site.in_path is not None:
+
+                    def keep(
+                        _mod: Any,
+                        args: tuple[Any, ...],
+                        kwargs: dict[str, Any],
+                        _s: Site = site,
+                        _saved: dict[str, Any] = saved,
+                        _copy: bool = _in_place(mod),
+                    ) -> None:
+                        x = get_input(_s, args, kwargs, cast("tuple[Any, ...]", _s.in_path))
+                        if isinstance(x, torch.Tensor):  # a module that overwrites its input: keep a copy
+                            _saved["input" if _copy else "version"] = x.clone() if _copy else x._version
+
+                    handles.append(mod.register_forward_pre_hook(keep, with_kwargs=True))
 
                 def fwd(
                     _mod: Any,
@@ -80,13 +117,11 @@ def installed_hooks(
                     out: Any,
                     _h: SiteProcessor = handler,
                     _s: Site = site,
+                    _saved: dict[str, Any] = saved,
+                    _strict: bool = bool(getattr(handler, "wants_input", False)),
                 ) -> Any:
                     x = get_path(out, _s.path)
-                    get_in = (  # mypy checks the lambda body also without the `is not None` narrowing
-                        (lambda: get_input(_s, args, kwargs, _s.in_path))  # type: ignore[arg-type]
-                        if _s.in_path is not None
-                        else None
-                    )
+                    get_in = (lambda: _input(_s, args, kwargs, _saved, _strict)) if _s.in_path is not None else None
                     new = process_site(_h, x, get_in)
                     if new is not x:
                         return set_path(out, _s.path, new)

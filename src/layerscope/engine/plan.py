@@ -170,6 +170,7 @@ def plan_interventions(
             _check_stored(p, src, info, branches, what)
         elif isinstance(src, torch.Tensor):
             p.kind = "tensor"
+            _check_finite(src, what)
             p.tensor = _shape_tensor(src, info, iv.op, what)
         elif isinstance(src, PerTarget):
             vals = src.values
@@ -179,6 +180,7 @@ def plan_interventions(
             if len(set(p.targets)) != len(p.targets):
                 raise ConfigError(f"{what}: PerTarget targets must be distinct samples")
             p.kind = "per_target"
+            _check_finite(vals, what)
             one = _shape_tensor(vals[0], info, iv.op, what)  # validates the per-sample shape
             p.tensor = vals.detach().reshape((len(p.targets),) + tuple(one.shape))
         else:
@@ -187,6 +189,13 @@ def plan_interventions(
             )
         planned.append(p)
     return planned
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if t.is_floating_point() or t.is_complex():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ConfigError(f"{what}: the source tensor holds {bad} NaN or infinite value(s) of {t.numel()}")
 
 
 def _fits(src_shape: tuple[int, ...], info: LayerInfo, op: str, what: str) -> None:

@@ -133,6 +133,41 @@ def _scorer(model: "Generator", scorer: str) -> str:
     return scorer
 
 
+#: what a reader of a one-pass generator's sweep must know
+ONE_PASS_NOTE = (
+    "{spec} generates in one forward pass: a layer injected whole hands every later layer E's values, so it "
+    "reproduces E (transfer 1) by construction unless later layers also read earlier ones (skips, a latent fed to "
+    "every block); such a sweep tells where E's image becomes fixed, not which layers carry which factor"
+)
+#: a latent generator's E seeds when none are given: O's seed plus this
+LATENT_E_OFFSET = 1000
+
+
+def _latent_e_seeds(
+    model: "Generator",
+    pairs: Sequence[tuple[Any, Any]],
+    seeds: Sequence[int],
+    e_seeds: Sequence[int] | None,
+    seed_per_pair: bool,
+) -> list[int] | None:
+    """O and E of a latent generator differ only by their latents: E's seeds (default: O's + LATENT_E_OFFSET) must
+    differ from O's, and several pairs need seed_per_pair (else they are one pair repeated)."""
+    text = all(isinstance(x, str) for p in pairs for x in p)
+    if text and e_seeds is None:
+        e_seeds = [s + LATENT_E_OFFSET for s in seeds]
+    if text and e_seeds is not None and any(o == e for o, e in zip(seeds, e_seeds)):
+        raise ConfigError(
+            f"{model.spec} draws O and E from their seeds alone: with the same seed ({seeds}, E {list(e_seeds)}) "
+            "O == E and nothing can transfer; give E other seeds"
+        )
+    if text and len(pairs) > 1 and not seed_per_pair:
+        raise ConfigError(
+            f"{model.spec} draws O and E from their seeds alone: {len(pairs)} pairs on the same seeds are one pair "
+            "repeated; set seed_per_pair (--seed-per-pair) so each pair has its own latents"
+        )
+    return list(e_seeds) if e_seeds is not None else None
+
+
 def plan_injection(
     model: "Generator",
     pairs: Sequence[tuple[Any, Any]],
@@ -162,6 +197,8 @@ def plan_injection(
         e_seeds = check_seeds(e_seeds)
         if len(e_seeds) != len(seeds):
             raise ConfigError(f"give one E seed per seed: {len(seeds)} seeds, {len(e_seeds)} E seeds")
+    if model.capabilities.conditioning == "latent":
+        e_seeds = _latent_e_seeds(model, pairs, seeds, e_seeds, seed_per_pair)
     if seed_per_pair:  # the largest seed a pair reaches must stay a seed
         check_seeds([s + len(pairs) - 1 for s in [*seeds, *(e_seeds or [])]])
     bad = [w for w in windows if w not in WINDOWS]
@@ -712,6 +749,8 @@ class Settings:
 def _pairs(model: "Generator", st: Settings) -> list[tuple[str, str]]:
     check_int(st.random_pairs, "random_pairs", minimum=0)
     check_seed(st.pair_seed, "pair seed")
+    if model.capabilities.conditioning == "latent":
+        return _latent_pairs(model, st)
     if st.random_pairs and model.capabilities.oracle != "shapes":
         raise ConfigError(
             f"random pairs are Shapes-world prompts, for models the Shapes oracle reads (zoo: models); "
@@ -726,6 +765,19 @@ def _pairs(model: "Generator", st: Settings) -> list[tuple[str, str]]:
             "Shapes-world models (--random-pairs N)"
         )
     return pairs  # type: ignore[return-value]
+
+
+def _latent_pairs(model: "Generator", st: Settings) -> list[tuple[str, str]]:
+    """A generator conditioned on its latent alone: O and E are the images of two latents (from their seeds), so a
+    pair holds no prompts; ``random_pairs`` (default 1) is the number of pairs."""
+    given = [p for p in st.pairs if any(x != "" for x in p)]
+    if given or st.named is not None:
+        raise ConfigError(
+            f"{model.spec} is conditioned on its latent, not on text: O and E are the images of two latents, drawn "
+            "from seeds (O) and e_seeds (E); drop the prompt pairs (and named=), and give random_pairs=N for N pairs "
+            "(with seed_per_pair, so each pair has its own latents)"
+        )
+    return [("", "")] * max(1, len(st.pairs) + st.random_pairs)
 
 
 def _selection(model: "Generator", st: Settings, gen_kw: dict[str, Any]) -> Any:
@@ -763,6 +815,8 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
         **gen_kw,
     )
     plan = plan_injection(model, pairs, **plan_kw)  # every settings error, before the folder or any generation
+    if not model.capabilities.iterative:
+        notes.append(ONE_PASS_NOTE.format(spec=model.spec))
     with open_workspace(out, NAME, [model.spec], st) as ws:
         finished = ws.finished()
         if finished is not None:

@@ -1,8 +1,15 @@
 """Adapter for single-latent generators: any torch module mapping a latent vector to images (GAN generator, VAE
-decoder). The latent ``z`` is the one candidate space; layers are the module's children (containers such as
-``nn.Sequential`` are opened one level: ``main.0``, ``main.1``...). There are no steps and no CFG branches. A child
+decoder). The latent ``z`` is the one candidate space; there are no steps and no CFG branches.
+
+Layers are the module's children, with containers (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) opened
+(``main.0``, ``main.1``...). A generator whose parts all sit in one child (``self.net = MyNet()``, a wrapper) is
+opened until it shows more than one layer. ``depth=k`` opens every module with children down to ``k`` levels below
+the generator (containers do not count as a level); ``depth="leaves"`` opens all the way to modules without
+children. The module may set ``layerscope_depth`` itself (so ``torch:`` specs choose from their factory). A child
 module may declare its role in the map with a ``layerscope_role`` attribute (e.g. ``"code"``, see
 :data:`layerscope.layers.ROLES`).
+
+Outputs must be image batches ``(n, 3, H, W)`` (one channel is repeated to three) in ``output_range``.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import GenerationConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, GenerationError
 from ..layers import LayerInfo, LayerMap, Site
 from .base import Generator, seeded_noise
 
@@ -35,6 +42,14 @@ def _latent_shape(module: nn.Module, given: int | Sequence[int] | None) -> tuple
     return (int(given),) if isinstance(given, int) else tuple(int(s) for s in given)
 
 
+def _check_depth(depth: Any) -> int | str | None:
+    if depth is None or depth == "leaves":
+        return depth
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ConfigError(f"depth must be a whole number >= 1 or 'leaves', got {depth!r}")
+    return depth
+
+
 class LatentGenerator(Generator):
     """A torch generator ``images = module(z)``; ``output_range`` is the range of its raw output (mapped to [0, 1])."""
 
@@ -48,11 +63,13 @@ class LatentGenerator(Generator):
         spec: str,
         latent_dim: int | Sequence[int] | None = None,
         output_range: tuple[float, float] | None = None,
+        depth: int | str | None = None,
         **opts: Any,
     ) -> None:
         super().__init__(spec, **opts)
         if not isinstance(module, nn.Module):
             raise ConfigError(f"a latent generator must be a torch.nn.Module, got {type(module).__name__}")
+        self.depth = _check_depth(depth if depth is not None else getattr(module, "layerscope_depth", None))
         self.net = module.eval()
         self.latent_shape = _latent_shape(module, latent_dim)
         self.output_range = tuple(output_range or getattr(module, "output_range", (-1.0, 1.0)))
@@ -66,17 +83,24 @@ class LatentGenerator(Generator):
         return self.net.get_submodule(path) if path else self.net
 
     def _layer_names(self) -> list[tuple[str, nn.Module]]:
-        out: list[tuple[str, nn.Module]] = []
+        leaves = self.depth == "leaves"
+        limit = 1 if self.depth is None else (0 if leaves else int(self.depth))
 
-        def walk(prefix: str, mod: nn.Module) -> None:
+        def walk(prefix: str, mod: nn.Module, level: int, out: list[tuple[str, nn.Module]]) -> None:
             for name, child in mod.named_children():
                 full = f"{prefix}{name}"
-                if isinstance(child, _CONTAINERS):
-                    walk(full + ".", child)
+                opens = next(child.children(), None) is not None and (leaves or level < limit)
+                if isinstance(child, _CONTAINERS) or opens:
+                    walk(full + ".", child, level + (not isinstance(child, _CONTAINERS)), out)
                 else:
                     out.append((full, child))
 
-        walk("", self.net)
+        out: list[tuple[str, nn.Module]] = []
+        walk("", self.net, 1, out)
+        while self.depth is None and len(out) == 1 and next(out[0][1].children(), None) is not None:
+            only, mod = out[0]  # a wrapper: the whole generator is one child, open it
+            out = []
+            walk(only + ".", mod, 1, out)
         return out
 
     def build_map(self) -> LayerMap:
@@ -127,6 +151,13 @@ class LatentGenerator(Generator):
         out = self.net(z)
         if isinstance(out, (tuple, list)):
             out = out[0]
+        if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[1] == 1:
+            out = out.expand(-1, 3, -1, -1)  # grayscale
+        if not isinstance(out, torch.Tensor):
+            raise GenerationError(f"{self.spec} returned {type(out).__name__}, not a tensor of images")
         lo, hi = self.output_range
-        images = ((out.float() - lo) / (hi - lo)).clamp(0, 1)
+        images = (out.float() - lo) / (hi - lo)
+        if not torch.isfinite(images).all():  # before clamping turns infinities into white
+            images = images.masked_fill(~torch.isfinite(images), float("nan"))  # execute names the samples
+        images = images.clamp(0, 1)
         return images, {"timesteps": []}

@@ -1,0 +1,3 @@
+"""A module that fails while importing (for `torch:` spec errors)."""
+
+raise RuntimeError("this module cannot be imported")
