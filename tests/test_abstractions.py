@@ -138,6 +138,10 @@ def test_user_labels_from_csv_on_tiny_sd(tmp_path):
     assert best["colour"] >= 0.9 and best["object"] >= 0.9
     base = table[(table["metric"] == "accuracy") & (table["layer"] == X_T) & (table["factor"] == "colour")]
     assert base["value"].max() <= 0.85  # the initial noise knows nothing of the prompt
+    from layerscope.report.sections.abstractions import order_sentence
+
+    said = order_sentence("tiny:sd", table, record)  # the user's factors, not the Shapes world's: no paper verdict
+    assert "colour" in said and "object" in said and "Corallo" not in said and "hue" not in said
     with pytest.raises(ls.ConfigError, match="'prompt' column"):
         bad = tmp_path / "bad.csv"
         bad.write_text("text,colour\na,red\n")

@@ -264,6 +264,7 @@ def test_default_layers_skip_the_denoiser_input_and_layer_aliases():
             seed_per_pair=True,
             layers=("mid_block", "up_*"),
             steps=6,
+            generation={"height": 48, "width": 40},
         ),
     ],
 )
@@ -285,6 +286,7 @@ def test_report_sweep_command_reproduces_the_settings(st):
     assert p["e_seeds"] == (",".join(map(str, st.e_seeds)) if st.e_seeds else None)
     assert p["seed_per_pair"] == st.seed_per_pair
     assert tuple(p["layers"] or ()) == tuple(st.layers or ())
+    assert (p["height"], p["width"]) == (st.generation.get("height"), st.generation.get("width"))
 
 
 def _fake_table(values: dict[str, float], pairs: int = 40, seed: int = 0) -> pd.DataFrame:

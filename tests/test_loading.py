@@ -98,3 +98,28 @@ def test_capabilities_and_roles_of_every_family(family, conditioning, roles):
 def test_an_unknown_role_is_refused():
     with pytest.raises(ValueError, match="unknown layer role"):
         ls.LayerInfo("x", "resnet", "encoder", ls.Site("m"), role="important")
+
+
+def test_diffusers_habits_torch_dtype_and_num_images_per_prompt(tmp_path):
+    """`torch_dtype=` is diffusers' name for dtype; `num_images_per_prompt=k` makes k rows per prompt, each on its
+    own seed, the same images as repeating the prompt."""
+    import torch
+
+    from layerscope.experiments import injection as inj
+    from layerscope.testing.pipelines import build_tiny_pipeline
+
+    build_tiny_pipeline("sd").save_pretrained(tmp_path / "sd")
+    g = ls.load(f"hf:{tmp_path / 'sd'}", torch_dtype=torch.float32)
+    assert next(g.pipe.unet.parameters()).dtype == torch.float32
+    with pytest.raises(ls.SpecError, match="not both"):
+        ls.load(f"hf:{tmp_path / 'sd'}", torch_dtype=torch.float32, dtype=torch.float32)
+    kw = dict(num_inference_steps=2)
+    two = g.generate("a cat", num_images_per_prompt=2, **kw).images
+    assert two.shape[0] == 2 and not torch.equal(two[0], two[1])
+    torch.testing.assert_close(two, g.generate(["a cat", "a cat"], seeds=[0, 1], **kw).images)
+    four = g.generate(["a cat", "a dog"], seeds=[5, 9], num_images_per_prompt=2, **kw).images
+    torch.testing.assert_close(four, g.generate(["a cat", "a cat", "a dog", "a dog"], seeds=[5, 6, 9, 10], **kw).images)
+    with pytest.raises(ls.ConfigError, match="one seed per prompt"):
+        g.generate(["a cat", "a dog"], seeds=[5], num_images_per_prompt=2, **kw)
+    with pytest.raises(ls.ConfigError, match="num_images_per_prompt is an argument of generate"):
+        inj.run(g, inj.Settings(pairs=(("a cat", "a dog"),), generation={"num_images_per_prompt": 2}))

@@ -181,3 +181,42 @@ def test_cli_sweep_writes_table_figures_and_labels(tmp_path):
 def test_help_everywhere(cmd):
     res = invoke(*cmd, "--help")
     assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_every_sections_command_reproduces_layers_and_image_size():
+    """The probes, forks, properties and alignment commands the report prints parse back to the job's layers and
+    image size (zoo:ldm's probe grid runs at chosen layers: its command must name them)."""
+    import shlex
+
+    from layerscope.experiments import abstractions as ab
+    from layerscope.experiments.base import settings_dict
+    from layerscope.report.sections import abstractions, alignment, properties
+
+    gen = {"height": 48, "width": 40}
+    st = settings_dict(ab.Settings(n=8, steps=4, layers=("mid_block", "up_blocks.1"), forks=2, generation=gen))
+    cmds = {
+        "abstractions": abstractions.probes_command("zoo:ldm", st, "o"),
+        "forks": abstractions.forks_command("zoo:ldm", st, "o"),
+        "properties": properties.properties_command("zoo:ldm", settings_dict(pr_settings(gen)), "o"),
+        "align": alignment.align_command(["zoo:unet", "zoo:dit"], settings_dict(al_settings(gen)), "o"),
+    }
+    group = command()
+    for name, cmd in cmds.items():
+        args = shlex.split(cmd)
+        sub = "abstractions" if name == "forks" else args[1]
+        p = group.commands[sub].make_context(sub, args[2:]).params
+        assert (p["height"], p["width"]) == (48, 40), name
+        if name in ("abstractions", "align"):
+            assert tuple(p["layers"]) == ("mid_block", "up_blocks.1"), name
+
+
+def pr_settings(gen):
+    from layerscope.experiments import properties as pr
+
+    return pr.Settings(n=8, pairs=4, generation=gen)
+
+
+def al_settings(gen):
+    from layerscope.experiments import alignment as al
+
+    return al.Settings(n=8, layers=("mid_block", "up_blocks.1"), generation=gen)

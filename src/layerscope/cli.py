@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 # transformers announces missing optional image backends on import; the CLI keeps its output to what was asked
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -270,6 +270,15 @@ def _finish(section, result, folder: Path) -> None:
     console.print(f"wrote {folder}: {tables}" + (f" and {', '.join(figs)}" if figs else ""))
 
 
+def _size_option(which: str) -> Any:
+    return typer.Option(None, help=f"image {which} in pixels (default: the model's)")
+
+
+def _size(height: Optional[int], width: Optional[int]) -> dict[str, int]:
+    """The generation keywords of --height / --width (only those given)."""
+    return {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+
+
 def _folder(out: Optional[str], prefix: str, model: str) -> Path:
     """The output folder, checked (an existing file or an unwritable path is refused) before any model is loaded."""
     from .folders import check_output
@@ -322,6 +331,8 @@ def sweep(
     clip: Optional[str] = typer.Option(None, help="local CLIP checkpoint folder (else $LAYERSCOPE_CLIP)"),
     out: Optional[str] = typer.Option(None, help="output folder (default: sweep-<model>); reruns resume"),
     max_batch: Optional[int] = typer.Option(None, help="rows per generation (default: all layer sets + 2)"),
+    height: Optional[int] = _size_option("height"),
+    width: Optional[int] = _size_option("width"),
 ) -> None:
     """Inject E into O at each layer, score the images, save the table and figures, print the per-layer labels."""
     from .experiments import injection as inj
@@ -354,6 +365,7 @@ def sweep(
             guidance=guidance,
             max_batch=max_batch,
             clip_path=clip,
+            generation=_size(height, width),
         )
         folder = _folder(out, "sweep", model)
         gen = load(model)
@@ -395,6 +407,8 @@ def abstractions(
         None, help="forking: comma-separated fork steps (default: every step but the last)"
     ),
     eta: float = typer.Option(1.0, help="forking: DDIM eta of the stochastic sampler (1: DDPM-like)"),
+    height: Optional[int] = _size_option("height"),
+    width: Optional[int] = _size_option("width"),
 ) -> None:
     """Linear probes on every layer x step (and x_t) for each factor, with the mutual-information bound; with
     --forks, forking entropy: the entropy of the oracle's readings across continuations forked at each step."""
@@ -420,6 +434,7 @@ def abstractions(
             fork_prompts=fork_prompts,
             taus=fork_taus,
             eta=eta,
+            generation=_size(height, width),
         )
         if labels is not None and not Path(labels).is_file():
             raise LayerscopeError(f"the labels CSV {labels!r} does not exist")
@@ -457,6 +472,8 @@ def properties(
     ),
     seed: int = typer.Option(0, help="first seed"),
     out: Optional[str] = typer.Option(None, help="output folder (default: properties-<model>)"),
+    height: Optional[int] = _size_option("height"),
+    width: Optional[int] = _size_option("width"),
 ) -> None:
     """Score candidate spaces on density, smoothness, organization and relevance (Schaerf 2025, Figure 4)."""
     from .experiments import properties as pr
@@ -473,6 +490,7 @@ def properties(
             scorer=scorer,
             concept=concept or "auto",
             steps=steps,
+            generation=_size(height, width),
         )
         folder = _folder(out, "properties", model)
         gen = load(model)
@@ -495,6 +513,8 @@ def align(
     project: int = typer.Option(256, help="random projection dims of each whole map (0: the spatial mean)"),
     seed: int = typer.Option(0, help="first seed of the scenes / rows"),
     out: Optional[str] = typer.Option(None, help="output folder (default: align-<models>)"),
+    height: Optional[int] = _size_option("height"),
+    width: Optional[int] = _size_option("width"),
 ) -> None:
     """Representational alignment within and across models (CKA, mutual k-NN) and the Platonic test."""
     from .experiments import alignment as al
@@ -510,6 +530,7 @@ def align(
             k=k,
             project=project,
             layers=tuple(layers) if layers else None,
+            generation=_size(height, width),
         )
         folder = _folder(out, "align", "+".join(models))
         gens = [load(m) for m in models]

@@ -172,6 +172,10 @@ def _load_hf(target: str, spec: str, kw: dict[str, Any]) -> Any:
         raise SpecError(f"no local folder {target!r}; give an existing diffusers pipeline folder or a hub repo id")
     offline = local or os.environ.get("HF_HUB_OFFLINE") == "1"
     kw = dict(kw)
+    if "torch_dtype" in kw:  # diffusers' older name for dtype
+        if "dtype" in kw:
+            raise SpecError("give dtype= or torch_dtype= (the same setting), not both")
+        kw["dtype"] = kw.pop("torch_dtype")
     kw.setdefault("dtype", torch.float32)
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if local else target, local_files_only=offline, **kw)

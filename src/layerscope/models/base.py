@@ -169,6 +169,11 @@ class Generator(ABC):
         """The default generation config with ``overrides`` applied (unknown keys go to ``extra``)."""
         base = replace(self.default_config, extra=dict(self.default_config.extra))
         known = set(GenerationConfig.__dataclass_fields__)
+        if "num_images_per_prompt" in overrides:
+            raise ConfigError(
+                "num_images_per_prompt is an argument of generate() (each image is a row with its own seed); "
+                "experiments choose their samples themselves: give more prompts or seeds instead"
+            )
         for k, v in overrides.items():
             if v is None and k in ("height", "width"):
                 continue
@@ -248,7 +253,9 @@ class Generator(ABC):
         """Generate one image per prompt (seed i for prompt i; default seeds 0..n-1) with captures/interventions.
 
         ``gen_kwargs``: ``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ``negative_prompt`` or
-        pipeline-specific keywords. ``progress=True`` shows a progress bar over samples (or pass a callback
+        pipeline-specific keywords. ``num_images_per_prompt=k`` (as in diffusers) makes k rows per prompt, in prompt
+        order; their seeds are ``seeds[i], seeds[i] + 1, ...`` given one seed per prompt, else consecutive (default
+        ``0..n*k-1``). ``progress=True`` shows a progress bar over samples (or pass a callback
         ``f(done, total)``).
 
         **Forking** (stochastic samplers only, e.g. DDIM with ``eta=1``): ``fork_at`` (a step, or one per row) and
@@ -261,12 +268,22 @@ class Generator(ABC):
         if isinstance(prompts, (str, torch.Tensor)) and not (isinstance(prompts, torch.Tensor) and prompts.ndim > 1):
             prompts = [prompts]
         prompts = list(prompts)
+        per = check_int(gen_kwargs.pop("num_images_per_prompt", 1), "num_images_per_prompt", minimum=1)
         if seeds is None:
-            seeds = list(range(len(prompts)))
+            seeds = list(range(len(prompts) * per))
         elif isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
-            seeds = [int(seeds) + i for i in range(len(prompts))]
+            seeds = [int(seeds) + i for i in range(len(prompts) * per)]
         elif isinstance(seeds, (str, float)):
             check_seed(seeds)
+        elif per > 1:  # one seed per prompt: its images take seed, seed + 1, ...
+            seeds = check_seeds(seeds)
+            if len(seeds) != len(prompts):
+                raise ConfigError(
+                    f"with num_images_per_prompt, give one seed per prompt ({len(prompts)} prompts, {len(seeds)} "
+                    "seeds): prompt i's images take seeds[i], seeds[i] + 1, ..."
+                )
+            seeds = [s + j for s in seeds for j in range(per)]
+        prompts = [p for p in prompts for _ in range(per)]
         seeds = check_seeds(seeds)
         check_int(max_batch, "max_batch (rows per generation)", minimum=1, optional=True)
         cfg = self.config(**gen_kwargs)

@@ -15,6 +15,7 @@ import pandas as pd
 from ...experiments import abstractions as ab
 from ...experiments.base import Result
 from .. import Page, SectionRun
+from ..commands import layer_flags, size_flags
 
 EXPERIMENT = ab
 KEY = "abstractions"
@@ -25,7 +26,8 @@ READABLE = 0.9
 def probes_command(spec: str, settings: dict[str, Any], out: str) -> str:
     """The CLI command that reproduces a job's probe grid (table, figures) into ``out``."""
     steps = f" --steps {settings['steps']}" if settings.get("steps") is not None else ""
-    return f"layerscope abstractions {spec} --n {settings['n']}{steps} --out {out}"
+    more = layer_flags(settings.get("layers")) + size_flags(settings)
+    return f"layerscope abstractions {spec} --n {settings['n']}{steps}{more} --out {out}"
 
 
 def forks_command(spec: str, settings: dict[str, Any], out: str) -> str:
@@ -34,7 +36,7 @@ def forks_command(spec: str, settings: dict[str, Any], out: str) -> str:
     steps = f" --steps {settings['steps']}" if settings.get("steps") is not None else ""
     return (
         f"layerscope abstractions {spec} --no-probes --forks {settings['forks']} --fork-prompts "
-        f"{settings['fork_prompts']}{taus}{steps} --out {out}"
+        f"{settings['fork_prompts']}{taus}{steps}{size_flags(settings)} --out {out}"
     )
 
 
@@ -277,6 +279,8 @@ def order_sentence(model: str, table: pd.DataFrame, record: dict[str, Any]) -> s
         f"{model}: order in which the best layer's probe accuracy gets half-way from chance to its maximum: "
         + " < ".join(order)
     )
+    if record.get("labels") is not None or not {"floor_hue", "wall_hue", "scale", "orientation"} <= set(steps):
+        return text + "."  # the user's own factors: the paper's order is about the Shapes world's
     big = [steps.get("floor_hue", np.inf), steps.get("wall_hue", np.inf)]
     small = min(steps.get("scale", np.inf), steps.get("orientation", np.inf))
     if not np.isfinite(min(big)):

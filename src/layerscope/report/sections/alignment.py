@@ -11,6 +11,7 @@ import pandas as pd
 from ...experiments import alignment as al
 from ...experiments.base import Result
 from .. import Page, SectionRun
+from ..commands import layer_flags, size_flags
 
 EXPERIMENT = al
 KEY = "alignment"
@@ -26,7 +27,7 @@ def align_command(specs: list[str], settings: dict[str, Any], out: str) -> str:
     cmd += f" --metric {','.join(settings['metrics'])} --k {settings['k']}"
     if settings.get("project") != 256:
         cmd += f" --project {settings['project']}"
-    return cmd + f" --out {out}"
+    return cmd + layer_flags(settings.get("layers")) + size_flags(settings) + f" --out {out}"
 
 
 def _short(spec: str) -> str:

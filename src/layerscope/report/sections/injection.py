@@ -13,6 +13,7 @@ from ...errors import LayerscopeError
 from ...experiments import injection as inj
 from ...experiments.base import Result
 from .. import Page, SectionRun
+from ..commands import size_flags
 
 EXPERIMENT = inj
 KEY = "injection"
@@ -49,6 +50,8 @@ def sweep_command(spec: str, settings: dict[str, Any], out: str) -> str:
         parts.append(f"--steps {settings['steps']}")
     if settings.get("guidance") is not None:
         parts.append(f"--guidance {settings['guidance']}")
+    if size_flags(settings):
+        parts.append(size_flags(settings).strip())
     return " ".join([*parts, f"--out {out}"])
 
 

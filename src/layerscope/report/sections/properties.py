@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from ...experiments import properties as pr
 from ...experiments.base import Result
 from .. import Page, SectionRun
+from ..commands import size_flags
 
 EXPERIMENT = pr
 KEY = "properties"
@@ -22,7 +23,7 @@ TITLE = "Latent-space properties: density, smoothness, organization, relevance"
 
 def properties_command(spec: str, st: dict[str, Any], out: str) -> str:
     """The CLI command that reproduces a main-job scorecard (tables, figures) into ``out``, from a job's saved
-    settings (what the CLI cannot express, e.g. ``generation`` keywords, is left out)."""
+    settings (of the ``generation`` keywords only the image size: the CLI cannot express the others)."""
     cmd = f"layerscope properties {spec} --n {st['n']} --pairs {st['pairs']}"
     if st.get("steps"):
         cmd += f" --steps {st['steps']}"
@@ -38,7 +39,7 @@ def properties_command(spec: str, st: dict[str, Any], out: str) -> str:
         cmd += f" --concept '{st['concept']}'"
     if st.get("seed"):
         cmd += f" --seed {st['seed']}"
-    return cmd + f" --out {out}"
+    return cmd + size_flags(st) + f" --out {out}"
 
 
 def scorecard_figure(scores: pd.DataFrame, title: str = "") -> Figure:
