@@ -123,3 +123,15 @@ def test_diffusers_habits_torch_dtype_and_num_images_per_prompt(tmp_path):
         g.generate(["a cat", "a dog"], seeds=[5], num_images_per_prompt=2, **kw)
     with pytest.raises(ls.ConfigError, match="num_images_per_prompt is an argument of generate"):
         inj.run(g, inj.Settings(pairs=(("a cat", "a dog"),), generation={"num_images_per_prompt": 2}))
+
+
+def test_flux_refuses_what_it_would_drop():
+    """Flux's negative prompt and true CFG are refused in one sentence before generating, not dropped silently."""
+    from conftest import tiny
+
+    flux = tiny("flux")
+    with pytest.raises(ls.ConfigError, match="drop negative_prompt"):
+        flux.generate("a cat", negative_prompt="blurry", num_inference_steps=1)
+    with pytest.raises(ls.ConfigError, match="true_cfg_scale=4.0"):
+        flux.generate("a cat", negative_prompt="blurry", true_cfg_scale=4.0, num_inference_steps=1)
+    assert flux.generate("a cat", num_inference_steps=1).images.shape[0] == 1

@@ -43,6 +43,23 @@ class TransformerPipelineGenerator(PipelineGenerator):
         self.default_config.guidance_scale = {"sd3": 7.0, "flux": 3.5, "pixart": 4.5, "shapes": 3.0}[self.variant]
         self._apply_loader_defaults()
 
+    def config(self, **overrides: Any) -> GenerationConfig:
+        cfg = super().config(**overrides)
+        if self.variant == "flux":
+            true_cfg = cfg.extra.get("true_cfg_scale")
+            if true_cfg is not None and float(true_cfg) > 1.0:
+                raise ConfigError(
+                    f"true_cfg_scale={true_cfg}: Flux's true CFG runs the transformer twice per step (the negative "
+                    "prompt in a call of its own), which layerscope cannot label by branch yet; use guidance_scale "
+                    "(Flux's distilled guidance, one call per step)"
+                )
+            if cfg.negative_prompt or cfg.extra.get("negative_prompt"):
+                raise ConfigError(
+                    "Flux is guidance-distilled: it uses a negative prompt only under true CFG (true_cfg_scale > 1), "
+                    "which layerscope does not support yet; drop negative_prompt"
+                )
+        return cfg
+
     def branch_labels(self, cfg: GenerationConfig) -> tuple[str, ...]:
         if self.variant == "flux":
             # guidance-distilled: the guidance scale is an input of the model, not a second batch half
