@@ -270,6 +270,21 @@ def _finish(section, result, folder: Path) -> None:
     console.print(f"wrote {folder}: {tables}" + (f" and {', '.join(figs)}" if figs else ""))
 
 
+def _prompts_file(path: str, n: int) -> tuple[str, ...]:
+    """The first ``n`` prompts of a file: lines of a text file, or references to the rows of an embeddings file."""
+    from .embeds import SUFFIXES, refs
+
+    if not Path(path).is_file():
+        raise LayerscopeError(f"the prompts file {path!r} does not exist")
+    if path.endswith(SUFFIXES):
+        found = refs(path)
+    else:
+        found = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if len(found) < n:
+        raise LayerscopeError(f"{path!r} holds {len(found)} prompts; --n {n} needs at least that many")
+    return tuple(found[:n])
+
+
 def _size_option(which: str) -> Any:
     return typer.Option(None, help=f"image {which} in pixels (default: the model's)")
 
@@ -458,6 +473,11 @@ def properties(
         help="space(s) or layer glob(s) to score (default: every space the adapter offers); repeatable",
     ),
     n: int = typer.Option(16, help="base samples (the space's distribution is fitted on them)"),
+    prompts: Optional[str] = typer.Option(
+        None,
+        help="the base samples' prompts: a text file (one per line), or for models conditioned on embeddings "
+        "(Kandinsky 2.2) a .npy/.safetensors file of N x D embeddings; the first --n are used",
+    ),
     pairs: int = typer.Option(8, help="interpolation pairs"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's)"),
     at: Optional[str] = typer.Option(
@@ -483,6 +503,7 @@ def properties(
     try:
         settings = pr.Settings(
             spaces=tuple(space) if space else None,
+            prompts=_prompts_file(prompts, n) if prompts else None,
             n=n,
             pairs=pairs,
             at=at,

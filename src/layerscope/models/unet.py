@@ -107,6 +107,10 @@ def unet_layer_entries(unet: Any, prefix: str = "unet") -> tuple[list[LayerInfo]
     return layers, skips
 
 
+def _shown(prompt: Any) -> str:
+    return f"the text {prompt[:40]!r}" if isinstance(prompt, str) else f"a {type(prompt).__name__}"
+
+
 class UNetPipelineGenerator(PipelineGenerator):
     """Stable Diffusion 1.x/2.x, SDXL and Kandinsky 2.2 decoder pipelines (UNet2DConditionModel backbones)."""
 
@@ -233,11 +237,17 @@ class UNetPipelineGenerator(PipelineGenerator):
         return images, {"timesteps": self._timesteps()}
 
     def _image_embeds(self, prompts: Sequence[Any]) -> torch.Tensor:
+        from ..embeds import is_ref, load_ref
+
+        prompts = [load_ref(p) if is_ref(p) else p for p in prompts]
         bad = [p for p in prompts if not isinstance(p, torch.Tensor)]
         if bad:
             raise ConfigError(
                 "the Kandinsky 2.2 decoder is conditioned on CLIP image embeddings, not text: pass one embedding "
-                f"tensor of shape ({self._embed_dim()},) per sample (e.g. from KandinskyV22PriorPipeline), got "
-                f"{type(bad[0]).__name__}"
+                f"tensor of shape ({self._embed_dim()},) per sample (e.g. from KandinskyV22PriorPipeline), or name "
+                f"an embedding file (emb.npy, emb.npy#k for row k, or .safetensors), got {_shown(bad[0])}"
             )
+        wrong = [tuple(p.shape) for p in prompts if p.numel() != self._embed_dim()]
+        if wrong:
+            raise ConfigError(f"image embeddings must have {self._embed_dim()} values, got shape {wrong[0]}")
         return torch.stack([p.reshape(-1) for p in prompts]).to(device=self.device, dtype=self.dtype)
