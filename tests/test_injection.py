@@ -363,3 +363,20 @@ def test_main_job_runs_both_protocols_on_zoo_ldm_at_its_layers():
     assert set(inj.LDM_LAYERS) - {"noise", "text_embeds"} <= names
     for glob, _, _ in inj.SD14_ANCHORS:  # the study covers every anchor
         assert fnmatch.filter(inj.LDM_LAYERS, glob), glob
+
+
+def test_with_pooled_injects_the_pooled_text_with_every_block():
+    """SD3/Flux/SDXL: a block alone leaves O's pooled text in every later block; with_pooled adds text_pooled to each
+    layer set (decided from the map's pooled_condition role), and a model without one refuses it."""
+    sd3 = tiny("sd3")
+    last = [e.name for e in sd3.layer_map().layers][-1]
+    plan = inj.plan_injection(sd3, [("a cat", "a dog")], layers=[last, "text_pooled"], with_pooled=True, **STEPS)
+    assert plan.layer_sets == [[last, "text_pooled"], ["text_pooled"]]
+    kw = dict(layers=[last], metrics=["ssim"], **STEPS)
+    alone = inj.run_injection(sd3, [("a cat", "a dog")], **kw)
+    both = inj.run_injection(sd3, [("a cat", "a dog")], with_pooled=True, **kw)
+    assert set(both["layer"]) == {f"{last}+text_pooled"}
+    to_e = lambda t: t[t["metric"] == "ssim_to_E"]["value"].mean()  # noqa: E731
+    assert to_e(both) >= to_e(alone) - 1e-6  # E's pooled text too: at least as close to E
+    with pytest.raises(ls.ConfigError, match="no pooled text condition"):
+        inj.plan_injection(tiny("sd"), [("a cat", "a dog")], with_pooled=True, **STEPS)

@@ -104,3 +104,25 @@ def test_latent_generator_map():
     assert lmap["z"].shape == (8,)
     assert lmap["main.2"].shape == (3, 16, 16)
     assert lmap["main.0"].kind == "convtranspose2d"
+
+
+def test_sdxl_with_only_its_second_text_encoder_has_text_eos():
+    """A refiner-style SDXL folder (tokenizer_2 / text_encoder_2 only) still offers text_eos, at the positions of
+    its own tokenizer: the captured EOS state is the text embedding at the prompt's last token."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from layerscope.testing.pipelines import build_tiny_pipeline
+
+    full = build_tiny_pipeline("sdxl")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**full.unet.config, "cross_attention_dim": 32})
+    parts = dict(vae=full.vae, unet=unet, scheduler=full.scheduler)
+    pipe = StableDiffusionXLPipeline(
+        text_encoder=None, tokenizer=None, text_encoder_2=full.text_encoder_2, tokenizer_2=full.tokenizer_2, **parts
+    )
+    g = ls.load(pipe)
+    assert "text_eos" in [s.name for s in g.spaces()]
+    cap = g.generate("a red cube", capture=ls.Capture(["text_eos", "text_embeds"]), num_inference_steps=1).capture
+    last = len(full.tokenizer_2("a red cube")["input_ids"]) - 1
+    torch.testing.assert_close(cap["text_eos"][0, 0, -1], cap["text_embeds"][0, 0, -1, last])

@@ -330,6 +330,11 @@ def sweep(
         "--spaces",
         help="with the default layers: also the candidate spaces (noise, text embeddings, skips; not x_t)",
     ),
+    with_pooled: bool = typer.Option(
+        False,
+        "--with-pooled",
+        help="inject the pooled text condition (text_pooled: SDXL, SD3, Flux) together with every layer",
+    ),
     windows: str = typer.Option("all", help="step windows, comma-separated: all, early, middle, late"),
     seeds: str = typer.Option(
         "0",
@@ -372,6 +377,7 @@ def sweep(
             seed_per_pair=seed_per_pair,
             layers=sel or None,
             spaces=spaces,
+            with_pooled=with_pooled,
             windows=tuple(_list(windows) or []),
             branches=tuple(_list(branches)) if branches else None,
             scorer=scorer,

@@ -121,6 +121,13 @@ def _layer_sets(model: "Generator", layers: Any, cfg) -> list[tuple[str, ...]]:
     return layer_sets(model.layer_map(cfg.height, cfg.width), layers)
 
 
+def _with_pooled(model: "Generator", sets: list[tuple[str, ...]], cfg: Any) -> list[tuple[str, ...]]:
+    pooled = [e.name for e in model.layer_map(cfg.height, cfg.width) if e.role == "pooled_condition"]
+    if not pooled:
+        raise ConfigError(f"with_pooled: {model.spec} has no pooled text condition (no pooled_condition entry)")
+    return [g if set(g) <= set(pooled) else g + tuple(p for p in pooled if p not in g) for g in sets]
+
+
 def _scorer(model: "Generator", scorer: str) -> str:
     if scorer == "auto":
         return "oracle" if model.capabilities.default_scorer == "oracle" else "images"
@@ -180,9 +187,12 @@ def plan_injection(
     branches: Sequence[str] | None = None,
     scorer: str = "auto",
     metrics: Sequence[str] | None = None,
+    with_pooled: bool = False,
     **gen_kwargs: Any,
 ) -> InjectionPlan:
-    """Validate a sweep and resolve its layer sets, windows and scorer, before any generation."""
+    """Validate a sweep and resolve its layer sets, windows and scorer, before any generation. ``with_pooled``: inject
+    the pooled text condition (the map's ``pooled_condition`` entries: SDXL's, SD3's and Flux's ``text_pooled``)
+    together with every layer set."""
     if not pairs:
         raise ConfigError("give at least one (original, edit) prompt pair")
     for p in pairs:
@@ -213,6 +223,8 @@ def plan_injection(
         if bad or not branches:
             raise ConfigError(f"unknown CFG branch(es) {bad}; this configuration has {', '.join(valid_branches)}")
     sets = _layer_sets(model, layers, cfg)
+    if with_pooled:
+        sets = _with_pooled(model, sets, cfg)
     kind = _scorer(model, scorer)
     if kind == "oracle":
         if metrics:
@@ -290,6 +302,7 @@ def run_injection(
     branches: Sequence[str] | None = None,
     scorer: str = "auto",
     metrics: Sequence[str] | None = None,
+    with_pooled: bool = False,
     out: str | Path | Workspace | None = None,
     max_batch: int | None = None,
     progress: ProgressArg = None,
@@ -321,6 +334,7 @@ def run_injection(
         branches=branches,
         scorer=scorer,
         metrics=metrics,
+        with_pooled=with_pooled,
         **gen_kwargs,
     )
     check_int(max_batch, "max_batch (rows per generation: O, E and at least one injected row)", 3, optional=True)
@@ -722,7 +736,9 @@ class Settings:
     naming ``lo..hi`` factors (:func:`shapes_pairs`); ``seeds``: O's seeds, ``e_seeds``: E's (None: E shares O's
     seed), ``seed_per_pair``: pair p adds p to every seed (its own noise); ``layers``: None = every layer (with
     ``spaces``: also the candidate spaces, :func:`default_layers`), or globs / names / tuples of names for
-    combinations; ``sanity``: also run :func:`sanity` on the first pair. Generation: ``steps``, ``guidance`` (None:
+    combinations; ``with_pooled``: inject the pooled text condition with every layer set (SDXL, SD3, Flux: a block
+    alone leaves O's pooled text driving the later blocks); ``sanity``: also run :func:`sanity` on the first pair.
+    Generation: ``steps``, ``guidance`` (None:
     the model's) and ``generation`` (other keywords for ``generate``)."""
 
     pairs: tuple[tuple[str, str], ...] = ()
@@ -743,6 +759,7 @@ class Settings:
     max_batch: int | None = None
     clip_path: str | None = None
     sanity: bool = False
+    with_pooled: bool = False
     generation: dict[str, Any] = field(default_factory=dict)
 
 
@@ -812,6 +829,7 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
         branches=list(st.branches) if st.branches is not None else None,
         scorer=st.scorer,
         metrics=list(st.metrics) if st.metrics else None,
+        with_pooled=st.with_pooled,
         **gen_kw,
     )
     plan = plan_injection(model, pairs, **plan_kw)  # every settings error, before the folder or any generation

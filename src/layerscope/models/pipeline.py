@@ -131,8 +131,19 @@ class PipelineGenerator(Generator):
     eos_tokenizer: str | None = None  # pipeline attribute of the tokenizer whose tokens open encoder_hidden_states
     eos_max_length: int = 77
 
+    def _eos_tok(self) -> Any:
+        """The tokenizer whose positions index ``encoder_hidden_states``: ``eos_tokenizer``, or ``tokenizer_2`` when
+        a pipeline of two CLIP encoders ships the second alone (an SDXL refiner-style folder: the same BPE
+        vocabulary, so the same end-of-sentence positions)."""
+        if self.eos_tokenizer is None:
+            return None
+        tok = getattr(self.pipe, self.eos_tokenizer, None)
+        if tok is None and self.eos_tokenizer == "tokenizer":
+            tok = getattr(self.pipe, "tokenizer_2", None)
+        return tok
+
     def _eos_space(self) -> list[LayerInfo]:
-        if self.eos_tokenizer is None or getattr(self.pipe, self.eos_tokenizer, None) is None:
+        if self._eos_tok() is None:
             return []
         return [
             LayerInfo(
@@ -147,7 +158,7 @@ class PipelineGenerator(Generator):
         ]
 
     def _eos_positions(self, texts: Sequence[str]) -> list[int]:
-        tok = getattr(self.pipe, self.eos_tokenizer)
+        tok = self._eos_tok()
         ids = tok(list(texts), truncation=True, max_length=self.eos_max_length)["input_ids"]
         return [len(row) - 1 for row in ids]
 

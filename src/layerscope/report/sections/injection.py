@@ -45,6 +45,8 @@ def sweep_command(spec: str, settings: dict[str, Any], out: str) -> str:
                 parts.append(f"--combine '{','.join(entry)}'")
     if settings.get("spaces"):
         parts.append("--spaces")
+    if settings.get("with_pooled"):
+        parts.append("--with-pooled")
     parts.append(f"--windows {','.join(settings['windows'])}")
     if settings.get("steps"):
         parts.append(f"--steps {settings['steps']}")
