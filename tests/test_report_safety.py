@@ -645,3 +645,28 @@ def test_no_payload_runs_in_headless_chromium(tainted, browser):
     assert seen["pwned"] is None and seen["mark"] is None
     assert (seen["scripts"], seen["svgs"], seen["handlers"], seen["imgs"]) == (0, 0, 0, 0)
     assert "@layer 0@" + SCRIPT in seen["text"] and "@report folder@" + IMG in seen["text"]  # shown as text
+
+
+def test_nothing_is_unpickled_anywhere_in_the_package():
+    """Every torch.load passes weights_only=True, every np.load allow_pickle=False, and no pickle, joblib or
+    read_pickle is used: a file a user is given cannot run code when layerscope loads it."""
+    import re
+    from pathlib import Path
+
+    import layerscope
+
+    root = Path(layerscope.__file__).parent
+    calls = {"torch.load(": "weights_only=True", "np.load(": "allow_pickle=False"}
+    checked = 0
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(pickle|cPickle|dill|joblib)\b", text, re.M), path
+        assert "read_pickle" not in text and "pickle.load" not in text, path
+        for call, needs in calls.items():
+            for m in re.finditer(re.escape(call), text):
+                line_end = text.find(")", m.end())
+                if text[m.start() - 2 : m.start()] == "``":  # named in a docstring
+                    continue
+                assert needs in text[m.start() : line_end + 1], f"{path.name}: {text[m.start() : line_end + 1]}"
+                checked += 1
+    assert checked >= 3  # the checkpoint loader, Result arrays, embedding files
