@@ -26,6 +26,7 @@ SCHEDULERS = [
     ("UniPCMultistepScheduler", {}),
     ("DEISMultistepScheduler", {}),
     ("DDPMScheduler", {}),
+    ("DPMSolverSDEScheduler", {}),  # needs torchsde (a test extra)
 ]
 
 
@@ -113,3 +114,14 @@ def test_forks_of_a_two_call_stochastic_scheduler_share_their_past():
     for k in (0, 1, 2):  # step 2's first call still reads the shared state; its scheduler step draws new noise
         assert torch.equal(cap[0, k], cap[1, k]) and torch.equal(cap[0, k], cap[2, k])
     assert not torch.equal(cap[0, 3], cap[1, 3]) and not torch.equal(res.images[0], res.images[1])
+
+
+def test_sde_noise_is_per_row_and_forking_it_is_refused():
+    """DPMSolverSDE draws from Brownian trees: one per row, seeded by the row's seed (O in a batch equals O alone,
+    which the sweep test checks); a run is reproducible, and forking is refused with the reason."""
+    model = with_scheduler("DPMSolverSDEScheduler", {})
+    a = model.generate(PROMPTS, seeds=[0, 1], **GEN).images
+    torch.testing.assert_close(a, model.generate(PROMPTS, seeds=[0, 1], **GEN).images)
+    torch.testing.assert_close(a[1:], model.generate(PROMPTS[1:], seeds=[1], **GEN).images)
+    with pytest.raises(ls.ConfigError, match="Brownian trees"):
+        model.generate(PROMPTS, seeds=[0, 1], fork_at=1, fork_seeds=5, **GEN)

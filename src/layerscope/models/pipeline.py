@@ -240,6 +240,8 @@ class PipelineGenerator(Generator):
         if name in ("DDIMScheduler", "DDIMParallelScheduler"):
             eta = float(cfg.extra.get("eta", 0.0))
             return eta > 0, f"{name} with eta={eta:g}"
+        if hasattr(sched, "noise_sampler_seed"):
+            return False, f"{name} draws its noise from Brownian trees seeded once per run, not re-seedable at a fork"
         if "generator" not in inspect.signature(sched.step).parameters:
             return False, f"{name} draws no noise in its steps"
         if name in STOCHASTIC_SCHEDULERS:
@@ -324,6 +326,11 @@ class PipelineGenerator(Generator):
         kw.update(cfg.extra)
         kw.pop(FORK_KEY, None)
         self._fork_callback(seeds, kw["generator"], kw)
+        if hasattr(self.pipe.scheduler, "noise_sampler_seed"):
+            # SDE samplers draw from Brownian trees, not from the generators: one tree per row, seeded from the row's
+            # seed, so a row's noise does not depend on its batch (a single seed would make one tree for the batch)
+            self.pipe.scheduler.noise_sampler_seed = [sampler_seed(int(s)) for s in seeds]
+            self.pipe.scheduler.noise_sampler = None
         return kw
 
     def _negatives(self, prompts: Sequence[Any], cfg: GenerationConfig) -> list[str] | None:
