@@ -13,3 +13,14 @@ def test_readme_python_blocks_run():
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["sweep"].stack().shape[0] == 2 + len(namespace["sweep"].injected)
+
+
+def test_store_docs_python_blocks_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    doc = README.parent / "docs" / "store.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert blocks
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block.replace("/tmp/ls-xarray-demo", str(tmp_path / "demo")), "docs/store.md", "exec"), namespace)
+    assert namespace["ds"]["mid_block"].shape[0] == 2

@@ -111,3 +111,42 @@ def test_stored_capture_from_store_as_source(sd, tmp_path):
         **GEN,
     ).images[0]
     torch.testing.assert_close(a[0], b, atol=1e-5, rtol=0)
+
+
+def test_a_store_opens_in_xarray_with_named_dims_and_coordinates(sd, tmp_path):
+    """to_xarray: one lazy variable per layer, dims named per layer, prompt/seed/done per sample, timestep per
+    captured step, branch labels; the values are the store's; xarray.open_zarr reads the group directly."""
+    import numpy as np
+    import xarray as xr
+
+    path = tmp_path / "s"
+    cap = ls.Capture(["mid_block", "noise"], store=path, steps=[0, 2])
+    sd.generate(["a cat", "a dog"], seeds=[3, 4], capture=cap, **GEN)
+    store = ls.ActivationStore.open(path)
+    ds = store.to_xarray()
+    assert ds["mid_block"].dims == ("sample", "step", "branch", "mid_block.channel", "mid_block.h", "mid_block.w")
+    assert ds["noise"].dims[:3] == ("sample", "once", "unbranched")
+    assert list(ds["prompt"].values) == ["a cat", "a dog"] and list(ds["seed"].values) == [3, 4]
+    assert (
+        bool(ds["done"].all()) and list(ds["step"].values) == [0, 2] and list(ds["branch"].values) == ["uncond", "cond"]
+    )
+    assert list(ds["timestep"].values) == [store.attrs["timesteps"][0], store.attrs["timesteps"][2]]
+    assert not isinstance(ds["mid_block"].variable._data, np.ndarray)  # lazy: nothing read yet
+    np.testing.assert_array_equal(
+        ds["mid_block"].sel(step=2, branch="cond").values, np.asarray(store["mid_block"][:, 1, 1])
+    )
+    name = "mid_block.resnets.0"
+    cap = ls.Capture(name, store=tmp_path / "u", update=True)
+    sd.generate(["a cat"], capture=cap, **GEN)
+    u = ls.ActivationStore.open(tmp_path / "u")
+    np.testing.assert_array_equal(u.to_xarray("update")[name].values, np.asarray(u._arr(name, "update")[...]))
+    direct = xr.open_zarr(str(path), group="output", consolidated=False)
+    assert direct["mid_block"].dims == ds["mid_block"].dims and set(direct.data_vars) == {"mid_block", "noise"}
+    # a store written before dimension names: a clear error, not xarray's
+    meta = path / "output" / "mid_block" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc.pop("dimension_names")
+    meta.write_text(json.dumps(doc))
+    old = ls.ActivationStore.open(path)
+    with pytest.raises(ls.ConfigError, match="without zarr dimension names"):
+        old.to_xarray()

@@ -92,6 +92,16 @@ class ArraySpec:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+def dimension_names(s: ArraySpec) -> tuple[str, ...]:
+    """The zarr dimension names of an array, unique in its group so ``xarray.open_zarr`` can read the whole group:
+    ``sample``; ``step`` (the captured steps, shared by every per-step array) or ``once`` (computed once per
+    generation); ``branch`` (the CFG branches kept) or ``unbranched``; then the layer's own feature dims, prefixed
+    with its name (``mid_block.channel``, ``mid_block.h``, ...)."""
+    step = "once" if s.steps == [None] else "step"
+    branch = "unbranched" if s.branches == ["none"] else "branch"
+    return ("sample", step, branch) + tuple(f"{s.layer}.{d}" for d in s.dims[3:])
+
+
 def check_array_names(specs: list[ArraySpec]) -> None:
     """Refuse, before any generation, a layer whose name cannot be a zarr array name (``/`` nests arrays)."""
     for s in specs:
@@ -405,6 +415,7 @@ class ActivationStore(_Lookup):
             fill_value=0.0,
             zarr_format=3,
             attributes={"dims": ["sample", "channel", "h", "w"], "range": [0.0, 1.0]},
+            dimension_names=("sample", "image.channel", "image.h", "image.w"),
         )
         tmp.rename(self.path / IMAGES)
         self.group = _open_group(self.path, "a")
@@ -581,6 +592,49 @@ class ActivationStore(_Lookup):
     def to_tensor(self, layer: str, what: str = "output") -> torch.Tensor:
         return torch.from_numpy(np.asarray(self._arr(layer, what)[...]))
 
+    def to_xarray(self, what: str = "output") -> Any:
+        """The store's ``output`` (or ``update``) arrays as an ``xarray.Dataset``, lazily (zarr-backed: nothing is
+        read until a value is asked for): one variable per layer with dims ``sample``, ``step`` / ``once``,
+        ``branch`` / ``unbranched`` and its own feature dims (:func:`dimension_names`), and coordinates ``prompt``,
+        ``seed`` and ``done`` per sample, ``step`` (step index) and ``timestep`` per captured step, ``branch``
+        labels. ``xarray.open_zarr(path, group="output")`` reads the same variables without the coordinates."""
+        try:
+            import xarray as xr
+        except ImportError:  # pragma: no cover - a dependency
+            raise ConfigError("to_xarray needs xarray: pip install xarray") from None
+        names = self.layer_names(what)
+        if not names:
+            raise LayerNameError(f"the store {str(self.path)!r} holds no {what!r} arrays")
+        first = cast(zarr.Array[Any], self._arr(names[0], what))
+        if getattr(first.metadata, "dimension_names", None) is None:
+            raise ConfigError(
+                f"the store {str(self.path)!r} was written without zarr dimension names (layerscope before they were "
+                "added); read its arrays with store[layer], or capture it again"
+            )
+        ds = xr.open_zarr(str(self.path), group=what, consolidated=False, chunks=None, zarr_format=3)
+        attrs = self.attrs
+        coords: dict[str, Any] = {
+            "sample": np.arange(self.n),
+            "prompt": ("sample", [str(p) for p in attrs.get("prompts", [""] * self.n)]),
+            "seed": ("sample", [int(x) for x in attrs.get("seeds", [0] * self.n)]),
+            "done": ("sample", self._read_done()),
+        }
+        per_step = [n for n in names if "step" in ds[n].dims]
+        if per_step:
+            steps = [int(x) for x in self._meta(per_step[0], what)["steps"]]
+            coords["step"] = steps
+            ts = attrs.get("timesteps") or []
+            if ts:
+                coords["timestep"] = ("step", [float(ts[k]) for k in steps])
+        branched = [n for n in names if "branch" in ds[n].dims]
+        if branched:
+            coords["branch"] = list(self._meta(branched[0], what)["branches"])
+        ds = ds.assign_coords(coords)
+        ds.attrs = {
+            k: attrs[k] for k in ("model", "num_inference_steps", "guidance_scale", "height", "width") if k in attrs
+        }
+        return ds
+
     def delete(self) -> None:
         shutil.rmtree(self.path)
 
@@ -700,6 +754,7 @@ def _create(
             dtype=np_dtype,
             compressors=None,
             fill_value=0,
+            dimension_names=dimension_names(s),
             attributes=_jsonable(
                 {
                     "layer": s.layer,
@@ -711,7 +766,9 @@ def _create(
                 }
             ),
         )
-    group.create_array("done", shape=(n,), chunks=(max(n, 1),), dtype=bool, fill_value=False)
+    group.create_array(
+        "done", shape=(n,), chunks=(max(n, 1),), dtype=bool, fill_value=False, dimension_names=("sample",)
+    )
     meta = _jsonable(attrs)
     meta["layerscope"] = {**meta.get("layerscope", {}), "schema": SCHEMA}
     group.attrs.update(meta)
