@@ -626,7 +626,7 @@ def train_ldm(
     unet.eval().cpu().float()
     text.eval().cpu().float()
     pipe = build_pipeline(unet, text, vae.cpu().float(), cfg)
-    pipe.save_pretrained(out, safe_serialization=True)
+    _save_pipeline(pipe, out)
     summary = {
         "model": "zoo:ldm",
         **run,
@@ -662,7 +662,7 @@ def export_unfinished(out: str | Path, stage: int = 1, device: str | None = None
             p.copy_(e)
     vae_dir = _vae_folder(out, cfg)
     vae = load_vae(vae_dir)
-    build_pipeline(unet.eval(), text.eval(), vae, cfg).save_pretrained(out, safe_serialization=True)
+    _save_pipeline(build_pipeline(unet.eval(), text.eval(), vae, cfg), out)
     run = {
         "stage": stage,
         "steps": int(state["step"]),
@@ -688,6 +688,16 @@ def export_unfinished(out: str | Path, stage: int = 1, device: str | None = None
     }
     write_json(out / "training.json", summary)
     return summary
+
+
+def _save_pipeline(pipe: Any, out: Path) -> None:
+    """Save the pipeline folder without the local paths diffusers records for modules loaded from a folder (a
+    further stage loads the VAE and U-Net from ``out``), so the shipped configs name no machine's paths."""
+    pipe.save_pretrained(out, safe_serialization=True)
+    for config in out.glob("*/config.json"):
+        doc = json.loads(config.read_text())
+        if doc.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def _stage_of(summary: dict) -> dict:
