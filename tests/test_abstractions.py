@@ -2,6 +2,7 @@
 forking entropy; the experiment's shape (Settings -> run -> Result) and its section."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -415,18 +416,19 @@ def test_settings_errors_come_before_any_generation(dit, monkeypatch):
 
 
 def test_main_job_is_the_old_sections_settings():
-    """The probe grid then forking on zoo:unet and zoo:dit, with the settings the main job always used, and on zoo:ldm
-    at the layers of its injection study."""
+    """The probe grid then forking on zoo:unet and zoo:dit, and on zoo:ldm at the layers and 6 steps of its injection
+    study (fewer starts: the 10-minute budget)."""
     for quick, (n, steps, prompts, forks, taus) in (
-        (False, (320, 10, 12, 8, tuple(range(9)))),
+        (False, (320, 10, 8, 8, tuple(range(9)))),
         (True, (64, 4, 3, 4, (0, 1, 2))),
     ):
         jobs = ab.main_job(quick)
         assert [j.spec for j in jobs] == ["zoo:unet", "zoo:dit", "zoo:ldm"]
         assert [j.folder_name() for j in jobs] == ["zoo_unet", "zoo_dit", "zoo_ldm"]
-        for j, layers in zip(jobs, (None, None, ab.LDM_LAYERS)):
-            want = ab.Settings(n=n, steps=steps, fork_prompts=prompts, forks=forks, taus=taus, layers=layers)
-            assert j.settings == want
+        want = ab.Settings(n=n, steps=steps, fork_prompts=prompts, forks=forks, taus=taus)
+        assert jobs[0].settings == jobs[1].settings == want
+        ldm = want if quick else ab.Settings(n=320, steps=6, fork_prompts=6, forks=8, taus=tuple(range(5)))
+        assert jobs[2].settings == dataclasses.replace(ldm, layers=ab.LDM_LAYERS)
     assert "mid_block" in ab.LDM_LAYERS and not any(n.startswith(("skip.", "noise")) for n in ab.LDM_LAYERS)
 
 

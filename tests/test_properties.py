@@ -198,8 +198,8 @@ def test_main_job_has_the_old_settings():
     assert all(j.settings == pr.Settings(n=16, pairs=4) for j in sane)
     full = {j.spec: j.settings for j in pr.main_job(quick=False)}
     assert list(full)[:5] == ["zoo:unet", "zoo:dit", "zoo:ldm", "zoo:vae", "zoo:gan"]
-    assert "vae_latent" in full["zoo:ldm"].spaces and "skip.up_blocks.1.*" in full["zoo:ldm"].spaces
-    assert full["zoo:unet"] == pr.Settings(n=16, pairs=8, steps=10)
+    assert full["zoo:ldm"].spaces == ("noise", "text_embeds", "h_space", "vae_latent")
+    assert full["zoo:unet"] == pr.Settings(n=16, pairs=8, steps=6)
     assert full["zoo:dit"] == pr.Settings(n=16, pairs=8, steps=10, spaces=("*",))
     assert full["zoo:gan"] == pr.Settings(n=64, pairs=16)
     assert full[SANITY.format("linear_decoder")] == pr.Settings(n=32, pairs=8)

@@ -835,8 +835,10 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
 #: the main job's settings: the probe grid, then forking (fork_prompts unconditional starts x forks continuations at
 #: every tau, DDIM eta=1), at the probes' steps, on each of MAIN_MODELS
 MAIN_MODELS = ("zoo:unet", "zoo:dit", "zoo:ldm")
-FULL = Settings(n=320, steps=10, forks=8, fork_prompts=12, taus=tuple(range(9)))
+FULL = Settings(n=320, steps=10, forks=8, fork_prompts=8, taus=tuple(range(9)))
 QUICK = Settings(n=64, steps=4, forks=4, fork_prompts=3, taus=(0, 1, 2))
+#: zoo:ldm at its injection study's 6 steps (a fork at every step but the last), fewer starts: the 10-minute budget
+LDM_FULL = Settings(n=320, steps=6, forks=8, fork_prompts=6, taus=tuple(range(5)))
 #: zoo:ldm: the layers of its injection study (its blocks, the bottleneck's and decoder's attention, PnP's
 #: up_blocks.1.resnets.1), not all 53
 LDM_LAYERS = tuple(name for name in injection.LDM_LAYERS if not name.startswith(("skip.", "noise", "text_")))
@@ -848,5 +850,9 @@ MAIN_LAYERS: dict[str, tuple[str, ...] | None] = {"zoo:unet": None, "zoo:dit": N
 
 def main_job(quick: bool = False) -> list[Job]:
     """The probe grid and forking entropy on the zoo's diffusion models (unconditional samples, oracle labels)."""
-    st = QUICK if quick else FULL
-    return [Job(spec, dataclasses.replace(st, layers=MAIN_LAYERS[spec])) for spec in MAIN_MODELS]
+
+    def settings(spec: str) -> Settings:
+        st = QUICK if quick else (LDM_FULL if spec == "zoo:ldm" else FULL)
+        return dataclasses.replace(st, layers=MAIN_LAYERS[spec])
+
+    return [Job(spec, settings(spec)) for spec in MAIN_MODELS]

@@ -748,19 +748,13 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
         return ws.save(Result(NAME, {SCORES: scores, DETAILS: details}, record, {STRIPS: strips}))
 
 
-#: the main job: zoo:unet every space it offers, zoo:dit its spaces and every transformer block, zoo:ldm its spaces
-#: (the skips of the third encoder block only) with the VAE latent, the GAN/VAE latent
-_DIFFUSION = Settings(n=16, pairs=8, steps=10)
+#: the main job: zoo:unet every space it offers (6 steps), zoo:dit its spaces and every transformer block, zoo:ldm the
+#: noise, text embeddings, h-space and VAE latent (6 steps, as its injection study), the GAN/VAE latent
 _LATENT = Settings(n=64, pairs=16)
 FULL: dict[str, Settings] = {
-    "zoo:unet": _DIFFUSION,
+    "zoo:unet": Settings(n=16, pairs=8, steps=6),
     "zoo:dit": Settings(n=16, pairs=8, steps=10, spaces=("*",)),
-    "zoo:ldm": Settings(
-        n=16,
-        pairs=8,
-        steps=10,
-        spaces=("noise", "text_embeds", "text_eos", "h_space", "skip.up_blocks.1.*", "vae_latent"),
-    ),
+    "zoo:ldm": Settings(n=16, pairs=8, steps=6, spaces=("noise", "text_embeds", "h_space", "vae_latent")),
     "zoo:vae": _LATENT,
     "zoo:gan": _LATENT,
 }
