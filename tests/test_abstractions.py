@@ -419,7 +419,7 @@ def test_main_job_is_the_old_sections_settings():
     """The probe grid then forking on zoo:unet and zoo:dit, and on zoo:ldm at the layers and 6 steps of its injection
     study (fewer starts: the 10-minute budget)."""
     for quick, (n, steps, prompts, forks, taus) in (
-        (False, (320, 10, 8, 8, tuple(range(9)))),
+        (False, (320, 10, 6, 8, tuple(range(9)))),
         (True, (64, 4, 3, 4, (0, 1, 2))),
     ):
         jobs = ab.main_job(quick)

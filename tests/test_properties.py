@@ -198,7 +198,7 @@ def test_main_job_has_the_old_settings():
     assert all(j.settings == pr.Settings(n=16, pairs=4) for j in sane)
     full = {j.spec: j.settings for j in pr.main_job(quick=False)}
     assert list(full)[:5] == ["zoo:unet", "zoo:dit", "zoo:ldm", "zoo:vae", "zoo:gan"]
-    assert full["zoo:ldm"].spaces == ("noise", "text_embeds", "h_space", "vae_latent")
+    assert full["zoo:ldm"].spaces == ("noise", "h_space", "vae_latent")
     assert full["zoo:unet"] == pr.Settings(n=16, pairs=8, steps=6)
     assert full["zoo:dit"] == pr.Settings(n=16, pairs=8, steps=10, spaces=("*",))
     assert full["zoo:gan"] == pr.Settings(n=64, pairs=16)

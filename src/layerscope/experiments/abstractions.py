@@ -835,7 +835,7 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
 #: the main job's settings: the probe grid, then forking (fork_prompts unconditional starts x forks continuations at
 #: every tau, DDIM eta=1), at the probes' steps, on each of MAIN_MODELS
 MAIN_MODELS = ("zoo:unet", "zoo:dit", "zoo:ldm")
-FULL = Settings(n=320, steps=10, forks=8, fork_prompts=8, taus=tuple(range(9)))
+FULL = Settings(n=320, steps=10, forks=8, fork_prompts=6, taus=tuple(range(9)))
 QUICK = Settings(n=64, steps=4, forks=4, fork_prompts=3, taus=(0, 1, 2))
 #: zoo:ldm at its injection study's 6 steps (a fork at every step but the last), fewer starts: the 10-minute budget
 LDM_FULL = Settings(n=320, steps=6, forks=8, fork_prompts=6, taus=tuple(range(5)))

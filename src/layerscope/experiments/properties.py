@@ -749,12 +749,12 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
 
 
 #: the main job: zoo:unet every space it offers (6 steps), zoo:dit its spaces and every transformer block, zoo:ldm the
-#: noise, text embeddings, h-space and VAE latent (6 steps, as its injection study), the GAN/VAE latent
+#: noise, h-space and VAE latent (6 steps, as its injection study), the GAN/VAE latent
 _LATENT = Settings(n=64, pairs=16)
 FULL: dict[str, Settings] = {
     "zoo:unet": Settings(n=16, pairs=8, steps=6),
     "zoo:dit": Settings(n=16, pairs=8, steps=10, spaces=("*",)),
-    "zoo:ldm": Settings(n=16, pairs=8, steps=6, spaces=("noise", "text_embeds", "h_space", "vae_latent")),
+    "zoo:ldm": Settings(n=16, pairs=8, steps=6, spaces=("noise", "h_space", "vae_latent")),
     "zoo:vae": _LATENT,
     "zoo:gan": _LATENT,
 }
