@@ -455,7 +455,11 @@ def test_section_renders_from_saved_results(small, tmp_path):
     job = {"spec": "zoo:dit", "folder": "zoo_dit", "part": "model", "settings": settings_dict(SMALL)}
     html = section.render(SectionRun("abstractions", folder, {"jobs": [job]}), Page(tmp_path))
     assert html.count("<img ") == 4 and "<h3>zoo:dit</h3>" in html
-    assert "layerscope abstractions zoo:dit --n 16 --steps 3 --out probes-zoo_dit" in html
+    # the probe grid's layers are part of the command (the page escapes the quotes)
+    assert (
+        "layerscope abstractions zoo:dit --n 16 --steps 3 -l &#x27;transformer_blocks.*&#x27; --out probes-zoo_dit"
+        in html
+    )
     assert (
         "layerscope abstractions zoo:dit --no-probes --forks 2 --fork-prompts 2 --taus 0,1 --steps 3 "
         "--out forks-zoo_dit"
