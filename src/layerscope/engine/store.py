@@ -605,7 +605,7 @@ class ActivationStore(_Lookup):
         names = self.layer_names(what)
         if not names:
             raise LayerNameError(f"the store {str(self.path)!r} holds no {what!r} arrays")
-        first = cast(zarr.Array[Any], self._arr(names[0], what))
+        first = self._arr(names[0], what)
         if getattr(first.metadata, "dimension_names", None) is None:
             raise ConfigError(
                 f"the store {str(self.path)!r} was written without zarr dimension names (layerscope before they were "
