@@ -848,11 +848,13 @@ LDM_LAYERS = tuple(name for name in injection.LDM_LAYERS if not name.startswith(
 MAIN_LAYERS: dict[str, tuple[str, ...] | None] = {"zoo:unet": None, "zoo:dit": None, "zoo:ldm": LDM_LAYERS}
 
 
+#: per model: the full settings where they are not FULL
+MAIN_FULL: dict[str, Settings] = {"zoo:ldm": LDM_FULL}
+
+
 def main_job(quick: bool = False) -> list[Job]:
     """The probe grid and forking entropy on the zoo's diffusion models (unconditional samples, oracle labels)."""
-
-    def settings(spec: str) -> Settings:
-        st = QUICK if quick else (LDM_FULL if spec == "zoo:ldm" else FULL)
-        return dataclasses.replace(st, layers=MAIN_LAYERS[spec])
-
-    return [Job(spec, settings(spec)) for spec in MAIN_MODELS]
+    return [
+        Job(spec, dataclasses.replace(QUICK if quick else MAIN_FULL.get(spec, FULL), layers=MAIN_LAYERS[spec]))
+        for spec in MAIN_MODELS
+    ]
