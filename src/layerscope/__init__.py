@@ -6,6 +6,7 @@
 ['up_blocks.1.resnets.0', 'up_blocks.1.attentions.0']
 """
 
+from . import recipes
 from ._version import __version__
 from .config import GenerationConfig
 from .engine import (
@@ -42,6 +43,7 @@ from .loading import Source, load, register_adapter, register_scheme
 from .models.base import Capabilities, Generator
 
 __all__ = [
+    "recipes",
     "ActivationStore",
     "BudgetError",
     "Capabilities",

@@ -49,7 +49,8 @@ class LayerInfo:
     ``shape`` is the per-sample shape of one step's tensor (``()`` until traced). ``per_step``: the tensor is
     recomputed at every denoising step (False for the initial noise or the final VAE latent). ``branched``: the rows
     of this tensor follow the classifier-free-guidance layout (uncond rows, then cond rows). ``role``: one of
-    :data:`ROLES`, what the entry is whatever the family.
+    :data:`ROLES`, what the entry is whatever the family. ``source``: for a skip tensor, the encoder layer it comes
+    from.
     """
 
     name: str
@@ -65,6 +66,7 @@ class LayerInfo:
     dims: tuple[str, ...] = ()
     note: str = ""
     role: str = "layer"
+    source: str = ""  # skip tensors: the layer that produced it (the consumer is in the name)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

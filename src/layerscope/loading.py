@@ -142,6 +142,9 @@ def load(spec: Any, **kwargs: Any) -> Generator:
     - ``tiny:<family>``: a tiny random-weight pipeline built from configs in code (sd, sd2, sdxl, kandinsky22, sd3,
       flux, pixart) for tests and demos;
     - ``zoo:<name>``: the shipped Shapes-world models (unet, dit, vae, gan; ``layerscope zoo list``);
+    - ``arch:<name>``: a published architecture at full size without weights, on the meta device (sd14, sd21,
+      sdxl, kandinsky22, sd35-medium, sd35-large, flux-schnell, flux-dev, pixart-alpha): layer maps, byte estimates
+      and study plans, no generation (:mod:`layerscope.arch`);
     - an already-built diffusers pipeline or ``nn.Module`` generator (keyword arguments go to its adapter, e.g.
       ``latent_dim=``), or a Generator (returned as it is).
     """
@@ -243,7 +246,37 @@ def _load_zoo(target: str, spec: str, kw: dict[str, Any]) -> Any:
     return Source(found["model"], defaults=found["defaults"], card=found["card"], oracle=found["oracle"])
 
 
+def _dtype_option(kw: dict[str, Any]) -> Any:
+    """``dtype=`` (or diffusers' ``torch_dtype=``) as a torch dtype: a dtype or its name (``"bfloat16"``)."""
+    import torch
+
+    kw = dict(kw)
+    if "torch_dtype" in kw:
+        if "dtype" in kw:
+            raise SpecError("give dtype= or torch_dtype= (the same setting), not both")
+        kw["dtype"] = kw.pop("torch_dtype")
+    dtype = kw.pop("dtype", None)
+    if kw:
+        raise SpecError(f"unknown option(s) {', '.join(sorted(kw))}; arch: specs take dtype= only")
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise SpecError(f"unknown dtype {dtype!r}; give e.g. torch.float16, 'float16', 'bfloat16' or 'float32'")
+    return found
+
+
+def _load_arch(target: str, spec: str, kw: dict[str, Any]) -> Any:
+    from . import arch
+
+    entry = arch.get(target)
+    pipe = arch.build(target, _dtype_option(kw))
+    card = {"name": spec, "title": entry.title, "weights": "none (meta device: shapes only)"}
+    return Source(pipe, defaults=entry.defaults, card=card)
+
+
 register_scheme("hf", _load_hf)
 register_scheme("torch", _load_torch)
 register_scheme("tiny", _load_tiny)
 register_scheme("zoo", _load_zoo)
+register_scheme("arch", _load_arch)

@@ -8,6 +8,7 @@ and :mod:`.paths` (tensors inside module inputs/outputs), :mod:`.handler` (what 
 from ..progress import ProgressArg, progress_callback
 from .backend import Backend
 from .execute import GenerationResult, execute, trace_shapes
+from .hooks import meta_inputs
 from .plan import estimate_bytes, plan_capture
 from .spec import Capture, Intervention, PerTarget, Row, Stored, add, blend, replace, zero
 from .steps import WINDOWS, StepSel, resolve_steps, window
@@ -35,6 +36,7 @@ __all__ = [
     "execute",
     "injection_sweep",
     "layer_sets",
+    "meta_inputs",
     "plan_capture",
     "progress_callback",
     "replace",

@@ -148,3 +148,36 @@ def installed_hooks(
     finally:
         for h in handles:
             h.remove()
+
+
+def _to_meta(value: Any) -> Any:
+    """``value`` with every CPU tensor in it (through tuples, lists and dicts) moved to the meta device."""
+    if isinstance(value, torch.Tensor):
+        return value.to("meta") if value.device.type == "cpu" else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
+
+
+@contextmanager
+def meta_inputs(
+    modules: Sequence[torch.nn.Module], drop: Mapping[torch.nn.Module, Sequence[str]] | None = None
+) -> Iterator[None]:
+    """While open, CPU tensors handed to any of ``modules`` (models on the meta device) are moved to meta on the way
+    in, and the keyword arguments ``drop[module]`` are left out of that module's calls (a value-dependent argument
+    such as a text encoder's attention mask, which decides what attends, never a shape). For tracing shapes only."""
+
+    def pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        kwargs = _to_meta(kwargs)
+        for name in (drop or {}).get(module, ()):
+            kwargs.pop(name, None)
+        return _to_meta(args), kwargs
+
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

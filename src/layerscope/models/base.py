@@ -9,7 +9,7 @@ from __future__ import annotations
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
@@ -158,6 +158,17 @@ class Generator(ABC):
     def default_size(self) -> tuple[int, int] | None:
         return None
 
+    @property
+    def has_weights(self) -> bool:
+        """False for an architecture without weights (``arch:`` specs, on the meta device): it has a layer map and
+        byte estimates, but cannot generate."""
+        return True
+
+    def trace_context(self) -> AbstractContextManager[None]:
+        """Entered around the trace generation that measures the layer map's shapes (adapters of models without
+        weights make their pipeline traceable on meta tensors here)."""
+        return nullcontext()
+
     def site_index(
         self, key: str, prompts: Sequence[Any], cfg: GenerationConfig, branches: Sequence[str]
     ) -> torch.Tensor:
@@ -197,7 +208,8 @@ class Generator(ABC):
         cfg = self.config(height=height, width=width)
         key = (cfg.height, cfg.width)
         if key not in self._maps:
-            self._maps[key] = trace_shapes(self, self.build_map(), cfg)
+            with self.trace_context():
+                self._maps[key] = trace_shapes(self, self.build_map(), cfg)
         return self._maps[key]
 
     def layers(self, pattern: str | Iterable[str] | None = None, **size: Any) -> list[LayerInfo]:
@@ -265,6 +277,11 @@ class Generator(ABC):
         the denoiser's inputs at steps ``0..fork_at`` are identical, and they go apart from step ``fork_at + 1`` on.
         A row's noise depends only on its own seeds, never on its batch.
         """
+        if not self.has_weights:
+            raise ConfigError(
+                f"{self.spec} is an architecture without weights (meta device): it lists layers, estimates bytes and "
+                "plans studies (--dry-run), but cannot generate; load the model with its weights (hf:<folder>)"
+            )
         if isinstance(prompts, (str, torch.Tensor)) and not (isinstance(prompts, torch.Tensor) and prompts.ndim > 1):
             prompts = [prompts]
         prompts = list(prompts)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import GenerationConfig
+from ..engine import meta_inputs
 from ..errors import ConfigError
 from ..layers import LayerInfo, Site
 from .base import FORK_KEY, Generator, Tap, seeded_noise
@@ -45,6 +48,37 @@ class PipelineGenerator(Generator):
     def sampler_name(self) -> str | None:
         sched = getattr(self.pipe, "scheduler", None)
         return None if sched is None else type(sched).__name__
+
+    @property
+    def has_weights(self) -> bool:
+        return self.device.type != "meta"
+
+    @contextmanager
+    def trace_context(self) -> Iterator[None]:
+        """On the meta device, make the pipeline traceable: the scheduler keeps its timesteps and sigmas on the CPU
+        (schedulers index their tables with them and compare them, which needs values; its arithmetic with meta
+        tensors then gives meta tensors of the right shapes), and CPU tensors handed to a component (the timestep)
+        are moved to meta on the way in. A text encoder's ``attention_mask`` is dropped: transformers reads its
+        values to choose an attention kernel (``mask.all()``), and a mask decides which tokens attend, never a
+        shape. Elsewhere nothing changes."""
+        if self.has_weights:
+            yield
+            return
+        sched = self.pipe.scheduler
+        original = sched.set_timesteps
+
+        @functools.wraps(original)
+        def on_cpu(*args: Any, **kwargs: Any) -> Any:
+            kwargs["device"] = "cpu"
+            return original(*args, **kwargs)
+
+        comps = [c for c in self.pipe.components.values() if isinstance(c, nn.Module)]
+        sched.set_timesteps = on_cpu
+        try:
+            with meta_inputs(comps, {c: ("attention_mask",) for c in comps if c is not self.denoiser}):
+                yield
+        finally:
+            del sched.set_timesteps
 
     @property
     def denoiser(self) -> nn.Module:

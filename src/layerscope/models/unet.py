@@ -97,6 +97,7 @@ def unet_layer_entries(unet: Any, prefix: str = "unet") -> tuple[list[LayerInfo]
                     is_space=True,
                     note=f"skip tensor from {taken[idx]} into up_blocks.{i}.resnets.{j}",
                     role="skip",
+                    source=taken[idx],
                 )
             )
         if _has(block, "upsamplers"):
