@@ -6,6 +6,7 @@ two values per use, which typer cannot declare).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -252,6 +253,38 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
         raise LayerscopeError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
+def _dry_run_option() -> Any:
+    return typer.Option(
+        False, "--dry-run", help="print the plan (generations, rows per batch, steps, bytes) and generate nothing"
+    )
+
+
+def _budget_option() -> Any:
+    return typer.Option(None, help="with --dry-run: a memory budget the plan must fit, e.g. 80GiB (exit 1 if not)")
+
+
+def _recipe_option(what: str) -> Any:
+    return typer.Option(None, "--recipe", help=f"a literature recipe's layers {what} (`layerscope recipes`)")
+
+
+def _recipe_layers(recipe: Optional[str], gen: Any, size: dict[str, int]) -> list[str]:
+    """The layers recipe ``recipe`` names on the loaded model (checked), or none."""
+    from . import recipes
+
+    return recipes.resolve(recipe, gen, **size) if recipe else []
+
+
+def _show_plans(plans: list[Any], budget: Optional[str]) -> None:
+    """Print each plan; with a budget, exit 1 when one does not fit it."""
+    from .experiments.plans import parse_bytes, print_plan
+
+    limit = parse_bytes(budget) if budget else None
+    for plan in plans:
+        print_plan(plan, console, limit)
+    if limit is not None and not all(p.fits(limit) for p in plans):
+        raise typer.Exit(code=1)
+
+
 def _finish(section, result, folder: Path) -> None:
     """Write the section's figures next to the Result the run saved in ``folder``, print what the section says."""
     from .report.figures import png_bytes
@@ -299,6 +332,20 @@ def _folder(out: Optional[str], prefix: str, model: str) -> Path:
     from .folders import check_output
 
     return check_output(Path(out or f"{prefix}-{model.replace(':', '_').replace('/', '_')}"))
+
+
+@app.command()
+def recipes() -> None:
+    """The literature's layer sets (``--recipe NAME`` on sweep, abstractions, properties)."""
+    from .recipes import RECIPES
+
+    table = Table(title="recipes: layers published work names")
+    for col in ("recipe", "model", "layers", "found", "source"):
+        table.add_column(col, overflow="fold")
+    for r in RECIPES.values():
+        names = ", ".join(n for n, _, _ in r.layers) or f"skip tensors out of {r.skips_from}"
+        table.add_row(r.name, r.model, names, r.found, r.cite)
+    console.print(table)
 
 
 @app.command()
@@ -351,6 +398,9 @@ def sweep(
     clip: Optional[str] = typer.Option(None, help="local CLIP checkpoint folder (else $LAYERSCOPE_CLIP)"),
     out: Optional[str] = typer.Option(None, help="output folder (default: sweep-<model>); reruns resume"),
     max_batch: Optional[int] = typer.Option(None, help="rows per generation (default: all layer sets + 2)"),
+    recipe: Optional[str] = _recipe_option("injected together as one more layer set"),
+    dry_run: bool = _dry_run_option(),
+    budget: Optional[str] = _budget_option(),
     height: Optional[int] = _size_option("height"),
     width: Optional[int] = _size_option("width"),
 ) -> None:
@@ -388,8 +438,14 @@ def sweep(
             clip_path=clip,
             generation=_size(height, width),
         )
-        folder = _folder(out, "sweep", model)
+        folder = _folder(out, "sweep", model) if not dry_run else Path(".")
         gen = load(model)
+        if recipe:
+            rec = tuple(_recipe_layers(recipe, gen, _size(height, width)))
+            settings = dataclasses.replace(settings, layers=[*(settings.layers or []), rec])
+        if dry_run:
+            _show_plans([inj.plan(gen, settings)], budget)
+            return
         console.print(f"{model}: injection sweep -> {folder}")
         result = inj.run(gen, settings, out=folder, progress=True)
     except LayerscopeError as exc:
@@ -428,6 +484,9 @@ def abstractions(
         None, help="forking: comma-separated fork steps (default: every step but the last)"
     ),
     eta: float = typer.Option(1.0, help="forking: DDIM eta of the stochastic sampler (1: DDPM-like)"),
+    recipe: Optional[str] = _recipe_option("probed (with any --layers)"),
+    dry_run: bool = _dry_run_option(),
+    budget: Optional[str] = _budget_option(),
     height: Optional[int] = _size_option("height"),
     width: Optional[int] = _size_option("width"),
 ) -> None:
@@ -459,8 +518,14 @@ def abstractions(
         )
         if labels is not None and not Path(labels).is_file():
             raise LayerscopeError(f"the labels CSV {labels!r} does not exist")
-        folder = _folder(out, "probes", model)
+        folder = _folder(out, "probes", model) if not dry_run else Path(".")
         gen = load(model)
+        if recipe:
+            rec = _recipe_layers(recipe, gen, _size(height, width))
+            settings = dataclasses.replace(settings, layers=(*(settings.layers or ()), *rec))
+        if dry_run:
+            _show_plans([ab.plan(gen, settings)], budget)
+            return
         console.print(f"{model}: abstractions -> {folder}")
         result = ab.run(gen, settings, out=folder, progress=True)
     except LayerscopeError as exc:
@@ -498,6 +563,9 @@ def properties(
     ),
     seed: int = typer.Option(0, help="first seed"),
     out: Optional[str] = typer.Option(None, help="output folder (default: properties-<model>)"),
+    recipe: Optional[str] = _recipe_option("scored as spaces (with any --space)"),
+    dry_run: bool = _dry_run_option(),
+    budget: Optional[str] = _budget_option(),
     height: Optional[int] = _size_option("height"),
     width: Optional[int] = _size_option("width"),
 ) -> None:
@@ -519,8 +587,14 @@ def properties(
             steps=steps,
             generation=_size(height, width),
         )
-        folder = _folder(out, "properties", model)
+        folder = _folder(out, "properties", model) if not dry_run else Path(".")
         gen = load(model)
+        if recipe:
+            rec = _recipe_layers(recipe, gen, _size(height, width))
+            settings = dataclasses.replace(settings, spaces=(*(settings.spaces or ()), *rec))
+        if dry_run:
+            _show_plans([pr.plan(gen, settings)], budget)
+            return
         console.print(f"{model}: latent-space property scorecard -> {folder}")
         result = pr.run(gen, settings, out=folder, progress=True)
     except LayerscopeError as exc:
@@ -540,6 +614,8 @@ def align(
     project: int = typer.Option(256, help="random projection dims of each whole map (0: the spatial mean)"),
     seed: int = typer.Option(0, help="first seed of the scenes / rows"),
     out: Optional[str] = typer.Option(None, help="output folder (default: align-<models>)"),
+    dry_run: bool = _dry_run_option(),
+    budget: Optional[str] = _budget_option(),
     height: Optional[int] = _size_option("height"),
     width: Optional[int] = _size_option("width"),
 ) -> None:
@@ -559,8 +635,11 @@ def align(
             layers=tuple(layers) if layers else None,
             generation=_size(height, width),
         )
-        folder = _folder(out, "align", "+".join(models))
+        folder = _folder(out, "align", "+".join(models)) if not dry_run else Path(".")
         gens = [load(m) for m in models]
+        if dry_run:
+            _show_plans(al.plan(gens, settings), budget)
+            return
         console.print(f"{', '.join(models)}: alignment -> {folder}")
         result = al.run(gens, settings, out=folder, progress=True)
     except LayerscopeError as exc:

@@ -9,7 +9,7 @@ from ..progress import ProgressArg, progress_callback
 from .backend import Backend
 from .execute import GenerationResult, execute, trace_shapes
 from .hooks import meta_inputs
-from .plan import estimate_bytes, plan_capture
+from .plan import estimate_bytes, fmt_bytes, plan_capture
 from .spec import Capture, Intervention, PerTarget, Row, Stored, add, blend, replace, zero
 from .steps import WINDOWS, StepSel, resolve_steps, window
 from .store import ActivationStore, CaptureResult, StoreIntegrityError
@@ -34,6 +34,7 @@ __all__ = [
     "blend",
     "estimate_bytes",
     "execute",
+    "fmt_bytes",
     "injection_sweep",
     "layer_sets",
     "meta_inputs",

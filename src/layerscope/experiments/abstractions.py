@@ -50,6 +50,7 @@ from ..stats.probes import ProbeGrid, fit_probe_grid
 from ..validate import MAX_STEPS, check_float, check_int, check_seeds
 from . import injection
 from .base import Job, Result, generation_kwargs, settings_dict
+from .plans import Generations, StudyPlan, capture_bytes, image_bytes, model_bytes
 from .workspace import Cell, Workspace, open_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -772,6 +773,78 @@ def _check(model: "Generator", st: Settings, gen_kw: dict[str, Any]) -> None:
         bad = [t for t in st.taus or () if not 0 <= int(t) < steps]
         if bad:
             raise ConfigError(f"fork steps (taus) must be in 0..{steps - 1} for {steps} steps, got {bad}")
+
+
+def plan(model: "Generator", settings: Settings) -> StudyPlan:
+    """What :func:`run` will generate on ``model`` (``--dry-run``); nothing is generated. The probe samples in
+    batches, every layer pooled and ``x_t`` whole captured at every step (streamed to a temporary store when over
+    the capture's memory budget), then the fork starts x taus x forks continuations in chunks of whole starts."""
+    st = settings
+    gen_kw = generation_kwargs(st.steps, None, st.generation)
+    _check(model, st, gen_kw)
+    rows: list[Generations] = []
+    if st.probes:
+        n = len(labels_from_csv(st.labels)[0]) if st.labels is not None else st.n
+        kw = dict(gen_kw)
+        if st.labels is None and not st.conditional:
+            kw.setdefault("guidance_scale", 1.0)
+        cfg = model.config(**kw)
+        lmap = model.layer_map(cfg.height, cfg.width)
+        names = [e.name for e in lmap.layers] if st.layers is None else [e.name for e in lmap.select(st.layers)]
+        base = baseline_layer(lmap)
+        cap = Capture(
+            names + ([base] if base else []),
+            branches=["cond"],
+            pooled=True,
+            unpooled=([base] if base else []) + (names if st.project_layers else []),
+        )
+        size = st.max_batch or model.default_max_batch
+        calls = -(-n // size)
+        held = capture_bytes(model, cap, min(n, size), **kw)
+        steps = model.num_steps(cfg)
+        item = 4  # features are kept as float32 cells until the Result is saved
+        per_sample = steps * (sum(_width(lmap[x], st.project_layers) for x in names) + (128 if base else 0))
+        kept = n * item * per_sample + 4 * image_bytes(model, n, **kw)
+        rows.append(
+            Generations(
+                f"probe samples ({len(names)} layers{' + ' + base if base else ''}, every step)",
+                calls,
+                n,
+                min(n, size),
+                steps,
+                len(model.branch_labels(cfg)),
+                held,
+                kept,
+                streamed=held > cap.budget_bytes,
+            )
+        )
+    if st.forks:
+        kw = dict(gen_kw) if st.conditional else {"guidance_scale": 1.0, **gen_kw}
+        cfg = model.config(eta=st.eta, **kw)
+        steps = model.num_steps(cfg)
+        taus = list(range(steps - 1)) if st.taus is None else sorted({int(x) for x in st.taus})
+        total = st.fork_prompts * st.forks * len(taus)
+        batch = st.max_batch or st.forks * max(1, model.default_max_batch * 2 // st.forks)
+        batch = max(st.forks, batch - batch % st.forks)
+        rows.append(
+            Generations(
+                f"forks ({st.fork_prompts} starts x {len(taus)} taus x {st.forks})",
+                -(-total // batch),
+                total,
+                min(batch, total),
+                steps,
+                len(model.branch_labels(cfg)),
+            )
+        )
+    weights, row = model_bytes(model)
+    return StudyPlan(NAME, model.spec, rows, weights, row)
+
+
+def _width(e: Any, projected: bool) -> int:
+    """Values per sample and step of a probed layer: its channels (spatial mean) or the projection's 128."""
+    if projected:
+        return min(128, int(np.prod(e.shape)))
+    return int(np.prod([s for s, d in zip(e.shape, e.dims) if d not in ("h", "w", "token")]))
 
 
 def run(model: "Generator", settings: Settings, out: str | Path | None = None, progress: ProgressArg = None) -> Result:

@@ -61,6 +61,7 @@ from ..engine import Capture, PerTarget, ProgressArg, progress_callback, replace
 from ..errors import ConfigError
 from ..metrics.alignment import METRICS, gram_similarity, similarity_matrix
 from .base import OPEN_PROMPTS, Job, Result, generation_kwargs, settings_dict
+from .plans import Generations, StudyPlan, capture_bytes, model_bytes
 from .workspace import open_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -536,6 +537,39 @@ def _check(models: Sequence[Generator], st: Settings) -> str:
         if not chosen:
             raise ConfigError(f"{m.spec} has no capturable layer" + (f" matching {st.layers!r}" if st.layers else ""))
     return mode
+
+
+def plan(models: Generator | Sequence[Generator], settings: Settings) -> list[StudyPlan]:
+    """What :func:`run` will generate (``--dry-run``), one plan per model; nothing is generated. Each model makes the
+    ``n`` matched inputs once, every selected layer captured at every step (streamed to a temporary store when
+    over the capture's memory budget)."""
+    ms = [models] if not isinstance(models, Sequence) else list(models)
+    st = settings
+    _check(ms, st)
+    gen_kw = generation_kwargs(st.steps, st.guidance, st.generation)
+    plans = []
+    for m in ms:
+        lmap = m.layer_map()
+        names = [e.name for e in (lmap.layers if st.layers is None else lmap.select(st.layers)) if not e.is_space]
+        cfg = m.config(**gen_kw)
+        labels = m.branch_labels(cfg)
+        cap = Capture(names, branches=["cond"] if "cond" in labels else None, pooled=st.project == 0)
+        held = capture_bytes(m, cap, st.n, **gen_kw)
+        size = st.max_batch or m.default_max_batch
+        row = Generations(
+            f"{st.n} matched inputs, {len(names)} layers at every step",
+            -(-st.n // size),
+            st.n,
+            min(st.n, size),
+            m.num_steps(cfg),
+            len(labels),
+            held,
+            held if held > cap.budget_bytes else 0,  # a capture over the budget streams to a temporary store
+            streamed=held > cap.budget_bytes,
+        )
+        weights, per_row = model_bytes(m)
+        plans.append(StudyPlan(NAME, m.spec, [row], weights, per_row))
+    return plans
 
 
 def run(

@@ -37,6 +37,7 @@ from ..engine import WINDOWS, ProgressArg, injection_sweep, layer_sets, progress
 from ..errors import ConfigError
 from ..validate import check_int, check_seed, check_seeds
 from .base import Job, Result, generation_kwargs, settings_dict
+from .plans import Generations, StudyPlan, image_bytes, model_bytes
 from .workspace import Workspace, open_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -811,20 +812,14 @@ def _selection(model: "Generator", st: Settings, gen_kw: dict[str, Any]) -> Any:
     return st.layers if isinstance(st.layers, str) else [x if isinstance(x, str) else tuple(x) for x in st.layers]
 
 
-def run(model: "Generator", settings: Settings, out: str | Path | None = None, progress: ProgressArg = None) -> Result:
-    """The injection study on a loaded model: tables ``injection`` (one row per pair, seed, window, layer, factor,
-    metric), ``summary`` (:func:`summarize`) and ``labels`` (:func:`specialize`); the record holds the plan, the
-    sanity anchors (if asked) and notes. ``out``: each finished cell is saved there and a rerun resumes."""
-    st = settings
+def _plan_kw(model: "Generator", st: Settings) -> tuple[dict[str, Any], list[tuple[str, str]], dict[str, Any]]:
+    """The generation keywords, the pairs and the keywords of :func:`plan_injection` / :func:`run_injection`."""
     gen_kw = generation_kwargs(st.steps, st.guidance, st.generation)
-    pairs = _pairs(model, st)
-    sel = _selection(model, st, gen_kw)
-    notes: list[str] = []
     plan_kw: dict[str, Any] = dict(
         seeds=st.seeds,
         e_seeds=st.e_seeds,
         seed_per_pair=st.seed_per_pair,
-        layers=sel,
+        layers=_selection(model, st, gen_kw),
         windows=st.windows,
         branches=list(st.branches) if st.branches is not None else None,
         scorer=st.scorer,
@@ -832,6 +827,45 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
         with_pooled=st.with_pooled,
         **gen_kw,
     )
+    return gen_kw, _pairs(model, st), plan_kw
+
+
+def plan(model: "Generator", settings: Settings) -> StudyPlan:
+    """What :func:`run` will generate and store on ``model`` (``--dry-run``); nothing is generated. Each cell (pair x
+    seed x window) runs O, E and the k injected rows in chunks of ``max_batch`` rows, each chunk with O and E again."""
+    st = settings
+    gen_kw, pairs, plan_kw = _plan_kw(model, st)
+    p = plan_injection(model, pairs, **plan_kw)
+    cfg = model.config(**gen_kw)
+    steps, branches = model.num_steps(cfg), len(model.branch_labels(cfg))
+    k = len(p.layer_sets)
+    per_chunk = (st.max_batch or min(k + 2, 64)) - 2
+    chunks = -(-k // per_chunk)
+    cells = len(p.cells())
+    rows = [
+        Generations(
+            f"cells ({len(p.pairs)} pairs x {len(p.seeds)} seeds x {len(p.windows)} windows), {k} layer sets",
+            calls=cells * chunks,
+            images=cells * (2 * chunks + k),
+            batch=min(k, per_chunk) + 2,
+            steps=steps,
+            branches=branches,
+            stored=image_bytes(model, cells * (k + 2), **gen_kw),
+        )
+    ]
+    if st.sanity:
+        rows.append(Generations("sanity anchors (first pair)", 2, 4, 3, steps, branches))
+    weights, row = model_bytes(model)
+    return StudyPlan(NAME, model.spec, rows, weights, row)
+
+
+def run(model: "Generator", settings: Settings, out: str | Path | None = None, progress: ProgressArg = None) -> Result:
+    """The injection study on a loaded model: tables ``injection`` (one row per pair, seed, window, layer, factor,
+    metric), ``summary`` (:func:`summarize`) and ``labels`` (:func:`specialize`); the record holds the plan, the
+    sanity anchors (if asked) and notes. ``out``: each finished cell is saved there and a rerun resumes."""
+    st = settings
+    gen_kw, pairs, plan_kw = _plan_kw(model, st)
+    notes: list[str] = []
     plan = plan_injection(model, pairs, **plan_kw)  # every settings error, before the folder or any generation
     if not model.capabilities.iterative:
         notes.append(ONE_PASS_NOTE.format(spec=model.spec))

@@ -51,6 +51,7 @@ What a space is, which spaces are conditions and which scorer applies are read f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Sequence
@@ -68,6 +69,7 @@ from ..progress import ProgressArg, progress_callback
 from ..stats.bootstrap import bootstrap_ci
 from ..validate import MAX_STEPS, check_int, check_seeds
 from .base import OPEN_PROMPTS, Job, Result, generation_kwargs, settings_dict
+from .plans import Generations, StudyPlan, capture_bytes, image_bytes, model_bytes
 from .workspace import Cell, Workspace, open_workspace
 
 if TYPE_CHECKING:
@@ -717,13 +719,8 @@ def _check(st: Settings) -> None:
     check_int(st.steps, "steps (denoising steps)", minimum=1, maximum=MAX_STEPS, optional=True)
 
 
-def run(model: "Generator", settings: Settings, out: str | Path | None = None, progress: ProgressArg = None) -> Result:
-    """The property scorecard of a loaded model: tables ``properties`` (one row per space x property: score, CI,
-    mark) and ``properties_details`` (the measurements behind the scores), the artifact ``strips`` (one image strip
-    per space) and a record of the plan, the strips' columns and the settings. ``out``: the folder the Result is
-    saved in; each scored space is kept there as a cell until the Result is saved, so a rerun after an interruption
-    scores only the missing spaces."""
-    st = settings
+def _plan_kw(st: Settings) -> tuple[Any, dict[str, Any]]:
+    """The spaces and the keywords of :func:`plan_properties` / :func:`run_properties` (settings checked)."""
     _check(st)
     spaces = st.spaces if st.spaces is None or isinstance(st.spaces, str) else list(st.spaces)
     kw: dict[str, Any] = dict(
@@ -736,6 +733,68 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
         concept=st.concept,
         **generation_kwargs(st.steps, None, st.generation),
     )
+    return spaces, kw
+
+
+def plan(model: "Generator", settings: Settings) -> StudyPlan:
+    """What :func:`run` will generate on ``model`` (``--dry-run``); nothing is generated. The base samples with every
+    space captured, the concept's samples (captured too), then one call per space: the density resamples, the
+    perturbations at each radius, the interpolation paths and the concept additions."""
+    spaces, kw = _plan_kw(settings)
+    p = plan_properties(model, spaces, **kw)
+    gen_kw = {k: v for k, v in kw.items() if k not in ("n", "pairs", "steps", "prompts", "seed", "scorer", "concept")}
+    cfg = model.config(**gen_kw)
+    steps, branches = model.num_steps(cfg), len(model.branch_labels(cfg))
+    labels = model.branch_labels(cfg)
+    capture = Capture(layers=p.spaces, steps=p.steps, branches=["cond"] if "cond" in labels else None)
+    n, mb = len(p.seeds), settings.max_batch or model.default_max_batch
+
+    def gens(what: str, calls: int, images: int, captured: int = 0) -> Generations:
+        per_call = images // calls
+        return Generations(what, calls, images, min(mb, per_call), steps, branches, captured)
+
+    rows = [gens("base samples, every space captured", 1, n, capture_bytes(model, capture, n, **gen_kw))]
+    concept = p.concept is not None
+    if concept:
+        pool = p.pool if isinstance(p.concept, tuple) and not p.text else n
+        rows.append(
+            gens(
+                "the concept's samples (its direction per space)",
+                1,
+                pool,
+                capture_bytes(model, capture, pool, **gen_kw),
+            )
+        )
+    per_space = n + len(RADII) * n + len(p.pairs) * (len(INTERIOR) + 1) + (n if concept else 0)
+    rows.append(
+        gens(
+            f"{len(p.spaces)} spaces: resamples, radii, paths" + (", concept" if concept else ""),
+            len(p.spaces),
+            len(p.spaces) * per_space,
+        )
+    )
+    strip = 2 + len(RADII) + len(INTERIOR) + 1 + (1 if concept else 0)  # base, density, radii, path, concept
+    strips = image_bytes(model, len(p.spaces) * strip, **gen_kw)
+    rows[-1] = dataclasses.replace(rows[-1], stored=strips)
+    weights, row = model_bytes(model)
+    notes = (
+        [
+            "a latent generator's concept direction needs 3 pool samples that show the concept; without them the concept rows are skipped"
+        ]
+        if concept and not p.text
+        else []
+    )
+    return StudyPlan(NAME, model.spec, rows, weights, row, notes)
+
+
+def run(model: "Generator", settings: Settings, out: str | Path | None = None, progress: ProgressArg = None) -> Result:
+    """The property scorecard of a loaded model: tables ``properties`` (one row per space x property: score, CI,
+    mark) and ``properties_details`` (the measurements behind the scores), the artifact ``strips`` (one image strip
+    per space) and a record of the plan, the strips' columns and the settings. ``out``: the folder the Result is
+    saved in; each scored space is kept there as a cell until the Result is saved, so a rerun after an interruption
+    scores only the missing spaces."""
+    st = settings
+    spaces, kw = _plan_kw(st)
     plan_properties(model, spaces, **kw)  # every settings error, before the folder or any generation
     with open_workspace(out, NAME, [model.spec], st, keep_cells=False) as ws:
         finished = ws.finished()

@@ -158,6 +158,10 @@ class Generator(ABC):
     def default_size(self) -> tuple[int, int] | None:
         return None
 
+    def modules(self) -> list[nn.Module]:
+        """The model's torch modules (its parameters are the model's weights)."""
+        return [self.taps]
+
     @property
     def has_weights(self) -> bool:
         """False for an architecture without weights (``arch:`` specs, on the meta device): it has a layer map and

@@ -79,6 +79,9 @@ class LatentGenerator(Generator):
     def branch_labels(self, cfg: GenerationConfig) -> tuple[str, ...]:
         return ("none",)
 
+    def modules(self) -> list[nn.Module]:
+        return [self.net]
+
     def module(self, path: str) -> nn.Module:
         return self.net.get_submodule(path) if path else self.net
 

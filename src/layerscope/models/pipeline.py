@@ -53,6 +53,9 @@ class PipelineGenerator(Generator):
     def has_weights(self) -> bool:
         return self.device.type != "meta"
 
+    def modules(self) -> list[nn.Module]:
+        return [c for c in self.pipe.components.values() if isinstance(c, nn.Module)]
+
     @contextmanager
     def trace_context(self) -> Iterator[None]:
         """On the meta device, make the pipeline traceable: the scheduler keeps its timesteps and sigmas on the CPU
@@ -72,7 +75,7 @@ class PipelineGenerator(Generator):
             kwargs["device"] = "cpu"
             return original(*args, **kwargs)
 
-        comps = [c for c in self.pipe.components.values() if isinstance(c, nn.Module)]
+        comps = self.modules()
         sched.set_timesteps = on_cpu
         try:
             with meta_inputs(comps, {c: ("attention_mask",) for c in comps if c is not self.denoiser}):
