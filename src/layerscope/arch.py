@@ -477,7 +477,7 @@ def build(name: str, dtype: torch.dtype | None = None) -> Any:
     if dtype is not None:
         for comp in pipe.components.values():
             if isinstance(comp, torch.nn.Module):
-                comp.to(dtype=dtype)
+                torch.nn.Module.to(comp, dtype=dtype)
     for comp in pipe.components.values():
         if isinstance(comp, torch.nn.Module):
             comp.eval().requires_grad_(False)

@@ -174,12 +174,8 @@ def _load_hf(target: str, spec: str, kw: dict[str, Any]) -> Any:
     if not local and (target.startswith((".", "/", "~")) or target.count("/") != 1):
         raise SpecError(f"no local folder {target!r}; give an existing diffusers pipeline folder or a hub repo id")
     offline = local or os.environ.get("HF_HUB_OFFLINE") == "1"
-    kw = dict(kw)
-    if "torch_dtype" in kw:  # diffusers' older name for dtype
-        if "dtype" in kw:
-            raise SpecError("give dtype= or torch_dtype= (the same setting), not both")
-        kw["dtype"] = kw.pop("torch_dtype")
-    kw.setdefault("dtype", torch.float32)
+    dtype, kw = _dtype_option(kw, spec)  # torch_dtype=: diffusers' older name for dtype
+    kw["dtype"] = dtype or torch.float32
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if local else target, local_files_only=offline, **kw)
     except (OSError, ValueError, EnvironmentError) as exc:
@@ -236,7 +232,13 @@ def _load_tiny(target: str, spec: str, kw: dict[str, Any]) -> Any:
 
     if target not in FAMILIES:
         raise SpecError(f"unknown tiny family {target!r}; valid: {', '.join('tiny:' + f for f in FAMILIES)}")
-    return Source(build_tiny_pipeline(target, **kw), size=(DEFAULT_SIZE[target], DEFAULT_SIZE[target]))
+    dtype, rest = _dtype_option(kw, spec)
+    pipe = build_tiny_pipeline(target, **rest)
+    if dtype is not None:  # as diffusers users run pipelines: every component in half precision
+        for comp in pipe.components.values():
+            if isinstance(comp, nn.Module):
+                nn.Module.to(comp, dtype=dtype)  # diffusers' own .to warns about keep-in-fp32 lists these lack
+    return Source(pipe, size=(DEFAULT_SIZE[target], DEFAULT_SIZE[target]))
 
 
 def _load_zoo(target: str, spec: str, kw: dict[str, Any]) -> Any:
@@ -246,8 +248,9 @@ def _load_zoo(target: str, spec: str, kw: dict[str, Any]) -> Any:
     return Source(found["model"], defaults=found["defaults"], card=found["card"], oracle=found["oracle"])
 
 
-def _dtype_option(kw: dict[str, Any]) -> Any:
-    """``dtype=`` (or diffusers' ``torch_dtype=``) as a torch dtype: a dtype or its name (``"bfloat16"``)."""
+def _dtype_option(kw: dict[str, Any], spec: str) -> tuple[Any, dict[str, Any]]:
+    """``dtype=`` (or diffusers' ``torch_dtype=``) as a torch dtype (a dtype or its name, ``"bfloat16"``; None when
+    not given), and the other keyword arguments."""
     import torch
 
     kw = dict(kw)
@@ -256,21 +259,23 @@ def _dtype_option(kw: dict[str, Any]) -> Any:
             raise SpecError("give dtype= or torch_dtype= (the same setting), not both")
         kw["dtype"] = kw.pop("torch_dtype")
     dtype = kw.pop("dtype", None)
-    if kw:
-        raise SpecError(f"unknown option(s) {', '.join(sorted(kw))}; arch: specs take dtype= only")
     if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    found = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(found, torch.dtype):
-        raise SpecError(f"unknown dtype {dtype!r}; give e.g. torch.float16, 'float16', 'bfloat16' or 'float32'")
-    return found
+        found = dtype
+    else:
+        found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if dtype is not None and not (isinstance(found, torch.dtype) and found.is_floating_point):
+        raise SpecError(f"unknown dtype {dtype!r} for {spec}; give e.g. torch.float16, 'float16', 'bfloat16'")
+    return found, kw
 
 
 def _load_arch(target: str, spec: str, kw: dict[str, Any]) -> Any:
     from . import arch
 
     entry = arch.get(target)
-    pipe = arch.build(target, _dtype_option(kw))
+    dtype, rest = _dtype_option(kw, spec)
+    if rest:
+        raise SpecError(f"unknown option(s) {', '.join(sorted(rest))} for {spec}; arch: specs take dtype= only")
+    pipe = arch.build(target, dtype)
     card = {"name": spec, "title": entry.title, "weights": "none (meta device: shapes only)"}
     return Source(pipe, defaults=entry.defaults, card=card)
 

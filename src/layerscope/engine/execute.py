@@ -150,13 +150,13 @@ def execute(
         )
     if capture is not None:
         assert cap_plan is not None
-        total = estimate_bytes(cap_plan, capture.dtype)
+        total = estimate_bytes(cap_plan, capture.torch_dtype)
         if capture.store is None and total > capture.budget_bytes:
             raise BudgetError(
                 f"this capture needs about {fmt_bytes(total)}, over the budget of {fmt_bytes(capture.budget_bytes)}; "
                 "stream it to disk with store='acts.zarr', capture pooled=True, or select fewer layers or steps"
             )
-        per_batch = estimate_bytes(cap_plan, capture.dtype, min(n, max_batch))
+        per_batch = estimate_bytes(cap_plan, capture.torch_dtype, min(n, max_batch))
         if capture.store is not None and per_batch > capture.budget_bytes:
             raise BudgetError(
                 f"one batch of {min(n, max_batch)} samples holds about {fmt_bytes(per_batch)} of captures before it is "
@@ -174,7 +174,7 @@ def execute(
             ActivationStore.check_target(path)  # before a lock file goes into someone's folder
             held.enter_context(lock(path, "activation store"))
             attrs = _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment)
-            store = ActivationStore.create_or_resume(path, attrs, specs, max_batch, capture.dtype)
+            store = ActivationStore.create_or_resume(path, attrs, specs, max_batch, capture.torch_dtype)
             todo = store.pending()
         result_cap = CaptureResult() if capture is not None and store is None else None
         images, timesteps = _run_chunks(
@@ -345,7 +345,7 @@ def _store_attrs(
             else {}
         ),
         "update": capture.update,
-        "dtype": str(capture.dtype),
+        "dtype": str(capture.torch_dtype),
         "interventions": [iv.describe() for iv in interventions],
         **(experiment or {}),
     }

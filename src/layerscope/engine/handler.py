@@ -194,7 +194,7 @@ class SiteHandler:
             data = self._take(x if spec.what == "output" else x - cast("Callable[[], torch.Tensor]", get_in)())
             buf = self.buffers.get(spec.what)
             if buf is None:  # one preallocated (sample, step, branch, *feature) buffer: a single copy per capture
-                buf = torch.empty((data.shape[0], len(spec.steps)) + tuple(data.shape[1:]), dtype=self.cap.dtype)
+                buf = torch.empty((data.shape[0], len(spec.steps)) + tuple(data.shape[1:]), dtype=self.cap.torch_dtype)
                 self.buffers[spec.what] = buf
             k = self.filled.get(spec.what, 0)
             if k >= len(spec.steps):

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import ConfigError
 from .steps import StepSel
 
 OPS = ("replace", "add", "blend", "zero")
@@ -60,7 +61,8 @@ class Capture:
     labels to keep (None = all); ``pooled``: mean over spatial positions / tokens, except for the layers matching
     ``unpooled`` (names or globs kept whole in the same run, e.g. ``x_t`` next to pooled layers); ``update``: also record
     output - input of the module; ``store``: zarr folder to stream to (None = memory); ``budget_bytes``: refuse
-    (memory) or refuse per batch (store) above this size; ``dtype``: storage dtype.
+    (memory) or refuse per batch (store) above this size; ``dtype``: storage dtype (a torch floating dtype, its name,
+    or ``"model"``: the model's own dtype, e.g. bfloat16 for a bfloat16 pipeline; zarr stores hold float16/32/64).
     """
 
     layers: str | Sequence[str] = "*"
@@ -71,7 +73,35 @@ class Capture:
     update: bool = False
     store: str | Path | None = None
     budget_bytes: int = 4 * 2**30
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | str = torch.float32
+
+    def resolved(self, model_dtype: torch.dtype) -> "Capture":
+        """This capture with ``dtype`` a torch floating dtype (``"model"`` -> ``model_dtype``), checked."""
+        import dataclasses
+
+        d = self.dtype
+        if d == "model":
+            d = model_dtype
+        elif isinstance(d, str):
+            found = getattr(torch, d.removeprefix("torch."), None)
+            if not isinstance(found, torch.dtype):
+                raise ConfigError(f"unknown capture dtype {d!r}; give float32, float16, bfloat16, float64 or 'model'")
+            d = found
+        if not isinstance(d, torch.dtype) or not d.is_floating_point:
+            raise ConfigError(f"a capture's dtype must be a floating dtype or 'model', got {self.dtype!r}")
+        if self.store is not None and d == torch.bfloat16:
+            raise ConfigError(
+                "zarr stores cannot hold bfloat16 (numpy has no such dtype): stream with dtype=torch.float16 or "
+                "torch.float32, or keep a bfloat16 capture in memory"
+            )
+        return self if d is self.dtype else dataclasses.replace(self, dtype=d)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The storage dtype of a resolved capture (:meth:`resolved`; the engine receives resolved captures)."""
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        return self.resolved(torch.float32).torch_dtype if self.dtype != "model" else _unresolved()
 
     def pools(self, layer: str) -> bool:
         """Whether ``layer`` is captured pooled in this capture."""
@@ -141,3 +171,7 @@ def blend(layer: str, source: Source, alpha: float = 0.5, **kw: Any) -> Interven
 def zero(layer: str, **kw: Any) -> Intervention:
     """Set the activation at ``layer`` to zero (ablation)."""
     return Intervention(layer, "zero", None, **kw)
+
+
+def _unresolved() -> torch.dtype:
+    raise ConfigError("a capture with dtype='model' must be resolved against its model first (Capture.resolved)")

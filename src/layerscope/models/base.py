@@ -163,6 +163,14 @@ class Generator(ABC):
         return [self.taps]
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters (float32 for a model without any)."""
+        for m in self.modules():
+            for p in m.parameters():
+                return p.dtype
+        return torch.float32
+
+    @property
     def has_weights(self) -> bool:
         """False for an architecture without weights (``arch:`` specs, on the meta device): it has a layer map and
         byte estimates, but cannot generate."""
@@ -228,8 +236,9 @@ class Generator(ABC):
         """Bytes a capture of ``n_samples`` samples will occupy with these generation settings (no generation)."""
         cfg = self.config(**gen_kwargs)
         lmap = self.layer_map(cfg.height, cfg.width)
+        capture = capture.resolved(self.dtype)
         plan = plan_capture(capture, lmap, n_samples, self.num_steps(cfg), self.branch_labels(cfg))
-        return estimate_bytes(plan, capture.dtype)
+        return estimate_bytes(plan, capture.torch_dtype)
 
     @contextmanager
     def capture(self, layers: str | Sequence[str] = "*", **kw: Any) -> Iterator[CaptureHandle]:
@@ -314,6 +323,7 @@ class Generator(ABC):
         if capture is not None and handle is not None:
             raise ConfigError("pass capture= or use a `with model.capture(...)` block, not both")
         cap = capture if capture is not None else (handle.spec if handle is not None else None)
+        cap = cap.resolved(self.dtype) if cap is not None else None
         ivs = list(self._pending_ivs) + list(interventions)
         with progress_callback(progress, f"generating {len(prompts)} samples") as report:
             result = execute(self, prompts, list(seeds), cfg, cap, ivs, max_batch, report)
