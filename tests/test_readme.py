@@ -24,3 +24,13 @@ def test_store_docs_python_blocks_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block.replace("/tmp/ls-xarray-demo", str(tmp_path / "demo")), "docs/store.md", "exec"), namespace)
     assert namespace["ds"]["mid_block"].shape[0] == 2
+
+
+def test_arch_docs_python_blocks_run():
+    doc = README.parent / "docs" / "arch.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert blocks
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/arch.md", "exec"), namespace)
+    assert namespace["sdxl"].layers("mid_block")[0].shape == (1280, 32, 32)

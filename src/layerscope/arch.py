@@ -389,7 +389,7 @@ def _kl_vae(cfg: dict[str, Any]) -> Any:
     )
 
 
-def _build(arch: Arch) -> Any:
+def _build(arch: Arch, device: str = "meta") -> Any:
     import diffusers
 
     from .standins import clip_tokenizer, standin_dir, t5_tokenizer
@@ -398,7 +398,7 @@ def _build(arch: Arch) -> Any:
     cache = standin_dir()
     cls = getattr(diffusers, arch.pipeline)
     sched = _scheduler(c["scheduler"])  # on the CPU: a scheduler's tables are small, and it needs their values
-    with torch.device("meta"):
+    with torch.device(device):
         if arch.pipeline == "StableDiffusionPipeline":
             return cls(
                 vae=_kl_vae(c["vae"]),
@@ -470,10 +470,13 @@ def get(name: str) -> Arch:
     return ARCHS[name]
 
 
-def build(name: str, dtype: torch.dtype | None = None) -> Any:
+def build(name: str, dtype: torch.dtype | None = None, device: str = "meta", seed: int = 0) -> Any:
     """The pipeline of ``arch:<name>`` with every parameter on the meta device (``dtype``: the parameters' dtype,
-    float32 by default, as the byte estimates will assume)."""
-    pipe = _build(get(name))
+    float32 by default, as the byte estimates will assume). ``device="cpu"`` builds it for real with random weights
+    (seeded), for timing the engine at full size (``benchmarks/bench_realsize.py``); it cannot draw images."""
+    if device != "meta":
+        torch.manual_seed(seed)
+    pipe = _build(get(name), device)
     if dtype is not None:
         for comp in pipe.components.values():
             if isinstance(comp, torch.nn.Module):
