@@ -101,7 +101,11 @@ class Capture:
         """The storage dtype of a resolved capture (:meth:`resolved`; the engine receives resolved captures)."""
         if isinstance(self.dtype, torch.dtype):
             return self.dtype
-        return self.resolved(torch.float32).torch_dtype if self.dtype != "model" else _unresolved()
+        if self.dtype == "model":
+            raise ConfigError(
+                "a capture with dtype='model' must be resolved against its model first (Capture.resolved)"
+            )
+        return self.resolved(torch.float32).torch_dtype  # a dtype's name
 
     def pools(self, layer: str) -> bool:
         """Whether ``layer`` is captured pooled in this capture."""
@@ -171,7 +175,3 @@ def blend(layer: str, source: Source, alpha: float = 0.5, **kw: Any) -> Interven
 def zero(layer: str, **kw: Any) -> Intervention:
     """Set the activation at ``layer`` to zero (ablation)."""
     return Intervention(layer, "zero", None, **kw)
-
-
-def _unresolved() -> torch.dtype:
-    raise ConfigError("a capture with dtype='model' must be resolved against its model first (Capture.resolved)")
