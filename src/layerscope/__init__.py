@@ -24,6 +24,7 @@ from .engine import (
     blend,
     injection_sweep,
     replace,
+    reweight,
     window,
     zero,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "register_adapter",
     "register_scheme",
     "replace",
+    "reweight",
     "window",
     "zero",
 ]

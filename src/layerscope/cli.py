@@ -53,6 +53,9 @@ def layers(
     model: str = typer.Argument(..., help="model spec: tiny:sd, hf:/path/to/pipeline, torch:pkg.module:factory"),
     pattern: Optional[list[str]] = typer.Option(None, "--select", "-s", help="glob(s), e.g. 'up_blocks.*.resnets.*'"),
     spaces: bool = typer.Option(True, "--spaces/--no-spaces", help="also list the candidate spaces"),
+    detail: bool = typer.Option(
+        False, "--detail", help="also list the sites below the blocks: attention modules, Q/K/V, heads, maps, ff"
+    ),
     height: Optional[int] = typer.Option(None, help="image height for the shapes (default: the model's)"),
     width: Optional[int] = typer.Option(None, help="image width for the shapes (default: the model's)"),
 ) -> None:
@@ -62,13 +65,17 @@ def layers(
     try:
         gen = load(model)
         lmap = gen.layer_map(height, width)
-        entries = lmap.select(pattern) if pattern else list(lmap.layers) + (list(lmap.spaces) if spaces else [])
+        if pattern:
+            entries = lmap.select(pattern, detail=detail)
+        else:
+            entries = [e for e in lmap.all() if (detail or not e.detail) and (spaces or not e.is_space)]
     except LayerscopeError as exc:
         _fail(exc)
         return
     cfg = gen.config(height=height, width=width)
     size = f"{cfg.height}x{cfg.width}" if cfg.height else "n/a"
-    table = Table(title=f"{model} ({gen.family}, {size}) - {len(lmap.layers)} layers, {len(lmap.spaces)} spaces")
+    below = f", {len(lmap.detail)} sites below the blocks" + ("" if detail else " (--detail)")
+    table = Table(title=f"{model} ({gen.family}, {size}) - {len(lmap.layers)} layers, {len(lmap.spaces)} spaces{below}")
     table.add_column("name", overflow="fold", min_width=max(len(e.name) for e in entries))
     for col in ("kind", "stage", "shape per step", "dims", "steps"):
         table.add_column(col, overflow="fold")

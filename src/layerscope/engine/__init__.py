@@ -10,7 +10,7 @@ from .backend import Backend
 from .execute import GenerationResult, execute, trace_shapes
 from .hooks import meta_inputs
 from .plan import estimate_bytes, fmt_bytes, plan_capture
-from .spec import Capture, Intervention, PerTarget, Row, Stored, add, blend, replace, zero
+from .spec import Capture, Intervention, PerTarget, Row, Stored, add, blend, replace, reweight, zero
 from .steps import WINDOWS, StepSel, resolve_steps, window
 from .store import ActivationStore, CaptureResult, StoreIntegrityError
 from .sweep import SweepResult, injection_sweep, layer_sets
@@ -41,6 +41,7 @@ __all__ = [
     "plan_capture",
     "progress_callback",
     "replace",
+    "reweight",
     "resolve_steps",
     "trace_shapes",
     "window",

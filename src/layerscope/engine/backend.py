@@ -67,6 +67,16 @@ class Backend(Protocol):
         batch layout order."""
         ...
 
+    def text_tokens(self, texts: Sequence[Any]) -> list[list[str]] | None:
+        """The token strings at each position of the text the denoiser attends to (padding included), one list per
+        text; None for a model not conditioned on text (attention maps are then stored without token labels)."""
+        ...
+
+    def word_positions(self, word: str, texts: Sequence[Any]) -> list[list[int]]:
+        """For each text, the positions (in the denoiser's text sequence) of every token of each occurrence of
+        ``word``; empty where the word does not occur."""
+        ...
+
     def trace_inputs(self) -> list[Any]:
         """One input for the trace generation that measures every site's shape."""
         ...

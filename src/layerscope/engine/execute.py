@@ -52,9 +52,10 @@ def trace_shapes(gen: Backend, lmap: LayerMap, cfg: GenerationConfig) -> LayerMa
     PNDM with Runge-Kutta warm-up steps, runs the configuration's own steps) and fill in every entry's per-sample
     shape."""
     inputs = gen.trace_inputs()
+    every = lmap.all()
     for steps in dict.fromkeys((2, max(2, cfg.num_inference_steps))):
         run = RunState(1, ["cond"])
-        recorders = {e.name: ShapeRecorder(e) for e in lmap}
+        recorders = {e.name: ShapeRecorder(e) for e in every}
         trace_cfg = GenerationConfig(
             num_inference_steps=steps,
             guidance_scale=1.0,
@@ -65,24 +66,85 @@ def trace_shapes(gen: Backend, lmap: LayerMap, cfg: GenerationConfig) -> LayerMa
         )
         set_indices(gen, recorders, inputs, trace_cfg, ["cond"])
         try:
-            with torch.no_grad(), installed_hooks(gen, run, recorders, count_steps=False):
+            with torch.no_grad(), installed_hooks(gen, run, recorders, count_steps=False, trace=True):
                 gen.run_batch(inputs, [0], trace_cfg)
             break
         except ValueError:  # the scheduler's own error for too few steps; the last try raises it
             if steps == max(2, cfg.num_inference_steps):
                 raise
-    missing = [n for n, r in recorders.items() if r.shape is None]
+    missing = [e.name for e in lmap if recorders[e.name].shape is None]
     if missing:
         raise ConfigError(
             f"layers never ran during a trace generation: {', '.join(missing[:6])}; the adapter's layer map does not "
             "fit this model"
         )
-    entries = []
-    for e in lmap:
+    entries = [e.with_shape(*_traced(recorders[e.name])) for e in lmap]
+    detail, unavailable = [], dict(lmap.unavailable)
+    for e in lmap.detail:
         r = recorders[e.name]
-        assert r.shape is not None  # every recorder saw its site (checked above)
-        entries.append(e.with_shape(r.shape, r.in_shape))
-    return LayerMap(entries, model=lmap.model)
+        if r.shape is not None:
+            detail.append(e.with_shape(*_traced(r)))
+        elif e.site.hook == "attention":
+            proc = type(getattr(gen.module(e.site.module), "processor", None)).__name__
+            unavailable[e.name] = (
+                f"the attention module's processor ({proc}) does not call torch.nn.functional."
+                "scaled_dot_product_attention, so its probabilities are never formed; give the module a processor "
+                "that does (diffusers' AttnProcessor2_0) to capture or edit its map"
+            )
+        else:
+            unavailable[e.name] = "this site never ran during a trace generation of the model"
+    return LayerMap(entries, model=lmap.model, detail=detail, unavailable=unavailable)
+
+
+def _traced(r: ShapeRecorder) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    assert r.shape is not None  # the caller checked the recorder saw its site
+    return r.shape, r.in_shape
+
+
+def _branch_texts(prompts: Sequence[Any], cfg: GenerationConfig, branch: str) -> list[Any]:
+    """The text each row of a branch is conditioned on: its prompt, or the negative prompt for ``uncond`` rows."""
+    return [cfg.negative_prompt or ""] * len(prompts) if branch == "uncond" else list(prompts)
+
+
+def _resolve_words(
+    gen: Backend, planned: list[PlannedIntervention], prompts: Sequence[Any], cfg: GenerationConfig
+) -> None:
+    """Key positions of each ``tokens=<word>`` edit in every target row's text, branch by branch (before generating:
+    a target whose text lacks the word is an error naming it)."""
+    for p in planned:
+        if p.word is None:
+            continue
+        labels = gen.branch_labels(cfg) if p.info.branched else ("none",)
+        for b in p.branch_idx:
+            branch = labels[b]
+            texts = _branch_texts([prompts[t] for t in p.targets], cfg, branch)
+            for t, text, pos in zip(p.targets, texts, gen.word_positions(p.word, texts)):
+                if not pos:
+                    shown = gen.text_tokens([text])
+                    while shown and len(shown[0]) > 1 and shown[0][-1] == shown[0][-2]:
+                        shown[0].pop()  # the padding
+                    raise ConfigError(
+                        f"intervention {p.iv.op} at {p.iv.layer}: the word {p.word!r} is not in the "
+                        f"{'negative prompt' if branch == 'uncond' else 'prompt'} {text!r} of sample {t}"
+                        + (f" (its tokens: {', '.join(shown[0][:24])})" if shown else "")
+                    )
+                p.key_pos[(branch, t)] = pos
+
+
+def _label_keys(gen: Backend, plan: CapturePlan, prompts: Sequence[Any], cfg: GenerationConfig) -> None:
+    """Attention maps whose keys open with the text tokens record the token strings, per branch and sample
+    (``attrs["key_tokens"][branch][sample]``; the uncond branch's one negative prompt is listed once)."""
+    specs = [s for (_, name), s in plan.specs.items() if s.attrs.get("kind") == "attention_map"]
+    if not specs:
+        return
+    keyed = {i.name for i in plan.infos if i.keys.startswith("text")}
+    cond = gen.text_tokens(list(prompts)) if keyed else None
+    if cond is None:
+        return
+    neg = gen.text_tokens([cfg.negative_prompt or ""]) or [[]]
+    for spec in specs:
+        if spec.layer in keyed:
+            spec.attrs["key_tokens"] = {b: (neg if b == "uncond" else cond) for b in spec.branches}
 
 
 def checked_images(gen: Backend, imgs: Any, n: int) -> torch.Tensor:
@@ -141,8 +203,11 @@ def execute(
     num_steps = gen.num_steps(cfg)
 
     cap_plan = plan_capture(capture, lmap, n, num_steps, branches) if capture is not None else None
+    if cap_plan is not None:
+        _label_keys(gen, cap_plan, prompts, cfg)
     run_info = RunInfo(gen.spec, cfg.num_inference_steps, num_steps, cfg.height, cfg.width)
     planned = plan_interventions(interventions, lmap, n, num_steps, branches, run_info)
+    _resolve_words(gen, planned, prompts, cfg)
     if any(p.kind == "row" for p in planned) and n > max_batch:
         raise ConfigError(
             f"interventions with Row sources need their rows in one batch, but {n} samples exceed max_batch={max_batch}; "
@@ -238,7 +303,7 @@ def _run_chunks(
         for ids in _chunks(todo, max_batch):
             run = RunState(len(ids), branches)
             handlers: dict[str, SiteHandler] = {}
-            for info in lmap:
+            for info in lmap.all():
                 name = info.name
                 if name not in by_layer and name not in cap_names:
                     continue

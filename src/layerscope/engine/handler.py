@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ConfigError
 from ..layers import LayerInfo
-from .plan import CapturePlan, PlannedIntervention, channel_view, resolve_branches
+from .plan import CapturePlan, PlannedIntervention, channel_view, reduced_dims, resolve_branches
 from .spec import Capture, Row, Stored
 
 
@@ -69,6 +69,7 @@ class SiteHandler:
     ) -> None:
         self.info = info
         self.run = run
+        self.sample_ids = sample_ids
         self.ivs: list[tuple[PlannedIntervention, list[int], int | list[int] | None]] = []
         local = {g: k for k, g in enumerate(sample_ids)}
         for p in ivs:
@@ -139,8 +140,9 @@ class SiteHandler:
         op, alpha = p.iv.op, p.iv.alpha
         for b in p.branch_idx:
             rows = self.run.rows(self.info, tl, [b])
-            if op == "zero":
-                x[rows] = 0
+            cur = x[rows]
+            if op in ("zero", "scale"):
+                x[rows] = self._select(p, tl, b, cur * alpha if op == "scale" else torch.zeros_like(cur), cur)
                 continue
             if p.kind == "row":
                 src = orig[self.run.rows(self.info, [cast(int, src_local)], [b])[0]]
@@ -155,14 +157,31 @@ class SiteHandler:
                 layer = s.layer or self.info.name
                 t = s.capture.lookup(layer, s.what, s.sample, step, p.stored_branch[b])
                 src = channel_view(t, self.info).to(device=x.device, dtype=x.dtype)
-            cur = x[rows]
             if op == "replace":
                 new = src.expand_as(cur)
             elif op == "add":
                 new = cur + alpha * src
             else:  # blend
                 new = (1 - alpha) * cur + alpha * src
-            x[rows] = new.to(x.dtype)
+            x[rows] = self._select(p, tl, b, new.to(x.dtype), cur)
+
+    def _select(
+        self, p: PlannedIntervention, tl: list[int], b: int, new: torch.Tensor, cur: torch.Tensor
+    ) -> torch.Tensor:
+        """``new`` where the intervention's heads / keys are selected, ``cur`` elsewhere (all of ``new`` without)."""
+        mask: torch.Tensor | None = None
+        if p.head_mask is not None:
+            mask = p.head_mask.to(cur.device).unsqueeze(0)
+        if p.keys is not None or p.word is not None:
+            keys = torch.zeros(cur.shape[0], cur.shape[-1], dtype=torch.bool, device=cur.device)
+            branch = self.run.branches[b] if self.info.branched else "none"
+            for r, t in enumerate(tl):
+                keys[r, p.keys if p.keys is not None else p.key_pos[(branch, self.sample_ids[t])]] = True
+            keys = keys.reshape((cur.shape[0],) + (1,) * (cur.ndim - 2) + (cur.shape[-1],))
+            mask = keys if mask is None else mask & keys
+        if mask is None:
+            return new
+        return torch.where(mask, new.expand_as(cur), cur)
 
     def _cached(self, key: tuple[object, ...], t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         k = key + (like.device, like.dtype, id(t))
@@ -181,10 +200,9 @@ class SiteHandler:
         else:
             x = x.unsqueeze(1)
         assert self.cap is not None
-        if self.cap.pools(info.name):
-            dims = [k + 2 for k, d in enumerate(info.dims) if d in ("h", "w", "token")]
-            if dims:
-                x = x.float().mean(dim=dims)
+        dims = [k + 2 for k in reduced_dims(info, self.cap)]
+        if dims:
+            x = x.float().mean(dim=dims)
         return x.detach()
 
     def _capture(self, x: torch.Tensor, get_in: Callable[[], torch.Tensor] | None) -> None:

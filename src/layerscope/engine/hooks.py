@@ -4,11 +4,15 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, cast
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..config import GenerationConfig
 from ..errors import ConfigError
@@ -77,9 +81,15 @@ def _input(site: Site, args: tuple[Any, ...], kwargs: dict[str, Any], saved: dic
 
 @contextmanager
 def installed_hooks(
-    gen: Backend, run: RunState, handlers: Mapping[str, SiteProcessor], count_steps: bool = True
+    gen: Backend,
+    run: RunState,
+    handlers: Mapping[str, SiteProcessor],
+    count_steps: bool = True,
+    trace: bool = False,
 ) -> Iterator[None]:
-    handles = []
+    """Hooks for every handler's site while open (``trace``: a shape trace, where an attention module that forms no
+    probabilities is left for the trace to report instead of failing the run)."""
+    handles: list[Any] = []
     try:
         if count_steps and gen.step_module is not None:
 
@@ -92,7 +102,12 @@ def installed_hooks(
         for handler in handlers.values():
             site = handler.info.site
             mod = gen.module(site.module)
-            if site.hook == "output":
+            if site.hook == "attention":
+                probs = AttentionProbs(handler, mod, strict=not trace)
+                handles.append(mod.register_forward_pre_hook(probs.enter))
+                handles.append(mod.register_forward_hook(probs.exit, always_call=True))
+                handles.append(probs)  # left open by an exception in between: closed below
+            elif site.hook == "output":
                 saved: dict[str, Any] = {}
                 if getattr(handler, "wants_input", False) and site.in_path is not None:
 
@@ -148,6 +163,87 @@ def installed_hooks(
     finally:
         for h in handles:
             h.remove()
+
+
+class AttentionProbs(TorchFunctionMode):
+    """While its module runs, turns the module's call of ``F.scaled_dot_product_attention(q, k, v, ...)`` into
+    probabilities P = softmax(q k^T * scale + mask) (rows, heads, queries, keys, float32) that the site's handler
+    captures or edits. Unedited, the module's own SDPA call runs as before (the output is bitwise unchanged);
+    edited, the output is P' v. The module's processor is never replaced: any processor that calls torch's SDPA
+    exposes its maps, with whatever normalisation or rotary embedding it applied to q and k first."""
+
+    def __init__(self, handler: SiteProcessor, module: torch.nn.Module, strict: bool = True) -> None:
+        super().__init__()
+        self.handler = handler
+        self.module = module
+        self.strict = strict
+        self.open = False
+        self.calls = 0
+
+    def enter(self, _mod: Any, _args: Any) -> None:
+        self.calls = 0
+        self.__enter__()  # type: ignore[no-untyped-call]
+        self.open = True
+
+    def exit(self, _mod: Any, _args: Any, _out: Any) -> None:
+        self.remove()
+        if (
+            self.strict and self.calls == 0 and sys.exc_info()[0] is None
+        ):  # (not while the module's own error propagates)
+            name = self.handler.info.name
+            proc = type(getattr(self.module, "processor", self.module)).__name__
+            raise ConfigError(
+                f"{name}: the attention module ran without calling torch.nn.functional.scaled_dot_product_attention "
+                f"(its processor {proc} computes attention its own way), so its probabilities are never formed; "
+                "give the module a processor that calls torch's SDPA (diffusers' AttnProcessor2_0 for Attention)"
+            )
+
+    def remove(self) -> None:
+        if self.open:
+            self.open = False
+            self.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.calls += 1
+        q, k, v, mask, dropout, causal, scale, gqa = _sdpa_args(args, kwargs)
+        name = self.handler.info.name
+        if q.ndim != 4 or k.ndim != 4 or dropout or causal or gqa:
+            raise ConfigError(
+                f"{name}: attention maps need 4-d (batch, heads, tokens, dim) queries and keys without dropout, causal "
+                "masking or grouped heads"
+            )
+        p = attention_probs(q, k, mask, scale)
+        new = process_site(self.handler, p, None)
+        if new is p:
+            return func(*args, **kwargs)
+        return torch.matmul(new.to(v.dtype), v)
+
+
+def _sdpa_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None}
+    got = {**defaults, "enable_gqa": False, **dict(zip(names, args)), **kwargs}
+    return tuple(got[n] for n in names)
+
+
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) in float32, as torch's scaled-dot-product attention forms it (scale defaults
+    to 1/sqrt(head dim); a boolean mask keeps the keys where it is True)."""
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * s
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    return scores.softmax(dim=-1)
 
 
 def _to_meta(value: Any) -> Any:

@@ -31,6 +31,10 @@ class PlannedIntervention:
     kind: str  # row | stored | tensor | per_target | none
     tensor: torch.Tensor | None = None
     stored_branch: dict[int, str | None] = field(default_factory=dict)
+    head_mask: torch.Tensor | None = None  # bool, broadcastable to the per-sample shape: the heads= selection
+    keys: list[int] | None = None  # tokens= given as key indices
+    word: str | None = None  # tokens= given as a word: positions per (branch label, sample) in key_pos
+    key_pos: dict[tuple[str, int], list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -51,16 +55,27 @@ class CapturePlan:
     specs: dict[tuple[str, str], ArraySpec]
 
 
-def _feature_shape(info: LayerInfo, pooled: bool) -> tuple[int, ...]:
-    if not pooled:
-        return info.shape
-    return tuple(s for s, d in zip(info.shape, info.dims) if d not in ("h", "w", "token"))
+#: dims a pooled capture averages over (positions of a map, tokens of a sequence, queries of an attention map)
+POOLED_DIMS = ("h", "w", "token", "query")
 
 
-def _feature_dims(info: LayerInfo, pooled: bool) -> tuple[str, ...]:
-    if not pooled:
-        return info.dims
-    return tuple(d for d in info.dims if d not in ("h", "w", "token"))
+def reduced_dims(info: LayerInfo, cap: Capture) -> list[int]:
+    """Per-sample dims (indices into ``info.dims``) a capture averages over: pooled positions, and the heads of an
+    attention map captured with ``heads="mean"``."""
+    pooled = cap.pools(info.name)
+    return [
+        k for k, d in enumerate(info.dims) if (pooled and d in POOLED_DIMS) or (d == "head" and cap.heads == "mean")
+    ]
+
+
+def _feature_shape(info: LayerInfo, cap: Capture) -> tuple[int, ...]:
+    drop = reduced_dims(info, cap)
+    return tuple(s for k, s in enumerate(info.shape) if k not in drop)
+
+
+def _feature_dims(info: LayerInfo, cap: Capture) -> tuple[str, ...]:
+    drop = reduced_dims(info, cap)
+    return tuple(d for k, d in enumerate(info.dims) if k not in drop)
 
 
 def _branch_labels(info: LayerInfo, branches: Sequence[str]) -> list[str]:
@@ -82,6 +97,8 @@ def resolve_branches(info: LayerInfo, wanted: Sequence[str] | None, branches: Se
 
 def plan_capture(cap: Capture, lmap: LayerMap, n: int, num_steps: int, branches: Sequence[str]) -> CapturePlan:
     infos = lmap.select(cap.layers)
+    if cap.heads not in ("all", "mean"):
+        raise ConfigError(f"a capture's heads must be 'all' or 'mean', got {cap.heads!r}")
     steps = resolve_steps(cap.steps, num_steps) if num_steps else ()
     if cap.update:
         bad = [i.name for i in infos if i.in_shape != i.shape]
@@ -95,13 +112,13 @@ def plan_capture(cap: Capture, lmap: LayerMap, n: int, num_steps: int, branches:
         bidx = resolve_branches(info, cap.branches, branches, f"capture of {info.name}")
         labels = _branch_labels(info, branches)
         st: list[int | None] = list(steps) if info.per_step else [None]
-        feat = _feature_shape(info, cap.pools(info.name))
+        feat = _feature_shape(info, cap)
         for what in ("output", "update") if cap.update else ("output",):
             specs[(what, info.name)] = ArraySpec(
                 layer=info.name,
                 what=what,
                 shape=(n, len(st), len(bidx)) + feat,
-                dims=("sample", "step", "branch") + _feature_dims(info, cap.pools(info.name)),
+                dims=("sample", "step", "branch") + _feature_dims(info, cap),
                 steps=st,
                 branches=[labels[b] for b in bidx],
                 attrs={"kind": info.kind, "stage": info.stage, "pooled": cap.pools(info.name)},
@@ -152,9 +169,10 @@ def plan_interventions(
         if iv.op in ("blend",) and not 0.0 <= iv.alpha <= 1.0:
             raise ConfigError(f"{what}: blend alpha must be in [0, 1], got {iv.alpha}")
         p = PlannedIntervention(iv, info, steps, bidx, targets, "none")
-        if iv.op == "zero":
+        _plan_selection(p, info, what)
+        if iv.op in ("zero", "scale"):
             if src is not None:
-                raise ConfigError(f"{what}: zero takes no source")
+                raise ConfigError(f"{what}: {iv.op} takes no source")
         elif src is None:
             raise ConfigError(f"{what}: needs a source (Row, Stored or a tensor)")
         elif isinstance(src, Row):
@@ -189,6 +207,52 @@ def plan_interventions(
             )
         planned.append(p)
     return planned
+
+
+def _plan_selection(p: PlannedIntervention, info: LayerInfo, what: str) -> None:
+    """Check and prepare an intervention's ``heads`` and ``tokens`` (which heads, which keys of a map)."""
+    iv = p.iv
+    if iv.heads is not None:
+        heads = [int(h) for h in iv.heads]
+        if not info.heads:
+            raise ConfigError(f"{what}: heads= selects attention heads, but {info.name} ({info.kind}) has none")
+        bad = [h for h in heads if not 0 <= h < info.heads]
+        if bad or not heads:
+            raise ConfigError(
+                f"{what}: head {bad[0] if bad else '(none given)'} is out of range: {info.name} has {info.heads} "
+                f"heads (0..{info.heads - 1})"
+            )
+        shape = [1] * len(info.shape)
+        if "head" in info.dims:
+            k = info.dims.index("head")
+            shape[k] = info.heads
+            mask = torch.zeros(info.heads, dtype=torch.bool)
+            mask[heads] = True
+        else:  # channels are heads x head_dim, head-major (as diffusers splits them)
+            k = info.dims.index("channel")
+            shape[k] = info.shape[k]
+            mask = torch.zeros(info.heads, info.shape[k] // info.heads, dtype=torch.bool)
+            mask[heads] = True
+        p.head_mask = mask.reshape(shape)
+    if iv.tokens is None:
+        return
+    if info.kind != "attention_map":
+        raise ConfigError(f"{what}: tokens= selects keys of an attention map; {info.name} is a {info.kind} site")
+    n_keys = info.shape[-1]
+    if isinstance(iv.tokens, str):
+        if not info.keys.startswith("text"):
+            raise ConfigError(
+                f"{what}: the keys of {info.name} are {info.keys or 'not text'} tokens"
+                + (", the text ones last: give key indices (tokens=[...])" if "text" in info.keys else "")
+                + "; a word selects keys of a map whose keys open with the prompt's tokens (cross-attention)"
+            )
+        p.word = iv.tokens
+        return
+    keys = [int(t) for t in iv.tokens]
+    bad = [t for t in keys if not 0 <= t < n_keys]
+    if bad or not keys:
+        raise ConfigError(f"{what}: key index {bad[0] if bad else '(none given)'} is outside 0..{n_keys - 1}")
+    p.keys = keys
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:

@@ -12,7 +12,7 @@ import torch
 from ..errors import ConfigError
 from .steps import StepSel
 
-OPS = ("replace", "add", "blend", "zero")
+OPS = ("replace", "add", "blend", "zero", "scale")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,10 @@ class Capture:
     ``unpooled`` (names or globs kept whole in the same run, e.g. ``x_t`` next to pooled layers); ``update``: also record
     output - input of the module; ``store``: zarr folder to stream to (None = memory); ``budget_bytes``: refuse
     (memory) or refuse per batch (store) above this size; ``dtype``: storage dtype (a torch floating dtype, its name,
-    or ``"model"``: the model's own dtype, e.g. bfloat16 for a bfloat16 pipeline; zarr stores hold float16/32/64).
+    or ``"model"``: the model's own dtype, e.g. bfloat16 for a bfloat16 pipeline; zarr stores hold float16/32/64);
+    ``heads``: ``"all"`` keeps every head of an attention map (dims head x query x key), ``"mean"`` keeps the mean
+    over heads (query x key). A pooled attention map is averaged over its queries (head x key: how much attention
+    each key receives).
     """
 
     layers: str | Sequence[str] = "*"
@@ -74,6 +77,7 @@ class Capture:
     store: str | Path | None = None
     budget_bytes: int = 4 * 2**30
     dtype: torch.dtype | str = torch.float32
+    heads: Literal["all", "mean"] = "all"
 
     def resolved(self, model_dtype: torch.dtype) -> "Capture":
         """This capture with ``dtype`` a torch floating dtype (``"model"`` -> ``model_dtype``), checked."""
@@ -123,15 +127,23 @@ class Intervention:
     :class:`Row` of the same batch, a :class:`Stored` capture, a tensor (per-sample shape, or a channel vector
     broadcast over positions for add/blend), or :class:`PerTarget` tensors (one per target). ``targets`` are sample
     indices (None = every sample but the source row).
+
+    At attention sites: ``heads`` (head indices) limits the change to those heads (the head's channels of Q, K, V
+    and per-head outputs, the head's slice of a map); ``tokens`` limits a map edit to some keys: a word of the
+    prompt (every position of its tokens in each target's prompt; an error names a prompt without it) or key
+    indices. ``scale`` multiplies the activation by ``alpha`` (with ``tokens``: prompt-to-prompt's reweighting of
+    one word's attention).
     """
 
     layer: str
-    op: Literal["replace", "add", "blend", "zero"] = "replace"
+    op: Literal["replace", "add", "blend", "zero", "scale"] = "replace"
     source: Source = None
     targets: Sequence[int] | None = None
     steps: StepSel = None
     branches: Sequence[str] | None = None
     alpha: float = 1.0
+    heads: Sequence[int] | None = None
+    tokens: str | Sequence[int] | None = None
 
     def describe(self) -> dict[str, Any]:
         src = self.source
@@ -154,6 +166,13 @@ class Intervention:
             "steps": steps,
             "branches": None if self.branches is None else list(self.branches),
             "alpha": self.alpha,
+            # only when used, so records written before the options existed keep their fingerprint
+            **({"heads": [int(h) for h in self.heads]} if self.heads is not None else {}),
+            **(
+                {"tokens": self.tokens if isinstance(self.tokens, str) else [int(t) for t in self.tokens]}
+                if self.tokens is not None
+                else {}
+            ),
         }
 
 
@@ -175,3 +194,11 @@ def blend(layer: str, source: Source, alpha: float = 0.5, **kw: Any) -> Interven
 def zero(layer: str, **kw: Any) -> Intervention:
     """Set the activation at ``layer`` to zero (ablation)."""
     return Intervention(layer, "zero", None, **kw)
+
+
+def reweight(layer: str, token: str | Sequence[int], scale: float, **kw: Any) -> Intervention:
+    """Multiply the attention that every query pays to ``token`` (a word of the prompt, or key indices) by
+    ``scale`` in the attention map at ``layer`` (prompt-to-prompt's reweighting; the rows are not renormalised).
+    Acts on the ``cond`` branch unless ``branches`` is given (the unconditional prompt lacks the word)."""
+    kw.setdefault("branches", ("cond",))
+    return Intervention(layer, "scale", None, alpha=scale, tokens=token, **kw)

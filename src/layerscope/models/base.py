@@ -187,6 +187,14 @@ class Generator(ABC):
         """Per-row token index for sites with ``Site.index`` (rows in batch layout order)."""
         raise ConfigError(f"{type(self).__name__} has no per-row index {key!r}")
 
+    def text_tokens(self, texts: Sequence[Any]) -> list[list[str]] | None:
+        """Token strings per position of the text the denoiser attends to (None: not a text-conditioned model)."""
+        return None
+
+    def word_positions(self, word: str, texts: Sequence[Any]) -> list[list[int]]:
+        """Positions of ``word``'s tokens in each text (adapters of text-conditioned models implement it)."""
+        raise ConfigError(f"{self.spec} is not conditioned on text tokens, so a word cannot select attention keys")
+
     # -- generic --------------------------------------------------------------------------------------------------
     def config(self, **overrides: Any) -> GenerationConfig:
         """The default generation config with ``overrides`` applied (unknown keys go to ``extra``)."""
@@ -224,9 +232,12 @@ class Generator(ABC):
                 self._maps[key] = trace_shapes(self, self.build_map(), cfg)
         return self._maps[key]
 
-    def layers(self, pattern: str | Iterable[str] | None = None, **size: Any) -> list[LayerInfo]:
-        """Layers (no pattern) or every entry matching the glob(s), spaces included."""
-        return self.layer_map(size.get("height"), size.get("width")).select(pattern)
+    def layers(
+        self, pattern: str | Iterable[str] | None = None, *, detail: bool = False, **size: Any
+    ) -> list[LayerInfo]:
+        """Layers (no pattern) or every entry matching the glob(s), spaces included; ``detail=True`` adds the
+        sites below the blocks (attention modules, Q/K/V, heads, attention maps, feed-forwards)."""
+        return self.layer_map(size.get("height"), size.get("width")).select(pattern, detail=detail)
 
     def spaces(self, **size: Any) -> list[LayerInfo]:
         """Candidate spaces that are not layers: noise, text embeddings, VAE latent, h-space, skips."""

@@ -199,6 +199,114 @@ class PipelineGenerator(Generator):
         ids = tok(list(texts), truncation=True, max_length=self.eos_max_length)["input_ids"]
         return [len(row) - 1 for row in ids]
 
+    def text_tokens(self, texts: Sequence[Any]) -> list[list[str]] | None:
+        tok = self._eos_tok()
+        if tok is None or self.conditioning != "text":
+            return None
+        length = min(self.eos_max_length, int(tok.model_max_length))
+        ids = tok(list(self._check_prompts(texts)), padding="max_length", max_length=length, truncation=True)
+        return [list(tok.convert_ids_to_tokens(row)) for row in ids["input_ids"]]
+
+    def word_positions(self, word: str, texts: Sequence[Any]) -> list[list[int]]:
+        tok = self._eos_tok()
+        if tok is None or self.conditioning != "text":
+            return super().word_positions(word, texts)
+        piece = list(tok(word.strip(), add_special_tokens=False)["input_ids"])
+        if not piece:
+            raise ConfigError(f"the word {word!r} has no tokens in this model's tokenizer")
+        length = min(self.eos_max_length, int(tok.model_max_length))
+        rows = tok(list(self._check_prompts(texts)), truncation=True, max_length=length)["input_ids"]
+        out = []
+        for row in rows:
+            row = list(row)
+            hits = [i for i in range(len(row) - len(piece) + 1) if row[i : i + len(piece)] == piece]
+            out.append([i + j for i in hits for j in range(len(piece))])
+        return out
+
+    # -- below the blocks: attention modules, projections, maps, feed-forwards ---------------------------------------
+    def _attention_kind(self, path: str, attn: nn.Module) -> str:
+        """What an attention module's keys are, by its structure: added key projections mean joint attention
+        (text and image tokens together), a cross-attention module attends to the condition, otherwise itself."""
+        if getattr(attn, "add_k_proj", None) is not None:
+            return "joint_attention"
+        return "cross_attention" if getattr(attn, "is_cross_attention", False) else "self_attention"
+
+    def _attention_keys(self, path: str, attn: nn.Module, kind: str) -> str:
+        """The keys of an attention module's map in order (adapters of joint attention say which stream opens)."""
+        cond = "text" if self.conditioning == "text" else "condition"
+        return {"self_attention": "image", "cross_attention": cond}.get(kind, f"{cond}+image")
+
+    def _detail_entries(self, compact: Sequence[LayerInfo]) -> list[LayerInfo]:
+        """The sites below the blocks of the compact map, for every attention module of the denoiser (any module
+        with an attention processor and a query projection): its output (kind by what it attends to), ``to_q`` /
+        ``to_k`` / ``to_v`` (and a joint block's context projections), ``heads`` (per-head outputs before the
+        output projection) and ``map`` (its softmax probabilities); and each feed-forward (``ff``,
+        ``ff_context``, a parallel MLP's ``proj_mlp``)."""
+        parents = sorted((e for e in compact if not e.is_space), key=lambda e: -len(e.name))
+        den, root = self.denoiser, self.denoiser_name
+        taken = {e.name for e in compact}
+        out: list[LayerInfo] = []
+
+        def parent_of(path: str) -> LayerInfo | None:
+            return next((e for e in parents if path == e.name or path.startswith(e.name + ".")), None)
+
+        for path, mod in den.named_modules():
+            leaf = path.rpartition(".")[2]
+            par = parent_of(path)
+            if par is None:
+                continue
+
+            def entry(name: str, kind: str, site: Site, note: str, **kw: Any) -> None:
+                if name not in taken:
+                    taken.add(name)
+                    assert par is not None
+                    out.append(
+                        LayerInfo(name, kind, par.stage, site, depth=par.depth, note=note, parent=par.name, **kw)
+                    )
+
+            if (
+                leaf in ("ff", "ff_context", "proj_mlp")
+                and isinstance(mod, nn.Module)
+                and not hasattr(mod, "processor")
+            ):
+                stream = " (text stream)" if leaf == "ff_context" else ""
+                entry(path, "ff", Site(f"{root}.{path}"), f"feed-forward{stream}", dims=("token", "channel"))
+                continue
+            to_q = getattr(mod, "to_q", None)
+            if not hasattr(mod, "processor") or not isinstance(to_q, nn.Linear):
+                continue
+            heads = int(getattr(mod, "heads"))
+            head_dim = to_q.out_features // heads
+            kind = self._attention_kind(path, mod)
+            keys = self._attention_keys(path, mod, kind)
+            att = {"heads": heads, "head_dim": head_dim, "keys": keys}
+            two_streams = getattr(mod, "add_q_proj", None) is not None  # returns (image, text) outputs
+            out_site = Site(f"{root}.{path}", "output", (0,) if two_streams else ())
+            entry(path, kind, out_site, f"{kind.replace('_', '-')} output ({heads} heads x {head_dim})",
+                  dims=("token", "channel"), **att)  # fmt: skip
+            for proj, k, what in (
+                ("to_q", "q", "queries"),
+                ("to_k", "k", "keys"),
+                ("to_v", "v", "values"),
+                ("add_q_proj", "q", "queries of the text stream"),
+                ("add_k_proj", "k", "keys of the text stream"),
+                ("add_v_proj", "v", "values of the text stream"),
+            ):
+                if isinstance(getattr(mod, proj, None), nn.Linear):
+                    entry(f"{path}.{proj}", k, Site(f"{root}.{path}.{proj}"), f"{what}, {heads} heads x {head_dim}",
+                          dims=("token", "channel"), **att)  # fmt: skip
+            to_out = getattr(mod, "to_out", None)
+            if isinstance(to_out, nn.ModuleList) and len(to_out) and isinstance(to_out[0], nn.Linear):
+                head_site = Site(f"{root}.{path}.to_out.0", "input", (0,))
+                note = f"per-head outputs softmax(QK^T/sqrt d)V before to_out, {heads} heads x {head_dim}"
+            else:
+                head_site = out_site
+                note = f"per-head outputs (the module has no output projection), {heads} heads x {head_dim}"
+            entry(f"{path}.heads", "heads", head_site, note, dims=("token", "channel"), **att)
+            entry(f"{path}.map", "attention_map", Site(f"{root}.{path}", "attention"),
+                  f"attention probabilities, keys: {keys} tokens", dims=("head", "query", "key"), **att)  # fmt: skip
+        return out
+
     def site_index(
         self, key: str, prompts: Sequence[Any], cfg: GenerationConfig, branches: Sequence[str]
     ) -> torch.Tensor:

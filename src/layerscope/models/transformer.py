@@ -122,7 +122,18 @@ class TransformerPipelineGenerator(PipelineGenerator):
                 )
             )
         spaces += self._vae_space()
-        return LayerMap(layers + spaces, model=self.spec)
+        return LayerMap(layers + spaces, model=self.spec, detail=self._detail_entries(layers))
+
+    def _attention_kind(self, path: str, attn: Any) -> str:
+        if path.startswith("single_transformer_blocks."):
+            return "joint_attention"  # Flux's single-stream blocks attend over text and image tokens as one sequence
+        return super()._attention_kind(path, attn)
+
+    def _attention_keys(self, path: str, attn: Any, kind: str) -> str:
+        if kind != "joint_attention":
+            return super()._attention_keys(path, attn, kind)
+        # SD3's joint processor puts the image tokens first; Flux concatenates the text tokens first
+        return "image+text" if self.variant == "sd3" else "text+image"
 
     # -- generation -----------------------------------------------------------------------------------------------
     def default_size(self) -> tuple[int, int]:

@@ -182,7 +182,7 @@ class UNetPipelineGenerator(PipelineGenerator):
             )
         spaces += skips
         spaces += self._vae_space()
-        return LayerMap(layers + spaces, model=self.spec)
+        return LayerMap(layers + spaces, model=self.spec, detail=self._detail_entries(layers))
 
     # -- generation -----------------------------------------------------------------------------------------------
     def default_size(self) -> tuple[int, int]:
