@@ -199,7 +199,7 @@ def test_self_attention_kv_injection_and_map_edits(sd):
     amp = sd.generate(
         prompts, seeds=seeds, interventions=[ls.reweight(f"{att}.attn2.map", "cube", 4.0, targets=[0])], **ONE
     )
-    assert (amp.images[0] - plain[0]).abs().max() > 1e-4 and (amp.images[1] - plain[1]).abs().max() < 1e-5
+    assert (amp.images[0] - plain[0]).abs().max() > 1e-4 and torch.equal(amp.images[1], plain[1])  # rows untouched
     one = sd.generate(
         prompts, seeds=seeds, interventions=[ls.reweight(f"{att}.attn2.map", "cube", 1.0, targets=[0])], **ONE
     )

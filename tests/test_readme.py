@@ -34,3 +34,15 @@ def test_arch_docs_python_blocks_run():
     for block in blocks:
         exec(compile(block, "docs/arch.md", "exec"), namespace)
     assert namespace["sdxl"].layers("mid_block")[0].shape == (1280, 32, 32)
+
+
+def test_attention_docs_python_blocks_run():
+    doc = README.parent / "docs" / "attention.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) == 3
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/attention.md", "exec"), namespace)
+    assert namespace["p"].shape == (2, 4, 2, 256, 77)
+    plain, louder = namespace["plain"], namespace["louder"].images
+    assert (louder[0] - plain[0]).abs().max() > 1e-4 and (louder[1] - plain[1]).abs().max() < 1e-5

@@ -6,8 +6,8 @@ any work (``tests/test_arch.py`` checks every recipe on its own architecture, at
 A recipe resolves on any model whose map has its layers (SD 1.4 and SD 1.5 share one architecture).
 
 >>> import layerscope as ls
->>> ls.recipes.resolve("pnp", ls.load("arch:sd14"))
-['up_blocks.1.resnets.1']
+>>> ls.recipes.resolve("pnp", ls.load("arch:sd14"))[:3]
+['up_blocks.1.resnets.1', 'up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q', 'up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_k']
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Recipe:
         wrong = []
         for name, stage, kind in self.layers:
             if name not in lmap:
-                near = ", ".join(close_matches(name, lmap.names()))
+                near = ", ".join(close_matches(name, [e.name for e in lmap.all()]))
                 raise LayerNameError(
                     f"recipe {self.name!r} names {name!r}, which {lmap.model} does not have (closest: {near}); "
                     f"the recipe is for {self.model}"
@@ -59,10 +59,11 @@ class Recipe:
                     f"has none there; the recipe is for {self.model}"
                 )
             chosen.update(skips)
-        return [e.name for e in lmap if e.name in chosen]
+        return [e.name for e in lmap.all() if e.name in chosen]
 
 
 _R = Recipe
+_PNP_ATTN = ((1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2))
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -145,10 +146,31 @@ RECIPES: dict[str, Recipe] = {
         _R(
             "pnp",
             "arch:sd14",
-            "spatial features of this decoder resnet carry the structure that Plug-and-Play injects (with the "
-            "self-attention of later layers, which are attention sites: issue 17)",
-            "Tumanyan et al. 2023, 'Plug-and-Play Diffusion Features for Text-Driven Image-to-Image Translation'",
-            (("up_blocks.1.resnets.1", "decoder", "resnet"),),
+            "the spatial features of this decoder resnet and the self-attention of decoder layers 4-11 (their queries "
+            "and keys, i.e. their maps) carry the structure that Plug-and-Play injects from a source image",
+            "Tumanyan et al. 2023, 'Plug-and-Play Diffusion Features for Text-Driven Image-to-Image Translation' "
+            "(their code: up_blocks[1].resnets[1]; attn1 of up_blocks[1].attentions[1, 2], up_blocks[2, 3]"
+            ".attentions[0, 1, 2])",
+            (("up_blocks.1.resnets.1", "decoder", "resnet"),)
+            + tuple(
+                (f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.to_{p}", "decoder", p)
+                for b, a in _PNP_ATTN
+                for p in ("q", "k")
+            ),
+        ),
+        _R(
+            "styleid",
+            "arch:sd21",
+            "a style image's self-attention keys and values, injected into decoder layers 7-11, transfer its style "
+            "while the content image's queries keep its layout",
+            "Chung et al. 2024, 'Style Injection in Diffusion: A Training-free Approach for Adapting Large-scale "
+            "Diffusion Models for Style Transfer' (CVPR; their code's default injection_layers 7-11 of the 12 "
+            "decoder layers, SD 2.1-base)",
+            tuple(
+                (f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.to_{p}", "decoder", p)
+                for b, a in ((2, 1), (2, 2), (3, 0), (3, 1), (3, 2))
+                for p in ("k", "v")
+            ),
         ),
     )
 }

@@ -168,8 +168,8 @@ def installed_hooks(
 class AttentionProbs(TorchFunctionMode):
     """While its module runs, turns the module's call of ``F.scaled_dot_product_attention(q, k, v, ...)`` into
     probabilities P = softmax(q k^T * scale + mask) (rows, heads, queries, keys, float32) that the site's handler
-    captures or edits. Unedited, the module's own SDPA call runs as before (the output is bitwise unchanged);
-    edited, the output is P' v. The module's processor is never replaced: any processor that calls torch's SDPA
+    captures or edits. The module's own SDPA call runs as before, so its output is bitwise unchanged in every row
+    the handler left as it was; an edited row's output is P' v. The module's processor is never replaced: any processor that calls torch's SDPA
     exposes its maps, with whatever normalisation or rotary embedding it applied to q and k first."""
 
     def __init__(self, handler: SiteProcessor, module: torch.nn.Module, strict: bool = True) -> None:
@@ -219,9 +219,14 @@ class AttentionProbs(TorchFunctionMode):
             )
         p = attention_probs(q, k, mask, scale)
         new = process_site(self.handler, p, None)
+        out = func(*args, **kwargs)
         if new is p:
-            return func(*args, **kwargs)
-        return torch.matmul(new.to(v.dtype), v)
+            return out
+        rows = (new != p).flatten(1).any(1).nonzero().flatten()  # edited rows get P' v; the others stay bitwise
+        if len(rows):
+            out = out.clone()
+            out[rows] = torch.matmul(new[rows].to(v.dtype), v[rows])
+        return out
 
 
 def _sdpa_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
