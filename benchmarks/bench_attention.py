@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_attention.py [--models tiny:sd,zoo:ldm] [--steps 10] [--repeats 5]
+    python benchmarks/bench_attention.py [--models tiny:sd,zoo:ldm] [--steps 20] [--repeats 7]
 
 Per model (one prompt, CFG on, each model's own size), in one run, medians after one warm-up with the variants'
 order rotated between repeats:
@@ -50,7 +50,7 @@ def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 def bench(spec: str, steps: int, repeats: int) -> list[tuple[str, float, float, int | None]]:
     model = ls.load(spec)
     lmap = model.layer_map()
-    maps = [e for e in lmap.detail if e.kind == "attention_map"]
+    maps = [e for e in lmap.all() if e.kind == "attention_map"]
     cross = [e.name for e in maps if e.keys == "text"]
     self_ = [e.name for e in maps if e.keys == "image"]
     gen = dict(num_inference_steps=steps, guidance_scale=4.0)
@@ -87,8 +87,8 @@ def bench(spec: str, steps: int, repeats: int) -> list[tuple[str, float, float, 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="tiny:sd,zoo:ldm")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     torch.set_num_threads(n_cpus())
     print("layerscope attention-map benchmark")
