@@ -35,7 +35,9 @@ _ABBREV = {"channel": "c", "token": "tok"}
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}")
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(str(exc))}")  # brackets in a message ([ray], [0, 1]) are text
     raise typer.Exit(code=2)
 
 
@@ -270,6 +272,26 @@ def _budget_option() -> Any:
     return typer.Option(None, help="with --dry-run: a memory budget the plan must fit, e.g. 80GiB (exit 1 if not)")
 
 
+def _executor_options() -> dict[str, Any]:
+    return dict(
+        executor=typer.Option("serial", "--executor", help="where the cells run: serial (this process) or ray"),
+        ray_address=typer.Option(
+            None, "--ray-address", help="with --executor ray: auto or ray://host:port (default: start a local Ray)"
+        ),
+        workers=typer.Option(None, "--workers", help="with --executor ray: worker actors (default: one per CPU/GPU)"),
+        gpus_per_worker=typer.Option(0.0, "--gpus-per-worker", help="with --executor ray: GPUs each worker holds"),
+    )
+
+
+_EXEC = _executor_options()
+
+
+def _executor(executor: str, ray_address: Optional[str], workers: Optional[int], gpus_per_worker: float) -> Any:
+    from .experiments.executor import make_executor
+
+    return make_executor(executor, address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
+
+
 def _recipe_option(what: str) -> Any:
     return typer.Option(None, "--recipe", help=f"a literature recipe's layers {what} (`layerscope recipes`)")
 
@@ -410,6 +432,10 @@ def sweep(
     budget: Optional[str] = _budget_option(),
     height: Optional[int] = _size_option("height"),
     width: Optional[int] = _size_option("width"),
+    executor: str = _EXEC["executor"],
+    ray_address: Optional[str] = _EXEC["ray_address"],
+    workers: Optional[int] = _EXEC["workers"],
+    gpus_per_worker: float = _EXEC["gpus_per_worker"],
 ) -> None:
     """Inject E into O at each layer, score the images, save the table and figures, print the per-layer labels."""
     from .experiments import injection as inj
@@ -446,6 +472,7 @@ def sweep(
             generation=_size(height, width),
         )
         folder = _folder(out, "sweep", model) if not dry_run else Path(".")
+        run_on = _executor(executor, ray_address, workers, gpus_per_worker)
         gen = load(model)
         if recipe:
             rec = tuple(_recipe_layers(recipe, gen, _size(height, width)))
@@ -453,8 +480,10 @@ def sweep(
         if dry_run:
             _show_plans([inj.plan(gen, settings)], budget)
             return
-        console.print(f"{model}: injection sweep -> {folder}")
-        result = inj.run(gen, settings, out=folder, progress=True)
+        console.print(
+            f"{model}: injection sweep -> {folder}" + (f" ({run_on.name} executor)" if executor != "serial" else "")
+        )
+        result = inj.run(gen, settings, out=folder, progress=True, executor=run_on)
     except LayerscopeError as exc:
         _fail(exc)
         return

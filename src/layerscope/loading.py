@@ -159,7 +159,9 @@ def load(spec: Any, **kwargs: Any) -> Generator:
         raise SpecError(f"unknown model scheme {scheme!r} in {spec!r}; valid schemes: {valid}")
     if not target:
         raise SpecError(f"model spec {spec!r} names no model after {scheme!r}:")
-    return _from_object(_SCHEMES[scheme](target, spec, kwargs), spec)
+    model = _from_object(_SCHEMES[scheme](target, spec, dict(kwargs)), spec)
+    model.load_call = (spec, dict(kwargs))  # how a worker process loads its own copy (experiments.executor)
+    return model
 
 
 # -- the built-in schemes --------------------------------------------------------------------------------------------

@@ -33,10 +33,11 @@ import pandas as pd
 import torch
 
 from .. import folders
-from ..engine import WINDOWS, ProgressArg, injection_sweep, layer_sets, progress_callback
+from ..engine import WINDOWS, ProgressArg, injection_sweep, layer_sets
 from ..errors import ConfigError
 from ..validate import check_int, check_seed, check_seeds
 from .base import Job, Result, generation_kwargs, settings_dict
+from .executor import Executor, Part, Task, run_cells
 from .plans import Generations, StudyPlan, image_bytes, model_bytes
 from .workspace import Workspace, open_workspace
 
@@ -309,6 +310,7 @@ def run_injection(
     progress: ProgressArg = None,
     clip_path: str | Path | None = None,
     notify: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
     **gen_kwargs: Any,
 ) -> pd.DataFrame:
     """Run the injection sweep over pairs x seeds x windows and score every injected image; a tidy table.
@@ -320,7 +322,8 @@ def run_injection(
     :func:`layerscope.injection_sweep`). ``windows``: among ``all``, ``early``, ``middle``, ``late``. ``branches``:
     the CFG-branch policy (None = both halves; ``["cond"]`` = the conditional half only). ``out``: a folder where
     each finished cell is saved (table part + images) and from which an interrupted run resumes. ``notify``
-    receives notices (e.g. CLIP skipped); default: a Python warning.
+    receives notices (e.g. CLIP skipped); default: a Python warning. ``executor``: where the cells are computed
+    (:mod:`.executor`: serial by default, or Ray actors); the table is the same either way.
     Columns: model, pair, seed, e_seed, window, layer, layer_index, stage, factor, metric, value, o_value, e_value, c_value
     (oracle readings of the factor; NaN for image metrics).
     """
@@ -340,9 +343,9 @@ def run_injection(
     )
     check_int(max_batch, "max_batch (rows per generation: O, E and at least one injected row)", 3, optional=True)
     if isinstance(out, Workspace):  # run(): the study's workspace, claimed and locked by the caller
-        return _sweep_cells(model, plan, out, max_batch, progress, clip_path, notify, gen_kwargs)
+        return _sweep_cells(model, plan, out, max_batch, progress, clip_path, notify, gen_kwargs, executor)
     with open_workspace(out, NAME, [plan.model], plan.key()) as ws:
-        table = _sweep_cells(model, plan, ws, max_batch, progress, clip_path, notify, gen_kwargs)
+        table = _sweep_cells(model, plan, ws, max_batch, progress, clip_path, notify, gen_kwargs, executor)
         if ws.folder is not None:
             folders.atomic_write(ws.folder / TABLE, lambda tmp: table.to_parquet(tmp, index=False))
     return table
@@ -357,48 +360,77 @@ def _sweep_cells(
     clip_path: str | Path | None,
     notify: Callable[[str], None] | None,
     gen_kwargs: dict[str, Any],
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
     if ws.folder is not None:
         meta = ws.folder / META
         if not meta.exists():
             folders.atomic_write_text(meta, json.dumps({"key": plan.key(), "layer_info": plan.layer_info}, indent=1))
-    score = _oracle_scorer() if plan.scorer == "oracle" else _image_scorer(plan, clip_path, notify)
     sets = [tuple(g) for g in plan.layer_sets]
     k = len(sets)
     max_batch = max_batch or min(k + 2, 64)
     cells = plan.cells()
-    parts: list[pd.DataFrame] = []
-    with progress_callback(progress, f"injection: {len(cells)} cells x {k} layer sets") as report:
-        for i, (p, s, w) in enumerate(cells):
-            key = _cell_key(p, s, w, plan.e_seed(p, s))
-            done = ws.get(key)
-            if done is not None:
-                part = done.tables["injection"]
-            else:
-                o, e = plan.pairs[p]
-                res = injection_sweep(
-                    model,
-                    o,
-                    e,
-                    sets,
-                    seeds=(s, plan.e_seed(p, s)),
-                    steps=None if w == "all" else w,
-                    branches=plan.branches,
-                    max_batch=max_batch,
-                    **gen_kwargs,
-                )
-                images = res.stack()
-                part = score(images, plan, p, s, w)
-                arr = (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
-                rows = np.array(["O", "E", *res.injected])
-                ws.put(key, {"injection": part}, {"images": arr, "rows": rows})
-            parts.append(part)
-            if report is not None:
-                report(i + 1, len(cells))
-    if ws.notes and notify is not None:
-        for n in ws.notes:
+    tasks = [
+        Task(_cell_key(p, s, w, plan.e_seed(p, s)), plan.model, _injection_cell, (plan, p, s, w, max_batch, clip_path, gen_kwargs))
+        for p, s, w in cells
+    ]  # fmt: skip
+    parts = run_cells(
+        ws, {plan.model: model}, tasks, executor, progress, f"injection: {len(cells)} cells x {k} layer sets"
+    )
+    notes = list(ws.notes) + [n for part in parts for n in part.record.get("notes", [])]
+    if notes and notify is not None:
+        for n in dict.fromkeys(notes):
             notify(n)
-    return pd.concat(parts, ignore_index=True)
+    elif notes:
+        import warnings
+
+        for n in dict.fromkeys(notes):
+            warnings.warn(n, stacklevel=3)
+    return pd.concat([part.tables["injection"] for part in parts], ignore_index=True)
+
+
+def _injection_cell(
+    model: "Generator",
+    plan: InjectionPlan,
+    p: int,
+    s: int,
+    w: str,
+    max_batch: int,
+    clip_path: str | Path | None,
+    gen_kwargs: dict[str, Any],
+) -> Part:
+    """One cell (pair ``p`` x O's seed ``s`` x window ``w``): the batched sweep and its scores, with the images."""
+    score, notes = _scorer_for(plan, clip_path)
+    o, e = plan.pairs[p]
+    res = injection_sweep(
+        model,
+        o,
+        e,
+        [tuple(g) for g in plan.layer_sets],
+        seeds=(s, plan.e_seed(p, s)),
+        steps=None if w == "all" else w,
+        branches=plan.branches,
+        max_batch=max_batch,
+        **gen_kwargs,
+    )
+    images = res.stack()
+    part = score(images, plan, p, s, w)
+    arr = (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+    rows = np.array(["O", "E", *res.injected])
+    return Part({"injection": part}, {"images": arr, "rows": rows}, {"notes": notes} if notes else {})
+
+
+_SCORERS: dict[tuple[Any, ...], tuple[Callable[..., pd.DataFrame], list[str]]] = {}
+
+
+def _scorer_for(plan: InjectionPlan, clip_path: str | Path | None) -> tuple[Callable[..., pd.DataFrame], list[str]]:
+    """The plan's scorer, made once per process (the oracle or CLIP load once), and the notices making it gave."""
+    key = ("oracle",) if plan.scorer == "oracle" else ("images", tuple(plan.metrics), str(clip_path))
+    if key not in _SCORERS:
+        notes: list[str] = []
+        score = _oracle_scorer() if plan.scorer == "oracle" else _image_scorer(plan, clip_path, notes.append)
+        _SCORERS[key] = (score, notes)
+    return _SCORERS[key]
 
 
 # -- scoring -------------------------------------------------------------------------------------------------------
@@ -859,10 +891,18 @@ def plan(model: "Generator", settings: Settings) -> StudyPlan:
     return StudyPlan(NAME, model.spec, rows, weights, row)
 
 
-def run(model: "Generator", settings: Settings, out: str | Path | None = None, progress: ProgressArg = None) -> Result:
+def run(
+    model: "Generator",
+    settings: Settings,
+    out: str | Path | None = None,
+    progress: ProgressArg = None,
+    executor: Executor | None = None,
+) -> Result:
     """The injection study on a loaded model: tables ``injection`` (one row per pair, seed, window, layer, factor,
     metric), ``summary`` (:func:`summarize`) and ``labels`` (:func:`specialize`); the record holds the plan, the
-    sanity anchors (if asked) and notes. ``out``: each finished cell is saved there and a rerun resumes."""
+    sanity anchors (if asked) and notes. ``out``: each finished cell is saved there and a rerun resumes (with any
+    executor: a study interrupted under Ray resumes serially and the other way round). ``executor``: where the cells
+    are computed (:func:`.executor.make_executor`); the tables are the same either way."""
     st = settings
     gen_kw, pairs, plan_kw = _plan_kw(model, st)
     notes: list[str] = []
@@ -881,6 +921,7 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
             progress=progress,
             clip_path=st.clip_path,
             notify=notes.append,
+            executor=executor,
             **plan_kw,
         )
         summary = summarize(table)
