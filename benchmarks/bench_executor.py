@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import CpuShare, cpu_model, git_head, n_cpus  # noqa: E402
 
 import layerscope as ls
+from layerscope.executors import RayExecutor
 from layerscope.experiments import injection as inj
-from layerscope.experiments.executor import RayExecutor
 
 
 def main() -> None:

@@ -48,6 +48,8 @@ FORBIDDEN = {
         "layerscope.testing",
         "layerscope.engine.",
     ),  # the package `layerscope.engine` itself is the public API
+    # running cells on workers: the one place besides the CLI and the main job that loads models for a study
+    "layerscope.executors": ("layerscope.report", "layerscope.main_job", "layerscope.cli", "layerscope.testing"),
     # the report renders saved Results: no models, no loading, no world, no test doubles
     "layerscope.report": (
         "layerscope.world",

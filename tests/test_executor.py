@@ -16,8 +16,9 @@ from conftest import tiny
 
 import layerscope as ls
 from layerscope.cli import command
+from layerscope.executors import RayExecutor, make_executor
 from layerscope.experiments import injection as inj
-from layerscope.experiments.executor import Part, RayExecutor, SerialExecutor, Task, make_executor, run_cells
+from layerscope.experiments.executor import Part, SerialExecutor, Task, run_cells
 from layerscope.experiments.workspace import Workspace, identity
 
 ST = inj.Settings(
@@ -156,7 +157,7 @@ def test_executor_options_are_checked():
     with pytest.raises(ls.ConfigError, match="go with --executor ray"):
         make_executor("serial", workers=2)
     built = ls.load(tiny("sd").pipe)  # a model built in this process cannot be reloaded by a worker
-    from layerscope.experiments.executor import load_call
+    from layerscope.executors import load_call
 
     with pytest.raises(ls.ConfigError, match="cannot load its own copy"):
         load_call(built)
@@ -169,3 +170,25 @@ def test_cli_sweep_on_ray(ray, tmp_path):
     res = CliRunner().invoke(command(), [*args, "--out", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output
     assert "ray executor" in res.output and (tmp_path / "s" / "result.json").exists()
+
+
+# -- every experiment's cells -----------------------------------------------------------------------------------------
+def _same(a, b) -> None:
+    assert set(a.tables) == set(b.tables)
+    for name in a.tables:
+        pd.testing.assert_frame_equal(a.tables[name], b.tables[name], check_exact=True, obj=name)
+
+
+def test_properties_abstractions_and_alignment_cells_run_on_ray_with_the_same_tables(ray, tmp_path):
+    from layerscope.experiments import abstractions as ab
+    from layerscope.experiments import alignment as al
+    from layerscope.experiments import properties as pr
+
+    ex = RayExecutor(workers=2, threads=2)
+    sd, dit, gan = tiny("sd"), ls.load("zoo:dit"), ls.load("zoo:gan")
+    st = pr.Settings(spaces=("noise", "mid_block"), n=4, pairs=2, steps=2, n_boot=50)  # one cell per space
+    _same(pr.run(sd, st, out=tmp_path / "p1"), pr.run(sd, st, out=tmp_path / "p2", executor=ex))
+    st = ab.Settings(n=16, steps=3, layers=("transformer_blocks.*",), max_batch=8, forks=2, fork_prompts=2, taus=(0, 1))
+    _same(ab.run(dit, st, out=tmp_path / "a1"), ab.run(dit, st, out=tmp_path / "a2", executor=ex))  # batches, forks
+    st = al.Settings(n=16, steps=2, k=3, n_boot=20, project=64, metrics=("linear_cka",))
+    _same(al.run([dit, gan], st, out=tmp_path / "l1"), al.run([dit, gan], st, out=tmp_path / "l2", executor=ex))

@@ -287,7 +287,7 @@ _EXEC = _executor_options()
 
 
 def _executor(executor: str, ray_address: Optional[str], workers: Optional[int], gpus_per_worker: float) -> Any:
-    from .experiments.executor import make_executor
+    from .executors import make_executor
 
     return make_executor(executor, address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
 
@@ -525,6 +525,10 @@ def abstractions(
     budget: Optional[str] = _budget_option(),
     height: Optional[int] = _size_option("height"),
     width: Optional[int] = _size_option("width"),
+    executor: str = _EXEC["executor"],
+    ray_address: Optional[str] = _EXEC["ray_address"],
+    workers: Optional[int] = _EXEC["workers"],
+    gpus_per_worker: float = _EXEC["gpus_per_worker"],
 ) -> None:
     """Linear probes on every layer x step (and x_t) for each factor, with the mutual-information bound; with
     --forks, forking entropy: the entropy of the oracle's readings across continuations forked at each step."""
@@ -563,7 +567,8 @@ def abstractions(
             _show_plans([ab.plan(gen, settings)], budget)
             return
         console.print(f"{model}: abstractions -> {folder}")
-        result = ab.run(gen, settings, out=folder, progress=True)
+        run_on = _executor(executor, ray_address, workers, gpus_per_worker)
+        result = ab.run(gen, settings, out=folder, progress=True, executor=run_on)
     except LayerscopeError as exc:
         _fail(exc)
         return
@@ -604,6 +609,10 @@ def properties(
     budget: Optional[str] = _budget_option(),
     height: Optional[int] = _size_option("height"),
     width: Optional[int] = _size_option("width"),
+    executor: str = _EXEC["executor"],
+    ray_address: Optional[str] = _EXEC["ray_address"],
+    workers: Optional[int] = _EXEC["workers"],
+    gpus_per_worker: float = _EXEC["gpus_per_worker"],
 ) -> None:
     """Score candidate spaces on density, smoothness, organization and relevance (Schaerf 2025, Figure 4)."""
     from .experiments import properties as pr
@@ -632,7 +641,8 @@ def properties(
             _show_plans([pr.plan(gen, settings)], budget)
             return
         console.print(f"{model}: latent-space property scorecard -> {folder}")
-        result = pr.run(gen, settings, out=folder, progress=True)
+        run_on = _executor(executor, ray_address, workers, gpus_per_worker)
+        result = pr.run(gen, settings, out=folder, progress=True, executor=run_on)
     except LayerscopeError as exc:
         _fail(exc)
         return
@@ -654,6 +664,10 @@ def align(
     budget: Optional[str] = _budget_option(),
     height: Optional[int] = _size_option("height"),
     width: Optional[int] = _size_option("width"),
+    executor: str = _EXEC["executor"],
+    ray_address: Optional[str] = _EXEC["ray_address"],
+    workers: Optional[int] = _EXEC["workers"],
+    gpus_per_worker: float = _EXEC["gpus_per_worker"],
 ) -> None:
     """Representational alignment within and across models (CKA, mutual k-NN) and the Platonic test."""
     from .experiments import alignment as al
@@ -677,7 +691,8 @@ def align(
             _show_plans(al.plan(gens, settings), budget)
             return
         console.print(f"{', '.join(models)}: alignment -> {folder}")
-        result = al.run(gens, settings, out=folder, progress=True)
+        run_on = _executor(executor, ray_address, workers, gpus_per_worker)
+        result = al.run(gens, settings, out=folder, progress=True, executor=run_on)
     except LayerscopeError as exc:
         _fail(exc)
         return

@@ -43,13 +43,14 @@ import torch
 
 from ..engine import Capture
 from ..errors import ConfigError
-from ..progress import ProgressArg, progress_callback
+from ..progress import ProgressArg
 from ..stats.bootstrap import mean_ci
 from ..stats.entropy import plugin_entropy
 from ..stats.probes import ProbeGrid, fit_probe_grid
 from ..validate import MAX_STEPS, check_float, check_int, check_seeds
 from . import injection
 from .base import Job, Result, generation_kwargs, settings_dict
+from .executor import Executor, Part, Task, run_cells
 from .plans import Generations, StudyPlan, capture_bytes, image_bytes, model_bytes
 from .workspace import Cell, Workspace, open_workspace
 
@@ -112,6 +113,7 @@ def collect_features(
     store: str | Path | None = None,
     progress: ProgressArg = None,
     cells: Workspace | None = None,
+    executor: Executor | None = None,
     **gen_kwargs: Any,
 ) -> Features:
     """Capture pooled features of ``layers`` (default: every layer) at ``steps`` (default: all), conditional branch,
@@ -147,27 +149,15 @@ def collect_features(
     # a given store is itself the resumable unit (one capture of every sample); otherwise one cell per batch
     size = n if store is not None else (max_batch or model.default_max_batch)
     batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-    projections: dict[int, torch.Tensor] = {}
-    parts: list[Cell] = []
-    with progress_callback(progress, f"probe features: {n} samples") as report:
-        for b, rows in enumerate(batches):
-            key = f"features_{b:04d}_of_{len(batches)}"
-            cell = cells.get(key) if cells is not None else None
-            if cell is None:
-                cell = _feature_batch(
-                    model,
-                    cap,
-                    [prompts[i] for i in rows],
-                    [seeds[i] for i in rows],
-                    (names, base, project_layers, projection, projections),
-                    max_batch,
-                    gen_kwargs,
-                )
-                if cells is not None:
-                    cells.put(key, arrays=cell.arrays, record=cell.record)
-            parts.append(cell)
-            if report is not None:
-                report(rows[-1] + 1, n)
+    what = (names, base, project_layers, projection)
+    tasks = [
+        Task(f"features_{b:04d}_of_{len(batches)}", model.spec, _feature_cell,
+             (cap, [prompts[i] for i in rows], [seeds[i] for i in rows], what, max_batch, gen_kwargs))
+        for b, rows in enumerate(batches)
+    ]  # fmt: skip
+    ws = cells if cells is not None else Workspace(None, {})
+    desc = f"probe features: {n} samples in {len(batches)} batches"
+    parts = run_cells(ws, {model.spec: model}, tasks, executor, progress, desc)
     step_ids = [int(s) for s in parts[0].record["steps"]]
     all_t = [float(t) for t in parts[0].record["timesteps"]]
     feats = {
@@ -188,6 +178,21 @@ def collect_features(
         },
         baseline=base,
     )
+
+
+def _feature_cell(
+    model: "Generator",
+    cap: Capture,
+    prompts: list[Any],
+    seeds: list[int],
+    what: tuple[list[str], str | None, bool, int],
+    max_batch: int | None,
+    gen_kwargs: dict[str, Any],
+) -> Part:
+    """:func:`_feature_batch` as an executor's cell (the projections are seeded per width: any process makes the
+    same ones)."""
+    cell = _feature_batch(model, cap, prompts, seeds, (*what, {}), max_batch, gen_kwargs)
+    return Part(arrays=cell.arrays, record=cell.record)
 
 
 def _feature_batch(
@@ -296,6 +301,7 @@ def run_probes(
     max_batch: int | None = None,
     progress: ProgressArg = None,
     cells: Workspace | None = None,
+    executor: Executor | None = None,
     **gen_kwargs: Any,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The probe grid on a Shapes-world model: ``n`` samples (unconditional unless ``conditional``: then held-out
@@ -320,6 +326,7 @@ def run_probes(
         max_batch=max_batch,
         progress=progress,
         cells=cells,
+        executor=executor,
         **gen_kwargs,
     )
     labels, conf = shapes_labels(feats.images)
@@ -393,6 +400,7 @@ def run_probes_csv(
     max_batch: int | None = None,
     progress: ProgressArg = None,
     cells: Workspace | None = None,
+    executor: Executor | None = None,
     **gen_kwargs: Any,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The probe grid on any text-to-image pipeline with the user's labels (:func:`labels_from_csv`): each prompt is
@@ -409,6 +417,7 @@ def run_probes_csv(
         max_batch=max_batch,
         progress=progress,
         cells=cells,
+        executor=executor,
         **gen_kwargs,
     )
     grid = fit_probe_grid(feats.cells, labels, n_classes=sizes, factor_names=factors, seed=seed)
@@ -564,6 +573,32 @@ def commitment_times(
     return out
 
 
+def _fork_cell(
+    model: "Generator", texts: list[str], rows: np.ndarray, batch: int, eta: float, gen_kwargs: dict[str, Any]
+) -> Part:
+    """One batch of fork generations (``rows``: seed, tau, fork seed per row), read by the oracle."""
+    import time
+
+    from ..world.oracle import read
+
+    t0 = time.perf_counter()
+    res = model.generate(
+        texts,
+        [int(x) for x in rows[:, 0]],
+        fork_at=[int(x) for x in rows[:, 1]],
+        fork_seeds=[int(x) for x in rows[:, 2]],
+        max_batch=batch,
+        eta=eta,
+        **gen_kwargs,
+    )
+    seconds = time.perf_counter() - t0
+    r = read(res.images)
+    return Part(
+        arrays={"pred": np.asarray(r.pred), "confidence": np.asarray(r.confidence)},
+        record={"seconds": seconds, "timesteps": [float(t) for t in res.timesteps]},
+    )
+
+
 def run_forking(
     model: "Generator",
     n_prompts: int = 16,
@@ -576,6 +611,7 @@ def run_forking(
     max_batch: int | None = None,
     progress: ProgressArg = None,
     cells: Workspace | None = None,
+    executor: Executor | None = None,
     **gen_kwargs: Any,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Forking entropy on a Shapes-world model (Corallo et al. 2024).
@@ -588,10 +624,8 @@ def run_forking(
     (chunks of a multiple of ``n_forks`` rows). Returns the tidy table (model, tau, timestep, factor, prompt, entropy,
     normalised, distinct, mode_share, confidence, forks) and a record (summary with bootstrap CIs, commitment times,
     settings, timing)."""
-    import time
 
     from ..world.factors import FACTORS, SIZES, sample_factors
-    from ..world.oracle import read
     from ..world.text import prompts_for
 
     if n_prompts < 1 or n_forks < 2:
@@ -613,37 +647,18 @@ def run_forking(
     batch = max_batch or n_forks * max(1, model.default_max_batch * 2 // n_forks)
     batch = max(n_forks, batch - batch % n_forks)
     chunks = [list(range(i, min(i + batch, len(plan)))) for i in range(0, len(plan), batch)]
-    preds, confs, gen_seconds, all_t = [], [], 0.0, []
-    with progress_callback(progress, f"forking: {len(plan)} generations") as report:
-        for c, rows in enumerate(chunks):  # one cell per generation batch (whole starts: a multiple of n_forks)
-            key = f"forks_{c:04d}_of_{len(chunks)}"
-            cell = cells.get(key) if cells is not None else None
-            if cell is None:
-                sub = plan.iloc[rows]
-                t0 = time.perf_counter()
-                res = model.generate(
-                    [texts[p] for p in sub["prompt"]],
-                    sub["seed"].tolist(),
-                    fork_at=sub["tau"].tolist(),
-                    fork_seeds=sub["fork_seed"].tolist(),
-                    max_batch=batch,
-                    eta=eta,
-                    **gen_kwargs,
-                )
-                seconds = time.perf_counter() - t0
-                r = read(res.images)
-                cell = Cell(
-                    arrays={"pred": np.asarray(r.pred), "confidence": np.asarray(r.confidence)},
-                    record={"seconds": seconds, "timesteps": [float(t) for t in res.timesteps]},
-                )
-                if cells is not None:
-                    cells.put(key, arrays=cell.arrays, record=cell.record)
-            preds.append(cell.arrays["pred"])
-            confs.append(cell.arrays["confidence"])
-            gen_seconds += float(cell.record["seconds"])
-            all_t = [float(t) for t in cell.record["timesteps"]]
-            if report is not None:
-                report(rows[-1] + 1, len(plan))
+    tasks = [
+        Task(f"forks_{c:04d}_of_{len(chunks)}", model.spec, _fork_cell,
+             ([texts[p] for p in plan.iloc[rows]["prompt"]], plan.iloc[rows][["seed", "tau", "fork_seed"]].to_numpy(),
+              batch, eta, gen_kwargs))
+        for c, rows in enumerate(chunks)  # one cell per generation batch (whole starts: a multiple of n_forks)
+    ]  # fmt: skip
+    ws = cells if cells is not None else Workspace(None, {})
+    parts = run_cells(ws, {model.spec: model}, tasks, executor, progress, f"forking: {len(plan)} generations")
+    preds = [c.arrays["pred"] for c in parts]
+    confs = [c.arrays["confidence"] for c in parts]
+    gen_seconds = sum(float(c.record["seconds"]) for c in parts)
+    all_t = [float(t) for t in parts[-1].record["timesteps"]] if parts else []
     reading_pred, reading_conf = np.concatenate(preds), np.concatenate(confs)
     sizes = [SIZES[f] for f in FACTORS]
     table = fork_entropy_table(plan, reading_pred, reading_conf, FACTORS, sizes)
@@ -847,12 +862,19 @@ def _width(e: Any, projected: bool) -> int:
     return int(np.prod([s for s, d in zip(e.shape, e.dims) if d not in ("h", "w", "token")]))
 
 
-def run(model: "Generator", settings: Settings, out: str | Path | None = None, progress: ProgressArg = None) -> Result:
+def run(
+    model: "Generator",
+    settings: Settings,
+    out: str | Path | None = None,
+    progress: ProgressArg = None,
+    executor: Executor | None = None,
+) -> Result:
     """The probe grid (:func:`run_probes`, or :func:`run_probes_csv` with ``labels``) and then forking
     (:func:`run_forking`, with ``forks``) on a loaded model, after checking the settings against the model's
     capabilities. Tables ``probes`` / ``forks``; the record holds ``model``, ``settings`` and the probe and forking
     records (``"probes"``, ``"forking"``). ``out``: the folder the Result is saved in; each batch of probe samples
-    and of fork starts is kept there as a cell until the Result is saved, so a rerun resumes at what is missing."""
+    and of fork starts is kept there as a cell until the Result is saved, so a rerun resumes at what is missing.
+    ``executor``: where those cells are computed (:mod:`.executor`); the tables are the same either way."""
     st = settings
     gen_kw = generation_kwargs(st.steps, None, st.generation)
     _check(model, st, gen_kw)
@@ -874,6 +896,7 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
                 max_batch=st.max_batch,
                 progress=progress,
                 cells=ws,
+                executor=executor,
                 **gen_kw,
             )
         elif st.probes and st.labels is not None:
@@ -886,6 +909,7 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
                 max_batch=st.max_batch,
                 progress=progress,
                 cells=ws,
+                executor=executor,
                 **gen_kw,
             )
         if st.forks:
@@ -900,6 +924,7 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
                 max_batch=st.max_batch,
                 progress=progress,
                 cells=ws,
+                executor=executor,
                 **gen_kw,
             )
         return ws.save(Result(NAME, tables, record))

@@ -57,12 +57,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..engine import Capture, PerTarget, ProgressArg, progress_callback, replace
+from ..engine import Capture, PerTarget, ProgressArg, replace
 from ..errors import ConfigError
 from ..metrics.alignment import METRICS, gram_similarity, similarity_matrix
 from .base import OPEN_PROMPTS, Job, Result, generation_kwargs, settings_dict
+from .executor import Executor, Part, Task, run_cells
 from .plans import Generations, StudyPlan, capture_bytes, model_bytes
-from .workspace import open_workspace
+from .workspace import Cell, open_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import Generator
@@ -577,6 +578,7 @@ def run(
     settings: Settings,
     out: str | Path | None = None,
     progress: ProgressArg = None,
+    executor: Executor | None = None,
 ) -> Result:
     """The alignment study on loaded models (the same inputs for all, see the module docstring): tables
     ``layers``, ``within``, ``across``, ``world``, ``arrangement``, ``matching``; the record holds the settings, the
@@ -590,20 +592,19 @@ def run(
         finished = ws.finished()
         if finished is not None:
             return finished
-        feats = []
-        with progress_callback(progress, f"alignment: features of {len(ms)} models") as report:
-            for i, m in enumerate(ms):  # one cell per model: its features
-                key = f"features_{i}_{m.spec}"
-                cell = ws.get(key)
-                if cell is None:
-                    f = collect(m, st, mode, factors)
-                    ws.put(key, arrays=_feature_arrays(f), record=_feature_record(f))
-                else:
-                    f = _features_from(cell)
-                feats.append(f)
-                if report is not None:
-                    report(i + 1, len(ms))
+        tasks = [
+            Task(f"features_{i}_{m.spec}", m.spec, _features_cell, (st, mode, factors)) for i, m in enumerate(ms)
+        ]  # one cell per model: its features
+        desc = f"alignment: features of {len(ms)} models"
+        parts = run_cells(ws, {m.spec: m for m in ms}, tasks, executor, progress, desc)
+        feats = [_features_from(Cell(arrays=p.arrays, record=p.record)) for p in parts]
         return ws.save(_analyse(ms, st, mode, factors, feats))
+
+
+def _features_cell(model: "Generator", st: Settings, mode: str, factors: Any) -> Part:
+    """One model's features as an executor's cell."""
+    f = collect(model, st, mode, factors)
+    return Part(arrays=_feature_arrays(f), record=_feature_record(f))
 
 
 def _feature_arrays(f: ModelFeatures) -> dict[str, np.ndarray]:

@@ -65,14 +65,16 @@ import torch
 
 from ..engine import Capture, Intervention, PerTarget, resolve_steps
 from ..errors import ConfigError
-from ..progress import ProgressArg, progress_callback
+from ..progress import ProgressArg
 from ..stats.bootstrap import bootstrap_ci
 from ..validate import MAX_STEPS, check_int, check_seeds
 from .base import OPEN_PROMPTS, Job, Result, generation_kwargs, settings_dict
+from .executor import Executor, Part, Task, run_cells
 from .plans import Generations, StudyPlan, capture_bytes, image_bytes, model_bytes
 from .workspace import Cell, Workspace, open_workspace
 
 if TYPE_CHECKING:
+    from ..layers import LayerInfo
     from ..models.base import Generator
 
 NAME = "properties"
@@ -370,6 +372,7 @@ def run_properties(
     progress: ProgressArg = False,
     n_boot: int = 1000,
     cells: Workspace | None = None,
+    executor: Executor | None = None,
     **gen_kwargs: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray], dict[str, Any]]:
     """Score each space of the loaded model ``gen`` on the four properties (the work behind :func:`run`).
@@ -379,6 +382,7 @@ def run_properties(
     (uint8, (k, 3, H, W): base, a density sample, the radii, the interpolation path, the concept addition) and the
     plan's record with the strips' column names. ``cells``: a workspace keeping each scored space as a cell, so an
     interrupted run scores only the missing spaces (the base samples are regenerated when any space is missing).
+    ``executor``: where the spaces are scored, one cell each, after the base generation here (:mod:`.executor`).
     """
     plan = plan_properties(
         gen,
@@ -416,123 +420,163 @@ def run_properties(
     dist = torch.cdist(fb, fb).numpy()
     iu = np.triu_indices(n, 1)
     d_far = float(np.median(dist[iu]))
-    desc = f"scoring {len(plan.spaces)} spaces of {gen.spec}"
-    with progress_callback(progress, desc) as report:
-        for si, space in enumerate(plan.spaces):
-            if done[space] is not None:
-                if report is not None:
-                    report(si + 1, len(plan.spaces))
-                continue
-            scores, details = [], []
-            info, v = infos[space], values[space]
-            branches = ["cond"] if (guided and info.role == CONDITION_ROLE) else None
-            rng = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(space.encode()))
-            mu, sd = v.mean(0), v.std(0)
-            eps = torch.randn(v.shape[:1] + v.shape[2:], generator=rng, dtype=torch.float64).unsqueeze(1)
-            eps2 = torch.randn(v.shape[:1] + v.shape[2:], generator=rng, dtype=torch.float64).unsqueeze(1)
-            rows_p, rows_s, ivs = [], [], []
-
-            def block(k: int, prompts_idx: list[int]) -> list[int]:
-                start = len(rows_p)
-                rows_p.extend(plan.prompts[i] for i in prompts_idx)
-                rows_s.extend(plan.seeds[i] for i in prompts_idx)
-                return list(range(start, start + k))
-
-            idx = list(range(n))
-            r_dens = block(n, idx)
-            ivs += _interventions(info, "replace", mu + sd * eps2, r_dens, plan.steps, branches)
-            r_rad = {}
-            for r in RADII:
-                r_rad[r] = block(n, idx)
-                ivs += _interventions(info, "add", r * sd * eps, r_rad[r], plan.steps, branches)
-            path_src = [a for (a, _b) in plan.pairs for _ in (*INTERIOR, 1.0)]
-            r_path = block(len(path_src), path_src)
-            alphas = torch.tensor([*INTERIOR, 1.0], dtype=torch.float64)
-            interp = torch.cat(
-                [
-                    (1 - alphas.view(-1, *[1] * (v.ndim - 1))) * v[a] + alphas.view(-1, *[1] * (v.ndim - 1)) * v[b]
-                    for a, b in plan.pairs
-                ]
-            )
-            ivs += _interventions(info, "replace", interp, r_path, plan.steps, branches)
-            r_con: list[int] = []
-            if directions is not None and space in directions:
-                r_con = block(n, idx)
-                ivs += _interventions(info, "add", directions[space], r_con, plan.steps, branches, shared=True)
-            out = gen.generate(rows_p, rows_s, interventions=ivs, **kw)
-            rd = reader.read(out.images)
-            feats = rd["features"]
-
-            def change(rows: list[int]) -> np.ndarray:
-                d = (feats[rows] - fb).norm(dim=1).numpy()
-                return d / d_far if d_far > 0 else np.zeros_like(d)
-
-            c = {r: change(r_rad[r]) for r in RADII}
-            smooth_vals = np.mean([np.minimum(1.0, c[r]) for r in SMOOTH_RADII], axis=0)
-            unit_vals = np.minimum(1.0, math.sqrt(2) * c[UNIT_RADIUS])
-            path_vals = _paths(plan, rd, r_path, base_read, d_far)
-            rho_vals = _distance_rho(v, sd, dist)
-            added = base_c = None
-            if r_con:
-                added, base_c = _concept_outcome(plan, rd, r_con, concept_base, concept_images, feats, fb)
-            boot = dict(n_boot=n_boot, seed=seed + si)
-            est = {
-                "density": bootstrap_ci(_density, [rd["in_dist"][r_dens], base_read["in_dist"]], **boot),
-                "smoothness": bootstrap_ci(_smoothness, [smooth_vals], **boot),
-                "organization": bootstrap_ci(_organization, [path_vals, rho_vals], **boot),
-                "relevance": bootstrap_ci(
-                    _relevance, [unit_vals] + [a for a in (added, base_c) if a is not None], **boot
-                ),
-            }
-            kind = info.kind if info.is_space else "layer"
-            for prop, (s, lo, hi) in est.items():
-                scores.append(
-                    {
-                        "model": gen.spec,
-                        "space": space,
-                        "kind": kind,
-                        "property": prop,
-                        "score": s,
-                        "low": lo,
-                        "high": hi,
-                        "mark": mark(s),
-                    }
-                )
-            det = {f"change@{r:g}": float(np.mean(c[r])) for r in RADII}
-            det.update({f"in_dist@{r:g}": float(np.mean(rd["in_dist"][r_rad[r]])) for r in RADII})
-            det.update(
-                {
-                    "in_dist_base": float(np.mean(base_read["in_dist"])),
-                    "in_dist_resampled": float(np.mean(rd["in_dist"][r_dens])),
-                    "path": float(np.mean(path_vals)),
-                    "rho_distance": float(np.mean(rho_vals)),
-                    "unit_change": float(np.mean(unit_vals)),
-                    "d_far": d_far,
-                    "space_dims": int(np.prod(info.shape)),
-                    "rows": len(rows_p),
-                }
-            )
-            if r_con and base_c is not None:  # Shapes world: shares of images read as the concept
-                det.update(
-                    concept_base=float(np.mean(base_c)),
-                    concept_added=float(np.mean(added)),
-                    concept_gain=_gain(added, base_c),
-                )
-            elif r_con:  # open domain: the share of the distance to the concept image closed
-                det["concept_gain"] = float(np.mean(added))
-            details += [{"model": gen.spec, "space": space, "metric": k, "value": val} for k, val in det.items()]
-            pick = [r_dens[0]] + [r_rad[r][0] for r in RADII] + r_path[: len(INTERIOR) + 1] + r_con[:1]
-            imgs = torch.cat([base.images[:1], out.images[pick]])
-            cell = Cell(
-                {"scores": pd.DataFrame.from_records(scores), "details": pd.DataFrame.from_records(details)},
-                {"strip": (imgs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()},
-            )
-            if cells is not None:
-                cells.put(f"space_{space}", cell.tables, cell.arrays)
-            done[space] = cell
-            if report is not None:
-                report(si + 1, len(plan.spaces))
+    shared = _Shared(
+        plan, guided, reader, base_read, base.images[:1], fb, dist, d_far, directions, concept_base, concept_images,
+        seed, n_boot, kw,
+    )  # fmt: skip
+    tasks = [
+        Task(f"space_{space}", gen.spec, _space_cell, (shared, si, space, infos[space], values[space]))
+        for si, space in enumerate(plan.spaces)
+    ]
+    ws = cells if cells is not None else Workspace(None, {})
+    parts = run_cells(
+        ws, {gen.spec: gen}, tasks, executor, progress, f"scoring {len(plan.spaces)} spaces of {gen.spec}"
+    )
+    done = {space: Cell(p.tables, p.arrays) for space, p in zip(plan.spaces, parts)}
     return _assemble(plan, done, directions is not None)
+
+
+@dataclass
+class _Shared:
+    """What every space's cell reads of the base generation (shipped to whichever process scores the space)."""
+
+    plan: PropertiesPlan
+    guided: bool
+    reader: "_Reader"
+    base_read: dict[str, Any]
+    base_image: torch.Tensor
+    fb: torch.Tensor
+    dist: np.ndarray
+    d_far: float
+    directions: dict[str, torch.Tensor] | None
+    concept_base: Any
+    concept_images: Any
+    seed: int
+    n_boot: int
+    kw: dict[str, Any]
+
+
+def _space_cell(gen: "Generator", sh: _Shared, si: int, space: str, info: "LayerInfo", v: torch.Tensor) -> Part:
+    """Score one space: one generation of every perturbation row, its readings, the four properties' estimates."""
+    plan, guided, reader, base_read, fb, dist, d_far = (
+        sh.plan,
+        sh.guided,
+        sh.reader,
+        sh.base_read,
+        sh.fb,
+        sh.dist,
+        sh.d_far,
+    )
+    directions, concept_base, concept_images, seed, n_boot, kw = (
+        sh.directions,
+        sh.concept_base,
+        sh.concept_images,
+        sh.seed,
+        sh.n_boot,
+        sh.kw,
+    )
+    n = len(plan.prompts)
+    scores, details = [], []
+    branches = ["cond"] if (guided and info.role == CONDITION_ROLE) else None
+    rng = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(space.encode()))
+    mu, sd = v.mean(0), v.std(0)
+    eps = torch.randn(v.shape[:1] + v.shape[2:], generator=rng, dtype=torch.float64).unsqueeze(1)
+    eps2 = torch.randn(v.shape[:1] + v.shape[2:], generator=rng, dtype=torch.float64).unsqueeze(1)
+    rows_p, rows_s, ivs = [], [], []
+
+    def block(k: int, prompts_idx: list[int]) -> list[int]:
+        start = len(rows_p)
+        rows_p.extend(plan.prompts[i] for i in prompts_idx)
+        rows_s.extend(plan.seeds[i] for i in prompts_idx)
+        return list(range(start, start + k))
+
+    idx = list(range(n))
+    r_dens = block(n, idx)
+    ivs += _interventions(info, "replace", mu + sd * eps2, r_dens, plan.steps, branches)
+    r_rad = {}
+    for r in RADII:
+        r_rad[r] = block(n, idx)
+        ivs += _interventions(info, "add", r * sd * eps, r_rad[r], plan.steps, branches)
+    path_src = [a for (a, _b) in plan.pairs for _ in (*INTERIOR, 1.0)]
+    r_path = block(len(path_src), path_src)
+    alphas = torch.tensor([*INTERIOR, 1.0], dtype=torch.float64)
+    interp = torch.cat(
+        [
+            (1 - alphas.view(-1, *[1] * (v.ndim - 1))) * v[a] + alphas.view(-1, *[1] * (v.ndim - 1)) * v[b]
+            for a, b in plan.pairs
+        ]
+    )
+    ivs += _interventions(info, "replace", interp, r_path, plan.steps, branches)
+    r_con: list[int] = []
+    if directions is not None and space in directions:
+        r_con = block(n, idx)
+        ivs += _interventions(info, "add", directions[space], r_con, plan.steps, branches, shared=True)
+    out = gen.generate(rows_p, rows_s, interventions=ivs, **kw)
+    rd = reader.read(out.images)
+    feats = rd["features"]
+
+    def change(rows: list[int]) -> np.ndarray:
+        d = (feats[rows] - fb).norm(dim=1).numpy()
+        return d / d_far if d_far > 0 else np.zeros_like(d)
+
+    c = {r: change(r_rad[r]) for r in RADII}
+    smooth_vals = np.mean([np.minimum(1.0, c[r]) for r in SMOOTH_RADII], axis=0)
+    unit_vals = np.minimum(1.0, math.sqrt(2) * c[UNIT_RADIUS])
+    path_vals = _paths(plan, rd, r_path, base_read, d_far)
+    rho_vals = _distance_rho(v, sd, dist)
+    added = base_c = None
+    if r_con:
+        added, base_c = _concept_outcome(plan, rd, r_con, concept_base, concept_images, feats, fb)
+    boot = dict(n_boot=n_boot, seed=seed + si)
+    est = {
+        "density": bootstrap_ci(_density, [rd["in_dist"][r_dens], base_read["in_dist"]], **boot),
+        "smoothness": bootstrap_ci(_smoothness, [smooth_vals], **boot),
+        "organization": bootstrap_ci(_organization, [path_vals, rho_vals], **boot),
+        "relevance": bootstrap_ci(_relevance, [unit_vals] + [a for a in (added, base_c) if a is not None], **boot),
+    }
+    kind = info.kind if info.is_space else "layer"
+    for prop, (s, lo, hi) in est.items():
+        scores.append(
+            {
+                "model": gen.spec,
+                "space": space,
+                "kind": kind,
+                "property": prop,
+                "score": s,
+                "low": lo,
+                "high": hi,
+                "mark": mark(s),
+            }
+        )
+    det = {f"change@{r:g}": float(np.mean(c[r])) for r in RADII}
+    det.update({f"in_dist@{r:g}": float(np.mean(rd["in_dist"][r_rad[r]])) for r in RADII})
+    det.update(
+        {
+            "in_dist_base": float(np.mean(base_read["in_dist"])),
+            "in_dist_resampled": float(np.mean(rd["in_dist"][r_dens])),
+            "path": float(np.mean(path_vals)),
+            "rho_distance": float(np.mean(rho_vals)),
+            "unit_change": float(np.mean(unit_vals)),
+            "d_far": d_far,
+            "space_dims": int(np.prod(info.shape)),
+            "rows": len(rows_p),
+        }
+    )
+    if r_con and base_c is not None:  # Shapes world: shares of images read as the concept
+        det.update(
+            concept_base=float(np.mean(base_c)),
+            concept_added=float(np.mean(added)),
+            concept_gain=_gain(added, base_c),
+        )
+    elif r_con:  # open domain: the share of the distance to the concept image closed
+        det["concept_gain"] = float(np.mean(added))
+    details += [{"model": gen.spec, "space": space, "metric": k, "value": val} for k, val in det.items()]
+    pick = [r_dens[0]] + [r_rad[r][0] for r in RADII] + r_path[: len(INTERIOR) + 1] + r_con[:1]
+    imgs = torch.cat([sh.base_image, out.images[pick]])
+    return Part(
+        {"scores": pd.DataFrame.from_records(scores), "details": pd.DataFrame.from_records(details)},
+        {"strip": (imgs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()},
+    )
 
 
 def _assemble(
@@ -787,7 +831,13 @@ def plan(model: "Generator", settings: Settings) -> StudyPlan:
     return StudyPlan(NAME, model.spec, rows, weights, row, notes)
 
 
-def run(model: "Generator", settings: Settings, out: str | Path | None = None, progress: ProgressArg = None) -> Result:
+def run(
+    model: "Generator",
+    settings: Settings,
+    out: str | Path | None = None,
+    progress: ProgressArg = None,
+    executor: Executor | None = None,
+) -> Result:
     """The property scorecard of a loaded model: tables ``properties`` (one row per space x property: score, CI,
     mark) and ``properties_details`` (the measurements behind the scores), the artifact ``strips`` (one image strip
     per space) and a record of the plan, the strips' columns and the settings. ``out``: the folder the Result is
@@ -801,7 +851,14 @@ def run(model: "Generator", settings: Settings, out: str | Path | None = None, p
         if finished is not None:
             return finished
         scores, details, strips, plan_record = run_properties(
-            model, spaces, max_batch=st.max_batch, progress=progress, n_boot=st.n_boot, cells=ws, **kw
+            model,
+            spaces,
+            max_batch=st.max_batch,
+            progress=progress,
+            n_boot=st.n_boot,
+            cells=ws,
+            executor=executor,
+            **kw,
         )
         record = {"model": model.spec, "settings": settings_dict(st), **plan_record}
         return ws.save(Result(NAME, {SCORES: scores, DETAILS: details}, record, {STRIPS: strips}))
