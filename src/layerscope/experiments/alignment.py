@@ -583,7 +583,8 @@ def run(
     """The alignment study on loaded models (the same inputs for all, see the module docstring): tables
     ``layers``, ``within``, ``across``, ``world``, ``arrangement``, ``matching``; the record holds the settings, the
     input mode, the verdict rule and each model's layers and steps. ``out``: the folder the Result is saved in;
-    each model's features are kept there as a cell until then, so a rerun collects only the missing models'."""
+    each model's features are kept there as a cell until then, so a rerun collects only the missing models'.
+    ``executor``: where each model's features are collected (:mod:`.executor`); the tables are the same either way."""
     ms = [models] if not isinstance(models, Sequence) else list(models)
     st = settings
     mode = _check(ms, st)
