@@ -183,6 +183,8 @@ def test_a_head_selective_injection_changes_only_those_heads(sd):
     bad = ls.Intervention(f"{att}.to_v", "zero", heads=[heads])
     with pytest.raises(ls.ConfigError, match=f"has {heads} heads"):
         sd.generate(["a"], interventions=[bad], **ONE)
+    with pytest.raises(ls.ConfigError, match="mixes the heads"):
+        sd.generate(["a"], interventions=[ls.Intervention(att, "zero", heads=[0])], **ONE)
     with pytest.raises(ls.ConfigError, match="has none"):
         sd.generate(["a"], interventions=[ls.Intervention("mid_block", "zero", heads=[0])], **ONE)
 

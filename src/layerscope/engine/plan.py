@@ -55,6 +55,9 @@ class CapturePlan:
     specs: dict[tuple[str, str], ArraySpec]
 
 
+#: sites whose channels (or "head" dim) are split into heads, where heads= can select some of them
+PER_HEAD_KINDS = ("q", "k", "v", "heads", "attention_map")
+
 #: dims a pooled capture averages over (positions of a map, tokens of a sequence, queries of an attention map)
 POOLED_DIMS = ("h", "w", "token", "query")
 
@@ -216,6 +219,11 @@ def _plan_selection(p: PlannedIntervention, info: LayerInfo, what: str) -> None:
         heads = [int(h) for h in iv.heads]
         if not info.heads:
             raise ConfigError(f"{what}: heads= selects attention heads, but {info.name} ({info.kind}) has none")
+        if info.kind not in PER_HEAD_KINDS:
+            raise ConfigError(
+                f"{what}: {info.name} ({info.kind}) is the attention output after its output projection, which mixes "
+                "the heads; select heads at its per-head outputs (its 'heads' site), its q, k, v or its map"
+            )
         bad = [h for h in heads if not 0 <= h < info.heads]
         if bad or not heads:
             raise ConfigError(
