@@ -19,32 +19,17 @@ mapped layer); the generation itself is unchanged (its output bitwise equal, che
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import CpuShare, cpu_model, git_head, n_cpus  # noqa: E402
+from machine import CpuShare, cpu_model, git_head, median_time, n_cpus  # noqa: E402
 
 import layerscope as ls
 from layerscope.engine import fmt_bytes
-
-
-def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for k in names:  # warm-up
-        fns[k]()
-    for r in range(repeats):
-        for k in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench(spec: str, steps: int, repeats: int) -> list[tuple[str, float, float, int | None]]:

@@ -19,7 +19,6 @@ variants' order rotated between repeats.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,23 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_model, n_cpus  # noqa: E402
+from machine import cpu_model, median_time, n_cpus  # noqa: E402
 
 import layerscope as ls
 from layerscope.arch import build
-
-
-def median_time(fns: dict[str, object], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for k in names:  # warm-up
-        fns[k]()
-    for r in range(repeats):
-        for k in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import platform
 import re
+import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -111,3 +113,18 @@ def replace_section(results: Path, header: str, body: str) -> None:
         tail = "".join(lines[end:])
         new = "".join(lines[:start]) + body + ("\n\n" + tail if tail else "")
     results.write_text(new.rstrip("\n") + "\n")
+
+
+def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function over ``repeats`` runs after one warm-up of each, the order rotated from
+    repeat to repeat (so no variant always runs first after the warm-up)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for k in names:  # warm-up
+        fns[k]()
+    for r in range(repeats):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
