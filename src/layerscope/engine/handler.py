@@ -138,6 +138,10 @@ class SiteHandler:
         step: int | None,
     ) -> None:
         op, alpha = p.iv.op, p.iv.alpha
+        if op == "replace" and p.kind == "row" and p.head_mask is None and p.keys is None and p.word is None:
+            dst, src = self._row_copy(p, tl, cast(int, src_local), x.device)
+            x[dst] = orig[src]  # every branch's target rows from the source row, in one indexed copy
+            return
         for b in p.branch_idx:
             rows = self.run.rows(self.info, tl, [b])
             cur = x[rows]
@@ -164,6 +168,18 @@ class SiteHandler:
             else:  # blend
                 new = (1 - alpha) * cur + alpha * src
             x[rows] = self._select(p, tl, b, new.to(x.dtype), cur)
+
+    def _row_copy(
+        self, p: PlannedIntervention, tl: list[int], src_local: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index tensors (made once per chunk) of a Row replace: the target rows and, row for row, the source's."""
+        key = ("rows", id(p), device)
+        if key not in self._tensor_cache:
+            dst = self.run.rows(self.info, tl, p.branch_idx)
+            src = [r for b in p.branch_idx for r in self.run.rows(self.info, [src_local], [b]) * len(tl)]
+            self._tensor_cache[key] = torch.tensor(dst, device=device)
+            self._tensor_cache[key + ("src",)] = torch.tensor(src, device=device)
+        return self._tensor_cache[key], self._tensor_cache[key + ("src",)]
 
     def _select(
         self, p: PlannedIntervention, tl: list[int], b: int, new: torch.Tensor, cur: torch.Tensor
