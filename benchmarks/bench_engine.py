@@ -46,7 +46,8 @@ O_PROMPT = "a red cube on a floor"
 E_PROMPT = "a blue ball in a room"
 CAPTURE_PROMPT = O_PROMPT
 GUIDANCE = 7.5
-TARGETS = {"mem": 1.10, "zarr": 1.30, "batched/plain(k+2)": 1.5, "nnsight/batched": 3.0}
+#: issue 20's targets (issue 4 asked for 1.10 / 1.30 / 1.5); nnsight's from issue 4
+TARGETS = {"mem": 1.05, "zarr": 1.15, "batched/plain(k+2)": 1.05, "nnsight/batched": 3.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"layerscope batched sweep (1 x batch {k + 2})",
                 f"{b:.3f}",
                 f"{r:.2f} of plain(k+2)",
-                f"{verdict(r, TARGETS['batched/plain(k+2)'])} (<= 1.50)",
+                f"{verdict(r, TARGETS['batched/plain(k+2)'])} (<= {TARGETS['batched/plain(k+2)']:.2f})",
             )
         )
         rows.append((f"layerscope loop ({k} x batch 2)", f"{t['loop']:.3f}", f"{t['loop'] / b:.2f} x batched", ""))

@@ -64,7 +64,9 @@ from layerscope.world.factors import FACTORS, SIZES, sample_factors
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Probe grid vs scikit-learn (issue 6)"
 TARGET_RATIO = 10.0
-TARGET_POINTS = 1.0
+#: issue 20: >= 10x the fastest scikit-learn configuration at held-out accuracy within 0.5 points (issue 6: 1 point,
+#: against the plain loop)
+TARGET_POINTS = 0.5
 #: other processes' mean CPU use (cores) from which the machine counts as shared
 SHARED = 0.25
 #: step fraction at which each factor's code switches on, and the layer depth where it is strongest
@@ -395,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
             f"  {f'fit_probe_grid, the {m} subset cells, tol {tol:g}':64s} {dt_tol:8.1f} {1000 * dt_tol / m:8.1f}  "
             f"{t_sk / dt_tol:.1f}x sklearn; accuracy |diff| mean {dm:.2f} max {dx:.2f} points, CE max {cx:.4f} bits"
         )
-    verdict = "PASS" if ratio >= TARGET_RATIO and diff.max() <= TARGET_POINTS else "MISS"
+    # the verdict is against the fastest scikit-learn configuration measured (issue 20), not the default loop
+    best = min(med[k] for k in variants)
+    best_label = next(label for k, (label, _) in variants.items() if med[k] == best)
+    best_ratio = best / m * C / t_grid
+    verdict = "PASS" if best_ratio >= TARGET_RATIO and diff.max() <= TARGET_POINTS else "MISS"
     busy = max((sh.other or 0.0) for sh in (share_grid, share_sub))
     if args.threads + busy > n_cpus() + 0.25:
         verdict += (
@@ -404,8 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     log(
         f"  speed-up at the same tol 1e-4: {ratio:.1f}x on all cells (sklearn extrapolated from {m} cells), "
-        f"{ratio_sub:.1f}x like for like on the subset; target >= {TARGET_RATIO:g}x within {TARGET_POINTS:g} point: "
-        f"{verdict}"
+        f"{ratio_sub:.1f}x like for like on the subset"
+    )
+    log(
+        f"  against the fastest sklearn configuration ({best_label}): {best_ratio:.1f}x extrapolated to all cells; "
+        f"target >= {TARGET_RATIO:g}x within {TARGET_POINTS:g} points: {verdict}"
     )
     for k, (label, _) in variants.items():
         if k != "sklearn":
@@ -498,7 +507,8 @@ def write_results(args, argv, r: dict) -> None:
             f"| {label}, the {m} subset cells | 1e-4 | {med[k]:.1f} | {1000 * med[k] / m:.1f} | "
             f"**{med[k] / t_sub:.1f}x** | **{med[k] / m * C / t_grid:.1f}x** (extrapolated to {C} cells) |"
         )
-    met = ratio >= TARGET_RATIO and diff.max() <= TARGET_POINTS
+    best_all = min(med[k] for k in variants)
+    met = best_all / m * C / t_grid >= TARGET_RATIO and diff.max() <= TARGET_POINTS
     per_it = (1000 * med["sklearn_1t"] / sk["n_iter"].sum()) if "sklearn_1t" in med else None
     bullets = [
         f"* **Against the plain sklearn loop ({args.threads} thread(s), sklearn's default here): {ratio:.1f}x** on the "
@@ -507,7 +517,7 @@ def write_results(args, argv, r: dict) -> None:
         + ", ".join(f"{t:.1f}" for t in r["t_subs"])
         + " s; sklearn "
         + ", ".join(f"{t:.1f}" for t in r["t_sks"])
-        + f" s). Target >= {TARGET_RATIO:g}x within {TARGET_POINTS:g} point: **{'met' if met else 'not met'}**.",
+        + f" s). Issue 6's target (>= {TARGET_RATIO:g}x the plain loop): **{'met' if ratio >= TARGET_RATIO else 'not met'}**.",
     ]
     if "sklearn_1t" in med:
         best_k = min((k for k in med if k.startswith("sklearn")), key=lambda k: med[k])
@@ -519,8 +529,8 @@ def write_results(args, argv, r: dict) -> None:
             f"fit at n = {args.n - round(args.n / 4)}, d = {args.d} is too small to split, and every iteration's "
             f"parallel BLAS and OpenMP regions cost more than they compute. Against the fastest sklearn "
             f"configuration ({variants[best_k][0]}) the grid is **{best / t_sub:.1f}x** like for like and "
-            f"{best / m * C / t_grid:.1f}x extrapolated to all cells: the 10x target is "
-            f"**{'met' if best / m * C / t_grid >= TARGET_RATIO else 'not met'}** against a tuned baseline."
+            f"{best / m * C / t_grid:.1f}x extrapolated to all cells: issue 20's target (>= {TARGET_RATIO:g}x the "
+            f"fastest configuration within {TARGET_POINTS:g} points) is **{'met' if met else 'not met'}**."
         )
     bullets += [
         f"* **Accuracy**: mean |diff| {diff.mean():.2f} points, max {diff.max():.2f} points over {diff.size} (cell, "
