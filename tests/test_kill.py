@@ -76,12 +76,32 @@ def invoke(args: list[str], monkeypatch) -> tuple[str, list[str]]:
     return res.output, saved
 
 
+# the CLI with a pause before every space after the first: a space is scored in a fraction of a second, so without
+# it the run could finish all of them before the signal lands (it did once, on a loaded machine); each space is still
+# scored in full, the pause only holds the signal's window open
+SLOW_SPACES = textwrap.dedent(
+    """
+    import sys, time
+    from layerscope.cli import main
+    from layerscope.experiments import properties as p
+    score = p._space_cell
+    def slow(gen, sh, si, *rest):
+        if si > 0:
+            time.sleep(60)
+        return score(gen, sh, si, *rest)
+    p._space_cell = slow
+    sys.argv[0] = "layerscope"
+    main()
+    """
+)
+
+
 def test_properties_interrupted_between_spaces_resumes(tmp_path, monkeypatch):
     folder = tmp_path / "p"
     spaces = ["noise", "mid_block", "up_blocks.1"]
     args = ["properties", "zoo:unet", *[a for s in spaces for a in ("-s", s)], "--n", "8", "--pairs", "2"]
     args += ["--steps", "2", "--out", str(folder)]
-    child = spawn([*CLI, *args])
+    child = spawn([sys.executable, "-c", SLOW_SPACES, *args])
     stop_when(child, lambda: len(markers(folder, "space_*.json")) >= 1, signal.SIGINT)
     kept = {stem(k) for k in markers(folder, "space_*.json")}
     assert not Result.exists(folder) and kept
