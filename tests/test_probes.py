@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from layerscope.errors import ConfigError
 from layerscope.stats import ProbeGrid, entropy_bits, fit_probe_grid, mi_lower_bound
 
 N, D, C, ONSET = 600, 16, 8, 5
@@ -162,7 +163,22 @@ def test_to_frame(onset_grid):
     assert float(row["value"].iloc[0]) == pytest.approx(float(onset_grid.accuracy[ONSET, 0]))
 
 
-def test_agrees_with_sklearn():
+def test_both_curvatures_reach_one_optimum():
+    """The diagonal and the full (K-FAC) curvature only shape the steps: at a tight tol both end at the optimum."""
+    cells, y = _onset_world(torch.float64)
+    full = fit_probe_grid(cells, y, n_classes=[4, 3], tol=1e-9, curvature="kfac")
+    diag = fit_probe_grid(cells, y, n_classes=[4, 3], tol=1e-9, curvature="diagonal")
+    assert bool(full.converged.all()) and bool(diag.converged.all())
+    assert full.max_grad_norm <= 1e-9 and diag.max_grad_norm <= 1e-9
+    assert torch.allclose(full.cross_entropy, diag.cross_entropy, atol=1e-7)
+    assert torch.equal(full.accuracy, diag.accuracy)
+    assert not torch.equal(full.n_iter, diag.n_iter)  # two different solvers did run
+    with pytest.raises(ConfigError, match="curvature must be"):
+        fit_probe_grid(cells, y, n_classes=[4, 3], curvature="newton")
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "diagonal"])
+def test_agrees_with_sklearn(curvature):
     pytest.importorskip("sklearn")  # in the test extra; skipped only where it is not installed
     from sklearn.linear_model import LogisticRegression
 
@@ -171,7 +187,7 @@ def test_agrees_with_sklearn():
     y = _labels(n, [k], seed=8)
     x = torch.randn(n, d, generator=g) + 0.8 * torch.randn(k, d, generator=g)[y[:, 0]]
     x = x @ torch.randn(d, d, generator=g)  # correlated channels
-    grid = fit_probe_grid(x[None], y, n_classes=[k], l2=l2)
+    grid = fit_probe_grid(x[None], y, n_classes=[k], l2=l2, curvature=curvature)
     n_test = round(0.25 * n)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # the solver's split (seed=0)
     tr, te = perm[n_test:], perm[:n_test]
