@@ -515,8 +515,8 @@ class _Pool:
         diagonal, mean_i p_i (1 - p_i), with ``diagonal``)."""
         m = min(self.n, CURVATURE_SAMPLES)  # the train samples are in random order: the first m are a sample
         if self.diagonal:
-            p = self.e[..., :m]
-            self.adiag = (p * (1 - p)).mean(-1).unsqueeze(1)  # (B, 1, Kt)
+            p = self.e[..., :m]  # mean p (1 - p), without a temporary the size of p
+            self.adiag = ((p.sum(-1) - torch.linalg.vector_norm(p, dim=-1).square()) / m).unsqueeze(1)  # (B, 1, Kt)
             return
         for j, (_, _, pv) in enumerate(self.seg.views(self.e)):
             pv = pv[..., :m]  # (B, F_g, K, m)
@@ -571,7 +571,8 @@ class _Pool:
     def _gradient(self, s: torch.Tensor) -> torch.Tensor:
         """Gradient (B, D, Kt) at the point whose exp(z - max) is in e (consumed) with sums s."""
         self.seg.normalize(self.e, s)  # softmax
-        return torch.bmm(self.xt, self.e.transpose(1, 2)) / self.n - self.xy + self.l2 * self.w * self.pen
+        g = torch.baddbmm(self.xy, self.xt, self.e.transpose(1, 2), beta=-1.0, alpha=1.0 / self.n)
+        return g.addcmul_(self.w, self.pen, value=self.l2)
 
     def step(self) -> None:
         """One L-BFGS iteration of every unfinished problem."""
@@ -583,10 +584,10 @@ class _Pool:
         for s_, y_, rho in zip(reversed(self.s_hist), reversed(self.y_hist), reversed(self.rho_hist)):
             a = rho * seg.dot(s_, q)
             alphas.append(a)
-            q -= seg.spread(a) * y_
+            q.addcmul_(seg.spread(a), y_, value=-1.0)
         r = seg.spread(self.gamma) * self._precond(q)
         for (s_, y_, rho), a in zip(zip(self.s_hist, self.y_hist, self.rho_hist), reversed(alphas)):
-            r += seg.spread(a - rho * seg.dot(y_, r)) * s_
+            r.addcmul_(seg.spread(a - rho * seg.dot(y_, r)), s_)
         d = -r * seg.spread((~done).to(dt))
         slope = seg.dot(g, d)  # (B, F), < 0 for every unfinished problem
         bad = (slope >= 0) & ~done
