@@ -95,6 +95,18 @@ class CpuShare:
             self.other = max(0.0, (b1 - self._b0 - ours) / wall)
 
 
+def combine(shares: "list[CpuShare]") -> CpuShare:
+    """One CpuShare for several intervals: ``other`` and ``ours`` averaged with the intervals' wall times as weights,
+    ``wall`` their sum."""
+    out = CpuShare()
+    out.wall = sum(s.wall for s in shares)
+    for name in ("other", "ours"):
+        vals = [(getattr(s, name), s.wall) for s in shares]
+        if out.wall > 0 and all(v is not None for v, _ in vals):
+            setattr(out, name, sum(v * w for v, w in vals) / out.wall)
+    return out
+
+
 def replace_section(results: Path, header: str, body: str) -> None:
     """Put ``body`` (starting with the ``header`` line) into RESULTS.md in place of that section, or append it."""
     text = results.read_text() if results.exists() else ""
