@@ -9,7 +9,6 @@ first generation; hooks are installed by :mod:`.hooks`; each site's work is done
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +34,8 @@ from .plan import (
     plan_interventions,
 )
 from .spec import Capture, Intervention
-from .store import SCHEMA, ActivationStore, ArraySpec, CaptureResult, check_array_names, fingerprint
+from .store import SCHEMA, ActivationStore, CaptureResult, check_array_names, fingerprint
+from .stream import StoreWriter
 
 
 @dataclass
@@ -239,7 +239,8 @@ def execute(
             ActivationStore.check_target(path)  # before a lock file goes into someone's folder
             held.enter_context(lock(path, "activation store"))
             attrs = _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment)
-            store = ActivationStore.create_or_resume(path, attrs, specs, max_batch, capture.torch_dtype)
+            # a fresh store is checked here and created by the writer thread while the first steps run
+            store = ActivationStore.create_or_resume(path, attrs, specs, max_batch, capture.torch_dtype, defer=True)
             todo = store.pending()
         result_cap = CaptureResult() if capture is not None and store is None else None
         images, timesteps = _run_chunks(
@@ -287,20 +288,23 @@ def _run_chunks(
     store: ActivationStore | None,
     result_cap: CaptureResult | None,
 ) -> tuple[list[tuple[list[int], torch.Tensor]], list[float]]:
-    """Generate the ``todo`` samples in chunks; captures go to ``store`` (written on a background thread while the
-    next chunk generates) or ``result_cap``. Returns the images by chunk and the scheduler's timesteps."""
+    """Generate the ``todo`` samples in chunks; captures go to ``store`` (streamed by a :class:`.StoreWriter`
+    thread: each site's step as soon as it is captured) or ``result_cap``. Returns the images by chunk and the
+    scheduler's timesteps."""
     n = len(prompts)
     images: list[tuple[list[int], torch.Tensor]] = []
     timesteps: list[float] = []
     done = n - len(todo)
-    writer = ThreadPoolExecutor(max_workers=1) if store is not None else None
-    pending: Future[None] | None = None
+    writer = StoreWriter(store) if store is not None and cap_plan is not None else None
     try:
         by_layer: dict[str, list[PlannedIntervention]] = {}
         for p in planned:
             by_layer.setdefault(p.info.name, []).append(p)
         cap_names = {i.name for i in cap_plan.infos} if cap_plan else set()
+        specs = list(cap_plan.specs.values()) if cap_plan else []
         for ids in _chunks(todo, max_batch):
+            if writer is not None:
+                writer.begin(ids, specs)
             run = RunState(len(ids), branches)
             handlers: dict[str, SiteHandler] = {}
             for info in lmap.all():
@@ -314,6 +318,7 @@ def _run_chunks(
                     by_layer.get(name, []),
                     capture if name in cap_names else None,
                     cap_plan if name in cap_names else None,
+                    writer.step if writer is not None and name in cap_names else None,
                 )
             chunk_prompts = [prompts[i] for i in ids]
             set_indices(gen, handlers, chunk_prompts, cfg, branches)
@@ -339,11 +344,8 @@ def _run_chunks(
                     if name in cap_names
                     for what, data in h.finish().items()
                 ]
-                if store is not None:
-                    assert writer is not None
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(_write_and_mark, store, items, ids, timesteps, batch_images)
+                if writer is not None:
+                    writer.end(ids, items, batch_images, timesteps)
                 else:
                     assert result_cap is not None
                     for spec, data in items:
@@ -351,23 +353,13 @@ def _run_chunks(
             done += len(ids)
             if progress is not None:
                 progress(done, n)
-    finally:
+    except BaseException:
         if writer is not None:
-            writer.shutdown(wait=True)  # a finished batch is kept even when a later one fails
-    if pending is not None:
-        pending.result()
+            writer.close(abort=True)  # a finished batch is kept even when a later one fails
+        raise
+    if writer is not None:
+        writer.close()  # raises what failed on the writer thread
     return images, timesteps
-
-
-def _write_and_mark(
-    store: ActivationStore,
-    items: list[tuple[ArraySpec, torch.Tensor]],
-    ids: list[int],
-    timesteps: list[float],
-    images: torch.Tensor,
-) -> None:
-    store.write_batch(items, ids, images)  # data, then the manifest of what was written
-    store.mark_done(ids, timesteps)  # only then the samples count as finished
 
 
 def _assemble(parts: list[tuple[list[int], torch.Tensor]], n: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..layers import LayerInfo
 from .plan import CapturePlan, PlannedIntervention, channel_view, reduced_dims, resolve_branches
 from .spec import Capture, Row, Stored
+from .store import ArraySpec
 
 
 class RunState:
@@ -66,8 +67,10 @@ class SiteHandler:
         ivs: list[PlannedIntervention],
         cap: Capture | None,
         cap_plan: CapturePlan | None,
+        sink: Callable[[ArraySpec, int, torch.Tensor], None] | None = None,
     ) -> None:
         self.info = info
+        self.sink = sink  # told of every filled step (spec, step index, buffer): the store's streaming writer
         self.run = run
         self.sample_ids = sample_ids
         self.ivs: list[tuple[PlannedIntervention, list[int], int | list[int] | None]] = []
@@ -235,6 +238,8 @@ class SiteHandler:
                 raise ConfigError(f"{self.info.name}: captured more steps than the {len(spec.steps)} planned")
             buf[:, k].copy_(data)
             self.filled[spec.what] = k + 1
+            if self.sink is not None:
+                self.sink(spec, k, buf)
 
     def finish(self) -> dict[str, torch.Tensor]:
         out = {}

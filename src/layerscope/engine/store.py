@@ -43,6 +43,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -220,6 +221,17 @@ class CaptureResult(_Lookup):
 
 
 @dataclass
+class _Creation:
+    """What :func:`_create` needs to write a fresh store."""
+
+    attrs: dict[str, Any]
+    specs: list[ArraySpec]
+    n: int
+    chunk_samples: int
+    dtype: torch.dtype
+
+
+@dataclass
 class Damage:
     """One damaged file of a store: its path relative to the store, what is wrong, the sample block it holds."""
 
@@ -231,11 +243,34 @@ class Damage:
 class ActivationStore(_Lookup):
     """A zarr folder of captured activations (see the module docstring for its schema and integrity rules)."""
 
-    def __init__(self, path: str | Path, group: zarr.Group) -> None:
+    def __init__(self, path: str | Path, group: zarr.Group | None, creation: _Creation | None = None) -> None:
         self.path = Path(path)
-        self.group = group
+        self._group = group
+        self._creation = creation  # a fresh store not yet on disk (create_or_resume(defer=True))
         self._handles: dict[tuple[str, str], zarr.Array[Any]] = {}
         self._data: list[zarr.Array[Any]] | None = None  # every data array (output, update, images), for manifests
+
+    @property
+    def group(self) -> zarr.Group:
+        if self._group is None:
+            self.materialize()
+        assert self._group is not None
+        return self._group
+
+    @group.setter
+    def group(self, group: zarr.Group) -> None:
+        self._group = group
+
+    def materialize(self) -> None:
+        """Create a store whose creation was deferred (``create_or_resume(defer=True)``); a no-op otherwise. The
+        streaming writer calls it on its thread, so the arrays are made while the first steps run."""
+        c = self._creation
+        if c is None:
+            return
+        with disk_errors(self.path):
+            _create(self.path, c.attrs, c.specs, c.n, c.chunk_samples, c.dtype)
+            self._group = _reopen(self.path)
+        self._creation = None
 
     def _array(self, what: str, layer: str) -> zarr.Array[Any]:
         return self._handle((what, layer), f"{what}/{layer}", lambda: cast(zarr.Group, self.group[what])[layer])
@@ -288,12 +323,19 @@ class ActivationStore(_Lookup):
 
     @classmethod
     def create_or_resume(
-        cls, path: str | Path, attrs: dict[str, Any], specs: list[ArraySpec], chunk_samples: int, dtype: torch.dtype
+        cls,
+        path: str | Path,
+        attrs: dict[str, Any],
+        specs: list[ArraySpec],
+        chunk_samples: int,
+        dtype: torch.dtype,
+        defer: bool = False,
     ) -> "ActivationStore":
         """Create a store for this experiment, or reopen it to resume; a different experiment is refused.
 
         The caller holds ``layerscope.folders.lock(path)``. On resume, the samples of blocks whose chunk files are
-        missing or have the wrong size are marked not done (so they are regenerated)."""
+        missing or have the wrong size are marked not done (so they are regenerated). With ``defer``, a store that
+        must be created is checked here but written by :meth:`materialize` (or its first use)."""
         path = Path(path)
         fp = attrs["fingerprint"]
         n = specs[0].shape[0] if specs else len(attrs.get("prompts", []))
@@ -337,8 +379,12 @@ class ActivationStore(_Lookup):
                 raise StoreMismatchError(
                     f"{str(path)!r} exists, is not empty and is not a zarr store; choose another path"
                 )
-            _create(path, attrs, specs, n, chunk_samples, dtype)
-        return cls(path, _open_group(path, "a"))
+            creation = _Creation(attrs, specs, n, chunk_samples, dtype)
+            if defer:
+                return cls(path, None, creation)
+            store = cls(path, None, creation)
+            store.materialize()
+        return store
 
     # writing ----------------------------------------------------------------------------------------------------
     @property
@@ -347,6 +393,8 @@ class ActivationStore(_Lookup):
 
     @property
     def n(self) -> int:
+        if self._creation is not None:
+            return self._creation.n
         return int(self._done_array().shape[0])
 
     def _done_array(self) -> zarr.Array[Any]:
@@ -379,6 +427,8 @@ class ActivationStore(_Lookup):
         atomic_write_bytes(file, data.tobytes())  # a kill or full disk leaves the old flags, never half of them
 
     def pending(self) -> list[int]:
+        if self._creation is not None:  # not created yet: nothing is done
+            return list(range(self._creation.n))
         return [int(i) for i in np.flatnonzero(~self._read_done())]
 
     @property
@@ -418,9 +468,11 @@ class ActivationStore(_Lookup):
             dimension_names=("sample", "image.channel", "image.h", "image.w"),
         )
         tmp.rename(self.path / IMAGES)
-        self.group = _open_group(self.path, "a")
-        self._data = None
-        return self._array_at(IMAGES)
+        self.group = _reopen(self.path)
+        arr = self._array_at(IMAGES)
+        if self._data is not None:
+            self._data.append(arr)
+        return arr
 
     def _chunk_samples(self) -> int:
         for arr in self._data_arrays():
@@ -455,6 +507,47 @@ class ActivationStore(_Lookup):
             for block in sorted({i // cs for i in samples}):
                 self._record_block(block, cs)
 
+    def direct_batch(self, specs: list[ArraySpec], samples: list[int]) -> DirectBatch | None:
+        """A writer for this batch straight into its chunk files (step by step, while the denoiser runs), or None
+        when zarr must write it: a batch that fills only part of a sample block, or an array whose chunks are not
+        plain little-endian bytes of the layout :func:`_chunks` makes."""
+        if self.schema < SCHEMA or sys.byteorder != "little" or not samples:
+            return None
+        cs = self._chunk_samples()
+        n = self.n
+        first, last = samples[0], samples[-1]
+        if samples != list(range(first, last + 1)) or first % cs or (last + 1 != n and (last + 1) % cs):
+            return None  # not whole blocks
+        layouts: dict[tuple[str, str], _Layout] = {}
+        for spec in specs:
+            lay = _layout(self._array(spec.what, spec.layer), cs)
+            if lay is None:
+                return None
+            layouts[(spec.what, spec.layer)] = lay
+        blocks = sorted({i // cs for i in samples})
+        with disk_errors(self.path):
+            for block in blocks:  # a block being rewritten holds nothing finished: its old record goes first
+                (self.path / MANIFEST / f"{block}.json").unlink(missing_ok=True)
+        return DirectBatch(self, samples, layouts, blocks, cs)
+
+    def commit_direct(self, batch: DirectBatch, images: torch.Tensor | None) -> None:
+        """Finish a :meth:`direct_batch`: check every segment was written, add the images, then the manifest of its
+        blocks (from the checksums taken while writing). ``mark_done`` comes after."""
+        with disk_errors(self.path):
+            if images is not None:
+                arr = self._ensure_images(tuple(images.shape[1:]))
+                lay = _layout(arr, batch.cs)
+                imgs = images.float().contiguous()
+                if lay is None or lay.sc != lay.steps:  # zarr writes them; read back for the manifest below
+                    arr[batch.samples[0] : batch.samples[-1] + 1] = imgs.numpy()
+                else:  # (sample, channel, h, w), chunked whole per sample: one segment per image
+                    lay = _Layout(lay.arr, lay.n, 1, lay.cs, 1, lay.seg * lay.steps)
+                    for r, s in enumerate(batch.samples):
+                        batch.put(lay, s, 0, imgs[r])
+            known = batch.close()
+            for block in batch.blocks:
+                self._record_block(block, batch.cs, known)
+
     def mark_done(self, samples: list[int], timesteps: list[float]) -> None:
         with disk_errors(self.path):
             mask = self._read_done()
@@ -469,7 +562,7 @@ class ActivationStore(_Lookup):
         meta = json.loads(file.read_text())
         meta.setdefault("attributes", {})[key] = value
         atomic_write_text(file, json.dumps(meta, indent=2))
-        self.group = _open_group(self.path, "a")
+        self.group = _reopen(self.path)
 
     # integrity --------------------------------------------------------------------------------------------------
     def _data_arrays(self) -> list[zarr.Array[Any]]:
@@ -489,9 +582,14 @@ class ActivationStore(_Lookup):
                 files.append(f"{arr.path}/{arr.metadata.encode_chunk_key((block,) + tuple(rest))}")
         return files
 
-    def _record_block(self, block: int, cs: int) -> None:
+    def _record_block(self, block: int, cs: int, known: dict[str, tuple[int, int]] | None = None) -> None:
+        """Write the manifest of ``block``: size and crc32 of its chunk files (``known``: those the writer already
+        has, for files it wrote itself; the others are read back)."""
         files: dict[str, list[int]] = {}
         for rel in self._block_files(block):
+            if known is not None and rel in known:
+                files[rel] = list(known[rel])
+                continue
             data = (self.path / rel).read_bytes()
             files[rel] = [len(data), zlib.crc32(data)]
         entry = {"block": block, "samples": [block * cs, min((block + 1) * cs, self.n)], "files": files}
@@ -705,6 +803,11 @@ def _open_group(path: Path, mode: str) -> zarr.Group:
         ) from None
 
 
+def _reopen(path: Path) -> zarr.Group:
+    """The group again after this run rewrote its metadata (not checked again: it wrote it)."""
+    return zarr.open_group(str(path), mode="a")
+
+
 def _is_ours(name: str) -> bool:
     """Lock, marker, probe and temporary files layerscope keeps in a store folder."""
     return name.startswith(".layerscope")
@@ -796,3 +899,151 @@ def _chunks(shape: tuple[int, ...], chunk_samples: int, itemsize: int) -> tuple[
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
+
+
+# streaming straight into chunk files ----------------------------------------------------------------------------
+@dataclass
+class _Layout:
+    """Where an array's data lies in its uncompressed chunk files: a chunk holds ``cs`` samples x ``sc`` steps of
+    ``seg`` bytes each (everything after the step dim in one chunk), sample-major, padded to full size."""
+
+    arr: zarr.Array[Any]
+    n: int
+    steps: int
+    cs: int
+    sc: int
+    seg: int
+
+
+def _layout(arr: zarr.Array[Any], cs: int) -> _Layout | None:
+    """The layout of ``arr`` when its chunks are plain little-endian bytes filled with zero bytes, with ``cs``
+    samples, any steps, and the whole of every later dim; else None (zarr writes it)."""
+    from zarr.codecs import BytesCodec
+
+    meta = arr.metadata
+    codecs = getattr(meta, "codecs", None)
+    if not codecs or len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
+        return None
+    if codecs[0].endian is not None and getattr(codecs[0].endian, "value", codecs[0].endian) != "little":
+        return None
+    shape, chunks = tuple(arr.shape), tuple(arr.chunks)
+    if len(shape) < 2 or chunks[0] != cs or chunks[2:] != shape[2:]:
+        return None
+    dtype = np.dtype(arr.dtype)
+    if dtype.byteorder == ">" or np.asarray(meta.fill_value, dtype=dtype).tobytes() != bytes(dtype.itemsize):
+        return None
+    seg = int(np.prod(shape[2:], dtype=np.int64)) * dtype.itemsize
+    return _Layout(arr, int(shape[0]), int(shape[1]), cs, int(chunks[1]), seg)
+
+
+def _pwrite(path: Path, fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of the open chunk file ``path`` (the one place chunk bytes are written
+    directly; tests patch it to fake a full disk)."""
+    while len(data):
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
+class _ChunkFile:
+    """One chunk file being written segment by segment in any order; its crc32 is folded in file order as the
+    segments arrive (a segment that comes early waits, as a view, for those before it; padding is zero bytes)."""
+
+    def __init__(self, path: Path, rel: str, n_seg: int, seg: int, present: list[bool]) -> None:
+        self.path, self.rel, self.n_seg, self.seg, self.present = path, rel, n_seg, seg, present
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, n_seg * seg)  # full size, zero bytes (the fill value) where nothing is written
+        self.crc = 0
+        self.next = 0
+        self.waiting: dict[int, memoryview] = {}
+
+    def put(self, idx: int, data: memoryview) -> None:
+        assert self.fd is not None and self.present[idx] and len(data) == self.seg
+        _pwrite(self.path, self.fd, data, idx * self.seg)
+        self.waiting[idx] = data
+        while self.next < self.n_seg:
+            if not self.present[self.next]:
+                self.crc = zlib.crc32(_zeros(self.seg), self.crc)
+            elif self.next in self.waiting:
+                self.crc = zlib.crc32(self.waiting.pop(self.next), self.crc)
+            else:
+                break
+            self.next += 1
+
+    def close(self) -> tuple[int, int]:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.next != self.n_seg:
+            raise RuntimeError(f"{self.rel}: {self.n_seg - self.next} segments were never written")  # a bug
+        return self.n_seg * self.seg, self.crc
+
+
+_ZEROS: dict[int, bytes] = {}
+
+
+def _zeros(size: int) -> bytes:
+    if size not in _ZEROS:
+        _ZEROS[size] = bytes(size)
+    return _ZEROS[size]
+
+
+class DirectBatch:
+    """One batch of whole sample blocks written into the store's chunk files as the capture fills them: each
+    site's step goes to its place in its (uncompressed) chunk file at once, so the files are complete when the
+    generation ends; :meth:`ActivationStore.commit_direct` then adds the images and the manifest. The bytes on disk
+    are exactly those zarr would write."""
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        samples: list[int],
+        layouts: dict[tuple[str, str], _Layout],
+        blocks: list[int],
+        cs: int,
+    ) -> None:
+        self.store = store
+        self.samples = samples
+        self.layouts = layouts
+        self.blocks = blocks
+        self.cs = cs
+        self.files: dict[str, _ChunkFile] = {}
+
+    def write(self, spec: ArraySpec, k: int, buf: torch.Tensor) -> None:
+        """Write step index ``k`` of every sample of ``buf`` (batch, step, branch, *feature) of ``spec``'s array."""
+        lay = self.layouts[(spec.what, spec.layer)]
+        for r, s in enumerate(self.samples):
+            self.put(lay, s, k, buf[r, k])
+
+    def put(self, lay: _Layout, sample: int, k: int, data: torch.Tensor) -> None:
+        """Write one sample's data at step index ``k`` of the array of ``lay``."""
+        block, within = divmod(sample, lay.cs)
+        j, kk = divmod(k, lay.sc)
+        rel = f"{lay.arr.path}/{lay.arr.metadata.encode_chunk_key((block, j) + (0,) * (len(lay.arr.shape) - 2))}"
+        f = self.files.get(rel)
+        if f is None:
+            steps = range(j * lay.sc, (j + 1) * lay.sc)
+            rows = range(block * lay.cs, (block + 1) * lay.cs)
+            present = [s < lay.n and t < lay.steps for s in rows for t in steps]
+            f = self.files[rel] = _ChunkFile(self.store.path / rel, rel, lay.cs * lay.sc, lay.seg, present)
+        assert data.is_contiguous()
+        f.put(within * lay.sc + kk, data.numpy().data.cast("B"))
+
+    def close(self) -> dict[str, tuple[int, int]]:
+        """Close every file; their sizes and checksums (raises when a segment was never written)."""
+        out = {}
+        errors = []
+        for rel, f in self.files.items():
+            try:
+                out[rel] = f.close()
+            except RuntimeError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return out
+
+    def abort(self) -> None:
+        for f in self.files.values():
+            if f.fd is not None:
+                os.close(f.fd)
+                f.fd = None
