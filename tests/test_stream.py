@@ -221,3 +221,37 @@ def test_fresh_store_is_created_on_the_writer_thread(sd, tmp_path, monkeypatch):
     run(sd, tmp_path / "t.zarr", CAPTURES["pooled"], prompts=PROMPTS[:1])
     assert where == ["layerscope-store-writer"]
     assert ls.ActivationStore.open(tmp_path / "t.zarr", verify=True).complete
+
+
+def test_array_metadata_is_what_zarr_writes(sd, tmp_path):
+    """A store's arrays after the first get their zarr.json from the first one's (one zarr round trip each saved):
+    every array's metadata equals what zarr's create_array writes for it, and the store reads back through zarr."""
+    import numpy as np
+    import zarr
+
+    specs = []
+    real = store_mod._create
+    store_mod._create = lambda path, attrs, sp, *a: (specs.extend(sp), real(path, attrs, sp, *a))[1]
+    try:
+        layers = ["mid_block", "noise", MAP, "down_blocks.0.resnets.0"]
+        run(sd, tmp_path / "s", lambda p: ls.Capture(layers, store=p), max_batch=5)
+    finally:
+        store_mod._create = real
+    assert len(specs) >= 4
+    ref = zarr.open_group(str(tmp_path / "ref"), mode="w")
+    dt = np.dtype("float32")
+    for s in specs:
+        ref.require_group(s.what).create_array(
+            s.layer, shape=s.shape, chunks=store_mod._chunks(s.shape, 5, dt.itemsize), dtype=dt, compressors=None,
+            fill_value=0, dimension_names=store_mod.dimension_names(s),
+            attributes=store_mod._jsonable(
+                {"layer": s.layer, "what": s.what, "dims": list(s.dims), "steps": s.steps, "branches": s.branches,
+                 **s.attrs}
+            ),
+        )  # fmt: skip
+        mine = json.loads((tmp_path / "s" / s.what / s.layer / "zarr.json").read_text())
+        assert mine == json.loads((tmp_path / "ref" / s.what / s.layer / "zarr.json").read_text()), s.layer
+    store = ls.ActivationStore.open(tmp_path / "s", verify=True)
+    memory = run(sd, None, lambda p: ls.Capture(layers), max_batch=5).capture
+    for layer in layers:
+        assert torch.equal(store.to_tensor(layer), memory[layer]), layer

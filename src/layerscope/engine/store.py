@@ -849,26 +849,45 @@ def _create(
     group = zarr.open_group(str(tmp), mode="w")
     np_dtype = np.dtype(torch_dtype_name(dtype))
     subs = {what: group.require_group(what) for what in sorted({s.what for s in specs})}
+    template: dict[str, Any] | None = None
     for s in specs:
-        subs[s.what].create_array(
-            s.layer,
-            shape=s.shape,
-            chunks=_chunks(s.shape, chunk_samples, np_dtype.itemsize),
-            dtype=np_dtype,
-            compressors=None,
-            fill_value=0,
-            dimension_names=dimension_names(s),
-            attributes=_jsonable(
-                {
-                    "layer": s.layer,
-                    "what": s.what,
-                    "dims": list(s.dims),
-                    "steps": s.steps,
-                    "branches": s.branches,
-                    **s.attrs,
-                }
-            ),
+        chunks = _chunks(s.shape, chunk_samples, np_dtype.itemsize)
+        names = dimension_names(s)
+        attributes = _jsonable(
+            {
+                "layer": s.layer,
+                "what": s.what,
+                "dims": list(s.dims),
+                "steps": s.steps,
+                "branches": s.branches,
+                **s.attrs,
+            }
         )
+        if template is None:  # zarr writes the first array; the others are its metadata with their own fields
+            subs[s.what].create_array(
+                s.layer,
+                shape=s.shape,
+                chunks=chunks,
+                dtype=np_dtype,
+                compressors=None,
+                fill_value=0,
+                dimension_names=names,
+                attributes=attributes,
+            )
+            template = json.loads((tmp / s.what / s.layer / "zarr.json").read_text())
+            continue
+        # each zarr create_array is a round trip to zarr's event-loop thread (about 2 ms); a capture of all
+        # layers has dozens of arrays of one dtype, whose metadata differ only in these fields
+        meta = {
+            **template,
+            "shape": list(s.shape),
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+            "attributes": attributes,
+            "dimension_names": list(names),
+        }
+        node = tmp / s.what / s.layer
+        node.mkdir(parents=True)
+        (node / "zarr.json").write_text(json.dumps(meta, indent=2))
     group.create_array(
         "done", shape=(n,), chunks=(max(n, 1),), dtype=bool, fill_value=False, dimension_names=("sample",)
     )
