@@ -13,6 +13,7 @@ from .plan import estimate_bytes, fmt_bytes, plan_capture
 from .spec import Capture, Intervention, PerTarget, Row, Stored, add, blend, replace, reweight, zero
 from .steps import WINDOWS, StepSel, resolve_steps, window
 from .store import ActivationStore, CaptureResult, StoreIntegrityError
+from .stream import StoreWriteError
 from .sweep import SweepResult, injection_sweep, layer_sets
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "Row",
     "StepSel",
     "StoreIntegrityError",
+    "StoreWriteError",
     "Stored",
     "SweepResult",
     "add",

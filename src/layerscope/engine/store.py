@@ -33,6 +33,15 @@ does the size check and marks the samples of every damaged block as not done, so
 The store is created under a temporary name beside its path and moved into place with the root ``zarr.json`` last,
 so a kill at any moment leaves nothing or a resumable store; ``done``, the root metadata and the manifest are
 written atomically (temporary file + rename).
+
+**Streaming.** A capture streamed by :class:`~.stream.StoreWriter` writes each site's step, as soon as the hook has
+captured it, straight into its place in the chunk files (:meth:`ActivationStore.direct_batch`: byte offsets from the
+uncompressed chunk layout, crc32 folded as the pieces arrive), on one writer thread fed through a bounded queue;
+the files are byte for byte what zarr writes. A block being rewritten loses its manifest record first, and a batch's
+record and ``done`` flags come only after its last write (:meth:`ActivationStore.commit_direct`), so a kill
+mid-batch leaves a block that reopens as not done. Batches that fill only part of a block, and arrays with other
+codecs, go through zarr. A fresh store's arrays are created on the writer thread while the first steps run
+(``create_or_resume(defer=True)``): the first through zarr, the others from its metadata.
 """
 
 from __future__ import annotations
