@@ -76,12 +76,13 @@ def invoke(args: list[str], monkeypatch) -> tuple[str, list[str]]:
     return res.output, saved
 
 
-# the CLI with a pause before every space after the first: a space is scored in a fraction of a second, so without
-# it the run could finish all of them before the signal lands (it did once, on a loaded machine); each space is still
-# scored in full, the pause only holds the signal's window open
+# the CLI with a pause before every space after the first, so the signal always lands between spaces (each space is
+# still scored in full); and SIGINT raising KeyboardInterrupt even when the suite runs as a background job of a
+# non-interactive shell, which starts every process with SIGINT ignored (Python then installs no handler for it)
 SLOW_SPACES = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from layerscope.cli import main
     from layerscope.experiments import properties as p
     score = p._space_cell
