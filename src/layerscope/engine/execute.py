@@ -20,6 +20,7 @@ from ..config import GenerationConfig
 from ..errors import BudgetError, ConfigError, GenerationError
 from ..folders import check_output, lock
 from ..layers import LayerMap
+from .allocator import tune_cpu_allocator
 from .backend import Backend
 from .handler import RunState, ShapeRecorder, SiteHandler
 from .hooks import installed_hooks, set_indices
@@ -228,6 +229,8 @@ def execute(
                 f"written, over the budget of {fmt_bytes(capture.budget_bytes)}; lower max_batch"
             )
 
+    if _denoiser_on_cpu(gen):
+        tune_cpu_allocator()
     with ExitStack() as held:
         store: ActivationStore | None = None
         todo = list(range(n))
@@ -261,6 +264,14 @@ def execute(
         result_cap.timesteps = timesteps
         result_cap.attrs = _store_attrs(gen, prompts, seeds, cfg, capture, interventions, branches, experiment)
     return GenerationResult(out_images, store if store is not None else result_cap, timesteps)
+
+
+def _denoiser_on_cpu(gen: Backend) -> bool:
+    """Whether the denoiser's weights are on the CPU (single-pass generators: False; they run once per sample)."""
+    if gen.step_module is None:
+        return False
+    first = next(gen.module(gen.step_module).parameters(), None)
+    return first is not None and first.device.type == "cpu"
 
 
 def per_step_timesteps(timesteps: list[float], call_steps: list[int] | None) -> list[float]:
