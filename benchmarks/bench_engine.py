@@ -70,11 +70,13 @@ def run_interleaved(
     repeats: int,
     label: str,
     warmups: dict[str, Callable[[], object] | None] | None = None,
+    between: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
     """A warm-up, then ``repeats`` rounds; each round runs all variants in a rotated order.
 
     ``warmups`` replaces the warm-up of a variant by a cheaper call that exercises the same shapes (None: no own
-    warm-up, because another variant's warm-up already ran the same shapes).
+    warm-up, because another variant's warm-up already ran the same shapes). ``between`` runs untimed after every
+    call (clean-up).
     """
     names = list(variants)
     warmups = warmups or {}
@@ -83,6 +85,8 @@ def run_interleaved(
         fn = warmups.get(name, variants[name])
         if fn is not None:
             timed(fn)
+            if between is not None:
+                between()
     log(f"  [{label}] warm-up done in {time.perf_counter() - t0:.1f}s")
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
@@ -90,6 +94,8 @@ def run_interleaved(
         for name in order:
             dt, _ = timed(variants[name])
             times[name].append(dt)
+            if between is not None:
+                between()
         log(f"  [{label}] repeat {r + 1}/{repeats}: " + ", ".join(f"{n}={times[n][-1]:.3f}s" for n in names))
     return times
 
@@ -153,9 +159,12 @@ def bench_capture(model, gen: dict, layers: list[str], repeats: int, tmp: Path) 
         "plain4": plain4,
         "zarr4": zarr4,
     }
-    times = run_interleaved(variants, repeats, "capture")
-    for p in tmp.glob("x*.zarr"):
-        shutil.rmtree(p, ignore_errors=True)
+
+    def clean() -> None:  # each store is deleted after its run (untimed), so stores do not pile up on disk
+        for p in tmp.glob("x*.zarr"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    times = run_interleaved(variants, repeats, "capture", between=clean)
     return {n: med(ts) for n, ts in times.items()}
 
 
@@ -206,7 +215,8 @@ def bench_sweep(model, gen: dict, layers: list[str], repeats: int, skip_nnsight:
         return res
 
     def plain_k2():
-        return model.generate([O_PROMPT, E_PROMPT] + [O_PROMPT] * k, seeds=[0, 1] + [0] * k, **gen)
+        # one generation of batch k+2, as the sweep runs (the model's default_max_batch would split it in chunks)
+        return model.generate([O_PROMPT, E_PROMPT] + [O_PROMPT] * k, seeds=[0, 1] + [0] * k, max_batch=k + 2, **gen)
 
     def loop(which=layers):
         imgs = {}

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     def plain(rows: int) -> Callable[[], object]:
         prompts = [o_prompt, e_prompt] + [o_prompt] * (rows - 2)
         seeds = [0, 1] + [0] * (rows - 2)
-        return lambda: model.generate(prompts, seeds=seeds, **gen)
+        return lambda: model.generate(prompts, seeds=seeds, max_batch=rows, **gen)  # one batch, not chunks
 
     variants: dict[str, Callable[[], object]] = {"batched": batched, "loop": loop}
     if not args.no_plain:
