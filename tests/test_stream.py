@@ -223,21 +223,34 @@ def test_fresh_store_is_created_on_the_writer_thread(sd, tmp_path, monkeypatch):
     assert ls.ActivationStore.open(tmp_path / "t.zarr", verify=True).complete
 
 
-def test_array_metadata_is_what_zarr_writes(sd, tmp_path):
+def test_array_metadata_is_what_zarr_writes(sd, tmp_path, monkeypatch):
     """A store's arrays after the first get their zarr.json from the first one's (one zarr round trip each saved):
     every array's metadata equals what zarr's create_array writes for it, and the store reads back through zarr."""
     import numpy as np
     import zarr
 
-    specs = []
+    specs, adopted = [], []
+    adopt = store_mod.ActivationStore._adopt
+
+    def spy(self, metas):
+        adopt(self, metas)
+        adopted.append(len(self._handles))
+
+    monkeypatch.setattr(store_mod.ActivationStore, "_adopt", spy)
     real = store_mod._create
     store_mod._create = lambda path, attrs, sp, *a: (specs.extend(sp), real(path, attrs, sp, *a))[1]
     try:
         layers = ["mid_block", "noise", MAP, "down_blocks.0.resnets.0"]
-        run(sd, tmp_path / "s", lambda p: ls.Capture(layers, store=p), max_batch=5)
+        written = run(sd, tmp_path / "s", lambda p: ls.Capture(layers, store=p), max_batch=5).capture
     finally:
         store_mod._create = real
     assert len(specs) >= 4
+    # the run's handles came from the metadata it wrote, not from disk: equal to what zarr reads back
+    on_disk = zarr.open_group(str(tmp_path / "s"), mode="r")
+    assert adopted == [len(specs) + 1]  # every array's handle, and the done flags', made at creation
+    for s in specs:
+        arr = written._handles[(s.what, s.layer)]
+        assert arr.metadata == on_disk[s.what][s.layer].metadata and arr.path == f"{s.what}/{s.layer}", s.layer
     ref = zarr.open_group(str(tmp_path / "ref"), mode="w")
     dt = np.dtype("float32")
     for s in specs:

@@ -277,9 +277,30 @@ class ActivationStore(_Lookup):
         if c is None:
             return
         with disk_errors(self.path):
-            _create(self.path, c.attrs, c.specs, c.n, c.chunk_samples, c.dtype)
+            metas = _create(self.path, c.attrs, c.specs, c.n, c.chunk_samples, c.dtype)
             self._group = _reopen(self.path)
         self._creation = None
+        self._adopt(metas)
+
+    def _adopt(self, metas: dict[tuple[str, str], dict[str, Any]]) -> None:
+        """Handles of the arrays just created, from the metadata this run wrote (no reread of every array's
+        zarr.json through zarr's event-loop thread, about 0.7 ms each). Left to the lazy lookup on any surprise."""
+        from zarr.core.array import AsyncArray
+        from zarr.core.metadata import ArrayV3Metadata
+
+        group = self.group
+        try:
+            handles = {
+                key: zarr.Array(
+                    AsyncArray(ArrayV3Metadata.from_dict(meta), group.store_path / "/".join(k for k in key if k))
+                )
+                for key, meta in metas.items()
+            }
+        except Exception:  # another zarr's internals: open them from disk when first used
+            return
+        for key, arr in handles.items():
+            self._handles[key] = arr.with_config(WRITE_ALL_CHUNKS)
+        self._data = [self._handles[k] for k in sorted(k for k in metas if k[0] in ("output", "update"))]
 
     def _array(self, what: str, layer: str) -> zarr.Array[Any]:
         return self._handle((what, layer), f"{what}/{layer}", lambda: cast(zarr.Group, self.group[what])[layer])
@@ -442,7 +463,7 @@ class ActivationStore(_Lookup):
 
     @property
     def has_images(self) -> bool:
-        return IMAGES in self.group
+        return ("", IMAGES) in self._handles or IMAGES in self.group
 
     def images(self, samples: list[int] | None = None) -> torch.Tensor:
         """The generated images of ``samples`` (default all), float32 (sample, 3, H, W) in [0, 1]."""
@@ -851,8 +872,10 @@ def _clear(path: Path) -> None:
 
 def _create(
     path: Path, attrs: dict[str, Any], specs: list[ArraySpec], n: int, chunk_samples: int, dtype: torch.dtype
-) -> None:
-    """Build the store under a temporary name beside ``path``, then move it in with the root zarr.json last."""
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Build the store under a temporary name beside ``path``, then move it in with the root zarr.json last.
+    Returns the metadata written, by (what, layer)."""
+    metas: dict[tuple[str, str], dict[str, Any]] = {}
     tmp = path.parent / f".{path.name}{TMP_TAG}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.open_group(str(tmp), mode="w")
@@ -884,6 +907,7 @@ def _create(
                 attributes=attributes,
             )
             template = json.loads((tmp / s.what / s.layer / "zarr.json").read_text())
+            metas[(s.what, s.layer)] = template
             continue
         # each zarr create_array is a round trip to zarr's event-loop thread (about 2 ms); a capture of all
         # layers has dozens of arrays of one dtype, whose metadata differ only in these fields
@@ -897,9 +921,11 @@ def _create(
         node = tmp / s.what / s.layer
         node.mkdir(parents=True)
         (node / "zarr.json").write_text(json.dumps(meta, indent=2))
-    group.create_array(
+        metas[(s.what, s.layer)] = meta
+    done = group.create_array(
         "done", shape=(n,), chunks=(max(n, 1),), dtype=bool, fill_value=False, dimension_names=("sample",)
     )
+    metas[("", "done")] = done.metadata.to_dict()
     meta = _jsonable(attrs)
     meta["layerscope"] = {**meta.get("layerscope", {}), "schema": SCHEMA}
     group.attrs.update(meta)
@@ -912,6 +938,7 @@ def _create(
     (tmp / "zarr.json").rename(path / "zarr.json")  # the commit point: from here on the store is resumable
     (path / CREATING).unlink()
     tmp.rmdir()
+    return metas
 
 
 CHUNK_BYTES = 32 * 2**20
