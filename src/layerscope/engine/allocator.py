@@ -10,8 +10,8 @@ what else was allocated before it. A generation's large activations (a feed-forw
 Measured on ``tiny:sd`` (64x64, 10 steps, CFG, 1 thread; ``benchmarks/RESULTS.md``): a batched injection sweep over
 25 layers took 2.1 million page faults (3.1 s of kernel time in a 27 s run), while a plain generation of the same
 batch took a few thousand. The hooks' out-of-place copies change which free chunks the heap has. With the
-thresholds below, the sweep took 30,000 faults and the plain generation 10, and the sweep ran within 1% of the plain generation
-(23.58 s against 23.37 s on one thread; 0.99 of it on two, ``benchmarks/bench_engine.py``).
+thresholds below, the sweep took 30,000 faults and the plain generation 10, and the sweep ran within 1% of the plain
+generation (23.58 s against 23.37 s on one thread; 0.99 of it on two, ``benchmarks/bench_engine.py``).
 
 :func:`tune_cpu_allocator` sets glibc's ``M_MMAP_THRESHOLD`` to 1 GiB and ``M_TRIM_THRESHOLD`` to 1 GiB: requests up
 to 1 GiB come from the heap, and the heap keeps up to 1 GiB of free memory at its top instead of returning it to the
