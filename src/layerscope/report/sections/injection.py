@@ -297,7 +297,8 @@ def render(run: SectionRun, page: Page) -> str:
             out.append(
                 page.p(
                     f"Sanity ({'passed' if ok else 'FAILED'}): the O row of the batched sweep differs from a plain "
-                    f"generation of O by at most {s['no_layer_vs_O']:.2g}; injecting E at every layer and space from "
+                    f"generation of O (in a batch laid out as the sweep's) by at most {s['no_layer_vs_O']:.2g}; "
+                    "injecting E at every layer and space from "
                     f"step 0 differs from E by at most {s['every_layer_vs_E']:.2g} (O and E differ by up to "
                     f"{s['O_vs_E']:.2f})."
                 )
