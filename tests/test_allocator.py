@@ -1,4 +1,4 @@
-"""The CPU allocator tuning (:mod:`layerscope.engine.allocator`): large tensors reuse heap pages instead of faulting
+"""The CPU allocator tuning (:mod:`layerscope.allocator`): large tensors reuse heap pages instead of faulting
 in fresh ones, once per process, and ``LAYERSCOPE_MALLOC=system`` switches it off."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from layerscope.engine import allocator
+from layerscope import allocator
 
 glibc = pytest.mark.skipif(
     not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only"
@@ -21,7 +21,7 @@ glibc = pytest.mark.skipif(
 _FAULTS = textwrap.dedent(
     """
     import os, resource, sys, torch
-    from layerscope.engine.allocator import tune_cpu_allocator
+    from layerscope.allocator import tune_cpu_allocator
     print(tune_cpu_allocator(), file=sys.stderr)
     torch.empty(54 << 18).fill_(1.0)  # the first one may fault in either case
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from .._version import __version__
+from ..allocator import tune_cpu_allocator
 from ..config import GenerationConfig
 from ..errors import BudgetError, ConfigError, GenerationError
 from ..folders import check_output, lock
 from ..layers import LayerMap
-from .allocator import tune_cpu_allocator
 from .backend import Backend
 from .handler import RunState, ShapeRecorder, SiteHandler
 from .hooks import installed_hooks, set_indices

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from ..engine.allocator import tune_cpu_allocator
+from ..allocator import tune_cpu_allocator
 from ..errors import ConfigError
 from ..progress import ProgressArg, progress_callback
 from .bootstrap import percentile_interval, resample_weights
@@ -772,7 +772,7 @@ def fit_probe_grid(
         raise ConfigError(f"curvature must be 'auto', 'kfac' or 'diagonal', got {curvature!r}")
 
     dev = torch.device(device) if device is not None else x.device
-    if dev.type == "cpu":  # the solver's work tensors reuse heap pages (3-4% here; layerscope.engine.allocator)
+    if dev.type == "cpu":  # the solver's work tensors reuse heap pages (3-4% here; layerscope.allocator)
         tune_cpu_allocator()
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
