@@ -892,7 +892,9 @@ def plan(model: "Generator", settings: Settings) -> StudyPlan:
         )
     ]
     if st.sanity:
-        rows.append(Generations("sanity anchors (first pair)", 2, 4, 3, steps, branches))
+        rows.append(
+            Generations("sanity anchors (first pair)", 2, 6, 3, steps, branches)
+        )  # sweep O, E, O<-E; plain O, E, O
     weights, row = model_bytes(model)
     return StudyPlan(NAME, model.spec, rows, weights, row)
 
