@@ -13,12 +13,16 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..allocator import tune_cpu_allocator
+
 
 def pick_device(device: str | None = None) -> torch.device:
-    """``device`` if given, else CUDA when available, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` if given, else CUDA when available, else CPU. On the CPU it also tunes glibc's allocator once per
+    process (:mod:`layerscope.allocator`): zoo training and evaluation allocate large tensors every step."""
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu":
+        tune_cpu_allocator()
+    return dev
 
 
 def seed_everything(seed: int) -> torch.Generator:
