@@ -15,9 +15,11 @@ generation (23.58 s against 23.37 s on one thread; 0.99 of it on two, ``benchmar
 
 :func:`tune_cpu_allocator` sets glibc's ``M_MMAP_THRESHOLD`` to 1 GiB and ``M_TRIM_THRESHOLD`` to 1 GiB: requests up
 to 1 GiB come from the heap, and the heap keeps up to 1 GiB of free memory at its top instead of returning it to the
-system after each step. The engine calls it before generating with a denoiser on the CPU. It is process-wide, which
-is why it is done at most once, is logged, and can be switched off: set ``LAYERSCOPE_MALLOC=system`` to keep glibc's
-defaults. It does nothing on other C libraries (macOS, musl, Windows).
+system after each step. It is called before a generation with a denoiser on the CPU (the engine), before a probe
+grid on the CPU (:func:`layerscope.stats.probes.fit_probe_grid`) and by the zoo's ``pick_device`` for CPU training
+and evaluation. It is process-wide, which is why it is done at most once, is logged, and can be switched off: set
+``LAYERSCOPE_MALLOC=system`` to keep glibc's defaults. Where ``mallopt`` is missing or refuses (macOS, Windows, musl)
+it does nothing.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _tune() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    except (OSError, AttributeError):  # no C library with mallopt
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int

@@ -892,9 +892,8 @@ def plan(model: "Generator", settings: Settings) -> StudyPlan:
         )
     ]
     if st.sanity:
-        rows.append(
-            Generations("sanity anchors (first pair)", 2, 6, 3, steps, branches)
-        )  # sweep O, E, O<-E; plain O, E, O
+        # the sweep's O, E, O<-E and the plain O, E, O it is checked against
+        rows.append(Generations("sanity anchors (first pair)", 2, 6, 3, steps, branches))
     weights, row = model_bytes(model)
     return StudyPlan(NAME, model.spec, rows, weights, row)
 
