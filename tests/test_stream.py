@@ -25,6 +25,13 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.fixture(autouse=True)
+def per_step(monkeypatch):
+    """The tests' tiny arrays are written step by step, as real models' arrays are (those of less than
+    ``SMALL_SEGMENT`` bytes a step are written once at the batch's end; tests that want that say so)."""
+    monkeypatch.setattr(store_mod, "SMALL_SEGMENT", 0)
+
+
 def run(sd, path, capture, max_batch=2, prompts=PROMPTS, **kw):
     return sd.generate(
         prompts, seeds=SEEDS[: len(prompts)], capture=capture(path), max_batch=max_batch, **GEN, **kw
@@ -36,7 +43,7 @@ def files(path):
     out = {}
     for f in sorted(Path(path).rglob("*")):
         rel = f.relative_to(path).as_posix()
-        if f.is_file() and ("/c/" in f"/{rel}" or rel.startswith("manifest/")):
+        if f.is_file() and ("/c." in f"/{rel}" or rel.startswith("manifest/")):
             out[rel] = f.read_bytes()
     return out
 
@@ -59,8 +66,12 @@ CAPTURES = {
 }
 
 
+@pytest.mark.parametrize("small", [0, 64 * 2**10], ids=["per step", "small at the end"])
 @pytest.mark.parametrize(("kind", "max_batch"), [("full", 1), ("full", 2), ("pooled", 2), ("cond branch, map", 2)])
-def test_streamed_store_is_bitwise_the_memory_capture_and_zarrs_own_files(sd, tmp_path, monkeypatch, kind, max_batch):
+def test_streamed_store_is_bitwise_the_memory_capture_and_zarrs_own_files(
+    sd, tmp_path, monkeypatch, kind, max_batch, small
+):
+    monkeypatch.setattr(store_mod, "SMALL_SEGMENT", small)
     make = CAPTURES[kind]
     mem = sd.generate(
         PROMPTS, seeds=SEEDS, capture=make(None), max_batch=max_batch, **GEN
@@ -84,9 +95,10 @@ def test_streamed_store_is_bitwise_the_memory_capture_and_zarrs_own_files(sd, tm
 
 
 def test_queue_is_bounded_when_the_writer_is_slow(sd, tmp_path, monkeypatch):
-    """A writer slower than the denoiser makes the denoiser wait: never more than Q steps are handed over and not
-    yet written (plus the one being written), and at most one finished batch waits while the next generates."""
-    q = 3
+    """A writer slower than the denoiser makes the denoiser wait: never more than Q denoiser steps are handed over
+    and not yet written (plus the one being written), and at most one finished batch waits while the next
+    generates."""
+    q = 1
     monkeypatch.setattr(stream_mod, "QUEUE_ITEMS", q)
     writers = []
     real_init = stream_mod.StoreWriter.__init__
@@ -171,7 +183,7 @@ def test_store_killed_mid_batch_is_resumable_and_regenerates_that_batch(sd, tmp_
     mem = sd.generate(PROMPTS, seeds=SEEDS, capture=make(None), max_batch=2, **GEN)
     if rewrite:
         run(sd, path, make)
-        victim = path / "output" / "mid_block" / "c" / "1" / "0" / "0" / "0" / "0" / "0"
+        victim = path / "output" / "mid_block" / "c.1.0.0.0.0.0"
         victim.unlink()  # block 1 is damaged: its samples are regenerated, over its old files
         start = 0
     else:
@@ -193,8 +205,7 @@ def test_store_killed_mid_batch_is_resumable_and_regenerates_that_batch(sd, tmp_
     assert store.check() == []
     assert store.pending() == ([2, 3] if rewrite else [2, 3, 4])
     assert not (path / "manifest" / "1.json").exists()
-    half = path / "output" / "mid_block" / "c" / "1" / "0" / "0" / "0" / "0" / "0"
-    assert half.exists()  # written in part
+    assert [f for f in path.glob("output/*/c.1.*") if f.is_file()]  # block 1 was written in part
     with CountRuns(sd) as runs:
         res = run(sd, path, make)
     assert runs.calls == ([2] if rewrite else [2, 1])
@@ -224,8 +235,9 @@ def test_fresh_store_is_created_on_the_writer_thread(sd, tmp_path, monkeypatch):
 
 
 def test_array_metadata_is_what_zarr_writes(sd, tmp_path, monkeypatch):
-    """A store's arrays after the first get their zarr.json from the first one's (one zarr round trip each saved):
-    every array's metadata equals what zarr's create_array writes for it, and the store reads back through zarr."""
+    """A store's zarr.json files are written as plain JSON (built by zarr's metadata classes, no zarr I/O): every
+    array's metadata equals what zarr's create_array writes for it, and the store, its done flags and its images
+    read back through zarr itself."""
     import numpy as np
     import zarr
 
@@ -256,6 +268,7 @@ def test_array_metadata_is_what_zarr_writes(sd, tmp_path, monkeypatch):
     for s in specs:
         ref.require_group(s.what).create_array(
             s.layer, shape=s.shape, chunks=store_mod._chunks(s.shape, 5, dt.itemsize), dtype=dt, compressors=None,
+            chunk_key_encoding={"name": "default", "separator": "."},
             fill_value=0, dimension_names=store_mod.dimension_names(s),
             attributes=store_mod._jsonable(
                 {"layer": s.layer, "what": s.what, "dims": list(s.dims), "steps": s.steps, "branches": s.branches,
@@ -265,6 +278,54 @@ def test_array_metadata_is_what_zarr_writes(sd, tmp_path, monkeypatch):
         mine = json.loads((tmp_path / "s" / s.what / s.layer / "zarr.json").read_text())
         assert mine == json.loads((tmp_path / "ref" / s.what / s.layer / "zarr.json").read_text()), s.layer
     store = ls.ActivationStore.open(tmp_path / "s", verify=True)
+    assert on_disk["done"][...].tolist() == [True] * 5  # uncompressed flags: zarr reads what _write_done wrote
+    assert torch.equal(torch.from_numpy(on_disk["images"][...]), store.images())
     memory = run(sd, None, lambda p: ls.Capture(layers), max_batch=5).capture
     for layer in layers:
         assert torch.equal(store.to_tensor(layer), memory[layer]), layer
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bool"])
+def test_array_meta_equals_zarrs_for_each_dtype(tmp_path, dtype):
+    import numpy as np
+    import zarr
+
+    dt = np.dtype(dtype)
+    mine = store_mod._array_meta((6, 3, 2, 4), (2, 3, 2, 4), dt, ("sample", "step", "branch", "x.c"), {"k": [1]})
+    zarr.create_array(
+        str(tmp_path / "ref"), shape=(6, 3, 2, 4), chunks=(2, 3, 2, 4), dtype=dt, compressors=None,
+        fill_value=False if dtype == "bool" else 0, dimension_names=("sample", "step", "branch", "x.c"),
+        chunk_key_encoding={"name": "default", "separator": "."},
+        attributes={"k": [1]}, zarr_format=3,
+    )  # fmt: skip
+    assert mine == json.loads((tmp_path / "ref" / "zarr.json").read_text())
+
+
+def test_a_store_with_nested_chunk_keys_still_resumes(sd, tmp_path, monkeypatch):
+    """Stores written before chunk keys were flat (``c/1/0/...``, zarr's default) are read and resumed by their own
+    metadata: a run stopped after its first batch finishes in today's layerscope, bitwise as one run."""
+    make = CAPTURES["full"]
+    monkeypatch.setattr(store_mod, "CHUNK_SEPARATOR", "/")
+    real = stream_mod.StoreWriter.begin
+    calls = []
+
+    def begin(self, ids, specs):
+        calls.append(ids)
+        if len(calls) == 2:
+            raise Interrupt
+        return real(self, ids, specs)
+
+    monkeypatch.setattr(stream_mod.StoreWriter, "begin", begin)
+    with pytest.raises(Interrupt):
+        run(sd, tmp_path / "stopped.zarr", make)
+    monkeypatch.setattr(stream_mod.StoreWriter, "begin", real)
+    monkeypatch.setattr(store_mod, "CHUNK_SEPARATOR", ".")
+    stopped = tmp_path / "stopped.zarr"
+    assert (stopped / "output" / "mid_block" / "c" / "0").is_dir()  # nested keys on disk
+    res = run(sd, stopped, make)
+    store = ls.ActivationStore.open(stopped, verify=True)
+    mem = sd.generate(PROMPTS, seeds=SEEDS, capture=make(None), max_batch=2, **GEN)
+    assert store.complete and torch.equal(res.images, mem.images)
+    assert not list(stopped.glob("output/*/c.*"))  # the resumed batches wrote where the metadata says
+    for layer in store.layer_names():
+        assert torch.equal(store.to_tensor(layer), mem.capture[layer]), layer

@@ -277,25 +277,16 @@ class ActivationStore(_Lookup):
         if c is None:
             return
         with disk_errors(self.path):
-            metas = _create(self.path, c.attrs, c.specs, c.n, c.chunk_samples, c.dtype)
-            self._group = _reopen(self.path)
+            root, metas = _create(self.path, c.attrs, c.specs, c.n, c.chunk_samples, c.dtype)
+        self._group = _group_from(self.path, root)
         self._creation = None
         self._adopt(metas)
 
     def _adopt(self, metas: dict[tuple[str, str], dict[str, Any]]) -> None:
         """Handles of the arrays just created, from the metadata this run wrote (no reread of every array's
         zarr.json through zarr's event-loop thread, about 0.7 ms each). Left to the lazy lookup on any surprise."""
-        from zarr.core.array import AsyncArray
-        from zarr.core.metadata import ArrayV3Metadata
-
-        group = self.group
         try:
-            handles = {
-                key: zarr.Array(
-                    AsyncArray(ArrayV3Metadata.from_dict(meta), group.store_path / "/".join(k for k in key if k))
-                )
-                for key, meta in metas.items()
-            }
+            handles = {key: _array_from(self.group, "/".join(k for k in key if k), meta) for key, meta in metas.items()}
         except Exception:  # another zarr's internals: open them from disk when first used
             return
         for key, arr in handles.items():
@@ -486,19 +477,19 @@ class ActivationStore(_Lookup):
         cs = self._chunk_samples()
         tmp = self.path / f"{TMP_TAG}{IMAGES}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        zarr.create_array(
-            str(tmp),
-            shape=(self.n,) + tuple(shape),
-            chunks=(cs,) + tuple(shape),
-            dtype=np.float32,
-            compressors=None,
-            fill_value=0.0,
-            zarr_format=3,
-            attributes={"dims": ["sample", "channel", "h", "w"], "range": [0.0, 1.0]},
-            dimension_names=("sample", "image.channel", "image.h", "image.w"),
+        meta = _array_meta(
+            (self.n,) + tuple(shape),
+            (cs,) + tuple(shape),
+            np.dtype(np.float32),
+            ("sample", "image.channel", "image.h", "image.w"),
+            {"dims": ["sample", "channel", "h", "w"], "range": [0.0, 1.0]},
         )
+        _write_node(tmp, meta)
         tmp.rename(self.path / IMAGES)
-        self.group = _reopen(self.path)
+        try:
+            self._handles[("", IMAGES)] = _array_from(self.group, IMAGES, meta).with_config(WRITE_ALL_CHUNKS)
+        except Exception:  # another zarr's internals: opened from disk below
+            pass
         arr = self._array_at(IMAGES)
         if self._data is not None:
             self._data.append(arr)
@@ -592,7 +583,7 @@ class ActivationStore(_Lookup):
         meta = json.loads(file.read_text())
         meta.setdefault("attributes", {})[key] = value
         atomic_write_text(file, json.dumps(meta, indent=2))
-        self.group = _reopen(self.path)
+        self.group = _group_from(self.path, meta)
 
     # integrity --------------------------------------------------------------------------------------------------
     def _data_arrays(self) -> list[zarr.Array[Any]]:
@@ -833,9 +824,68 @@ def _open_group(path: Path, mode: str) -> zarr.Group:
         ) from None
 
 
-def _reopen(path: Path) -> zarr.Group:
-    """The group again after this run rewrote its metadata (not checked again: it wrote it)."""
-    return zarr.open_group(str(path), mode="a")
+def _group_from(path: Path, meta: dict[str, Any]) -> zarr.Group:
+    """The store's root group from the metadata this run just wrote there (no reread through zarr's event loop)."""
+    from zarr.core.group import AsyncGroup, GroupMetadata
+    from zarr.storage import LocalStore, StorePath
+
+    try:
+        return zarr.Group(AsyncGroup(GroupMetadata.from_dict(dict(meta)), StorePath(LocalStore(path))))
+    except Exception:  # another zarr's internals: read it back
+        return zarr.open_group(str(path), mode="a")
+
+
+def _array_from(group: zarr.Group, name: str, meta: dict[str, Any]) -> zarr.Array[Any]:
+    """The handle of the array ``name`` (a path in ``group``) from the metadata this run wrote."""
+    from zarr.core.array import AsyncArray
+    from zarr.core.metadata import ArrayV3Metadata
+
+    return zarr.Array(AsyncArray(ArrayV3Metadata.from_dict(dict(meta)), group.store_path / name))
+
+
+def _array_meta(
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: np.dtype[Any],
+    names: tuple[str, ...],
+    attributes: dict[str, Any],
+) -> dict[str, Any]:
+    """The zarr v3 metadata of an uncompressed array (little-endian bytes, filled with zeros, chunk keys
+    ``c.<i>.<j>...``), as zarr's own ``ArrayV3Metadata`` writes it; built in this process, no I/O."""
+    from zarr.core.dtype import parse_data_type
+    from zarr.core.metadata import ArrayV3Metadata
+
+    codec: dict[str, Any] = {"name": "bytes"}
+    if dtype.itemsize > 1:
+        codec["configuration"] = {"endian": "little"}
+    meta = ArrayV3Metadata(
+        shape=shape,
+        data_type=parse_data_type(dtype, zarr_format=3),
+        chunk_grid={"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        chunk_key_encoding={"name": "default", "configuration": {"separator": CHUNK_SEPARATOR}},
+        fill_value=False if dtype == np.bool_ else 0,
+        codecs=[codec],
+        attributes=attributes,
+        dimension_names=names,
+    )
+    return cast(dict[str, Any], _jsonable(meta.to_dict()))
+
+
+#: chunk keys ``c.1.0.0.0.0.0``: one file per chunk in the array's folder. zarr's default ``/`` nests a folder per
+#: dimension, so a 6-dim array made 6 folders per sample block (85 us each on ext4, about 15 ms a sample for a
+#: capture of every layer of ``tiny:sd``). Stores written with ``/`` (before 2026-12-07) read and resume as before:
+#: every key comes from the array's own metadata.
+CHUNK_SEPARATOR = "."
+
+
+def _group_meta(attributes: dict[str, Any]) -> dict[str, Any]:
+    return {"attributes": attributes, "zarr_format": 3, "node_type": "group"}
+
+
+def _write_node(folder: Path, meta: dict[str, Any]) -> None:
+    """A zarr node (group or array): its folder and its zarr.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zarr.json").write_text(json.dumps(meta, indent=2))
 
 
 def _is_ours(name: str) -> bool:
@@ -872,19 +922,20 @@ def _clear(path: Path) -> None:
 
 def _create(
     path: Path, attrs: dict[str, Any], specs: list[ArraySpec], n: int, chunk_samples: int, dtype: torch.dtype
-) -> dict[tuple[str, str], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[tuple[str, str], dict[str, Any]]]:
     """Build the store under a temporary name beside ``path``, then move it in with the root zarr.json last.
-    Returns the metadata written, by (what, layer)."""
+    Every zarr.json is written here as plain JSON (zarr v3 metadata built by zarr's own classes, no I/O through
+    zarr: each of its calls is a round trip to its event-loop thread, which on a machine whose cores torch keeps
+    busy costs more than the file). Returns the root group's metadata and the arrays', by (what, layer)."""
     metas: dict[tuple[str, str], dict[str, Any]] = {}
     tmp = path.parent / f".{path.name}{TMP_TAG}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(str(tmp), mode="w")
+    tmp.mkdir(parents=True)
     np_dtype = np.dtype(torch_dtype_name(dtype))
-    subs = {what: group.require_group(what) for what in sorted({s.what for s in specs})}
     template: dict[str, Any] | None = None
+    for what in sorted({s.what for s in specs}):
+        _write_node(tmp / what, _group_meta({}))
     for s in specs:
-        chunks = _chunks(s.shape, chunk_samples, np_dtype.itemsize)
-        names = dimension_names(s)
         attributes = _jsonable(
             {
                 "layer": s.layer,
@@ -895,40 +946,27 @@ def _create(
                 **s.attrs,
             }
         )
-        if template is None:  # zarr writes the first array; the others are its metadata with their own fields
-            subs[s.what].create_array(
-                s.layer,
-                shape=s.shape,
-                chunks=chunks,
-                dtype=np_dtype,
-                compressors=None,
-                fill_value=0,
-                dimension_names=names,
-                attributes=attributes,
-            )
-            template = json.loads((tmp / s.what / s.layer / "zarr.json").read_text())
-            metas[(s.what, s.layer)] = template
-            continue
-        # each zarr create_array is a round trip to zarr's event-loop thread (about 2 ms); a capture of all
-        # layers has dozens of arrays of one dtype, whose metadata differ only in these fields
-        meta = {
-            **template,
-            "shape": list(s.shape),
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-            "attributes": attributes,
-            "dimension_names": list(names),
-        }
-        node = tmp / s.what / s.layer
-        node.mkdir(parents=True)
-        (node / "zarr.json").write_text(json.dumps(meta, indent=2))
+        chunks = _chunks(s.shape, chunk_samples, np_dtype.itemsize)
+        if template is None:
+            meta = template = _array_meta(s.shape, chunks, np_dtype, dimension_names(s), attributes)
+        else:  # the arrays differ only in these fields (building each through zarr's classes costs 0.15 ms)
+            meta = {
+                **template,
+                "shape": list(s.shape),
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+                "attributes": attributes,
+                "dimension_names": list(dimension_names(s)),
+            }
+        _write_node(tmp / s.what / s.layer, meta)
         metas[(s.what, s.layer)] = meta
-    done = group.create_array(
-        "done", shape=(n,), chunks=(max(n, 1),), dtype=bool, fill_value=False, dimension_names=("sample",)
-    )
-    metas[("", "done")] = done.metadata.to_dict()
+    # uncompressed like every array here (the flags are written as raw bytes: see _write_done)
+    done = _array_meta((n,), (max(n, 1),), np.dtype(np.bool_), ("sample",), {})
+    _write_node(tmp / "done", done)
+    metas[("", "done")] = done
     meta = _jsonable(attrs)
     meta["layerscope"] = {**meta.get("layerscope", {}), "schema": SCHEMA}
-    group.attrs.update(meta)
+    root = _group_meta(meta)
+    (tmp / "zarr.json").write_text(json.dumps(root, indent=2))
     (tmp / MANIFEST).mkdir()
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path / CREATING, str(os.getpid()))
@@ -938,7 +976,7 @@ def _create(
     (tmp / "zarr.json").rename(path / "zarr.json")  # the commit point: from here on the store is resumable
     (path / CREATING).unlink()
     tmp.rmdir()
-    return metas
+    return root, metas
 
 
 CHUNK_BYTES = 32 * 2**20
@@ -999,31 +1037,44 @@ def _pwrite(path: Path, fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[done:], offset + done
 
 
+#: per-sample step segments smaller than this are written once, at the end of the batch (DirectBatch.write)
+SMALL_SEGMENT = 64 * 2**10
+
+
 class _ChunkFile:
     """One chunk file being written segment by segment in any order; its crc32 is folded in file order as the
     segments arrive (a segment that comes early waits, as a view, for those before it; padding is zero bytes)."""
 
     def __init__(self, path: Path, rel: str, n_seg: int, seg: int, present: list[bool]) -> None:
         self.path, self.rel, self.n_seg, self.seg, self.present = path, rel, n_seg, seg, present
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self.fd: int | None = os.open(path, flags, 0o644)
+        except FileNotFoundError:  # a store with nested chunk keys ("/"): their folders first
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(path, flags, 0o644)
         os.ftruncate(self.fd, n_seg * seg)  # full size, zero bytes (the fill value) where nothing is written
         self.crc = 0
         self.next = 0
         self.waiting: dict[int, memoryview] = {}
 
     def put(self, idx: int, data: memoryview) -> None:
-        assert self.fd is not None and self.present[idx] and len(data) == self.seg
+        """Write segments ``idx, idx + 1, ...`` (as many as ``data`` holds, all present) in one piece."""
+        count = len(data) // self.seg
+        assert self.fd is not None and count and len(data) == count * self.seg
+        assert all(self.present[idx : idx + count])
         _pwrite(self.path, self.fd, data, idx * self.seg)
         self.waiting[idx] = data
         while self.next < self.n_seg:
             if not self.present[self.next]:
                 self.crc = zlib.crc32(_zeros(self.seg), self.crc)
+                self.next += 1
             elif self.next in self.waiting:
-                self.crc = zlib.crc32(self.waiting.pop(self.next), self.crc)
+                piece = self.waiting.pop(self.next)
+                self.crc = zlib.crc32(piece, self.crc)
+                self.next += len(piece) // self.seg
             else:
                 break
-            self.next += 1
 
     def close(self) -> tuple[int, int]:
         if self.fd is not None:
@@ -1063,29 +1114,51 @@ class DirectBatch:
         self.blocks = blocks
         self.cs = cs
         self.files: dict[str, _ChunkFile] = {}
+        self._open: dict[tuple[str, int, int], _ChunkFile] = {}  # by (array, sample block, step chunk)
+        self.deferred: dict[tuple[str, str], tuple[_Layout, torch.Tensor]] = {}  # small arrays, written at close
 
     def write(self, spec: ArraySpec, k: int, buf: torch.Tensor) -> None:
-        """Write step index ``k`` of every sample of ``buf`` (batch, step, branch, *feature) of ``spec``'s array."""
+        """Write step index ``k`` of every sample of ``buf`` (batch, step, branch, *feature) of ``spec``'s array.
+        An array whose steps are small (under ``SMALL_SEGMENT`` bytes a sample) is written at :meth:`close` instead,
+        all its steps of a sample in one piece: there is nothing to overlap, and each write costs the writer thread
+        more than its bytes."""
         lay = self.layouts[(spec.what, spec.layer)]
+        if lay.seg < SMALL_SEGMENT:
+            self.deferred[(spec.what, spec.layer)] = (lay, buf)
+            return
         for r, s in enumerate(self.samples):
             self.put(lay, s, k, buf[r, k])
 
     def put(self, lay: _Layout, sample: int, k: int, data: torch.Tensor) -> None:
-        """Write one sample's data at step index ``k`` of the array of ``lay``."""
+        """Write one sample's data at step index ``k`` of the array of ``lay`` (or at steps ``k, k + 1, ...`` when
+        ``data`` holds several, all in one chunk)."""
         block, within = divmod(sample, lay.cs)
         j, kk = divmod(k, lay.sc)
-        rel = f"{lay.arr.path}/{lay.arr.metadata.encode_chunk_key((block, j) + (0,) * (len(lay.arr.shape) - 2))}"
-        f = self.files.get(rel)
+        key = (lay.arr.path, block, j)
+        f = self._open.get(key)
         if f is None:
-            steps = range(j * lay.sc, (j + 1) * lay.sc)
-            rows = range(block * lay.cs, (block + 1) * lay.cs)
-            present = [s < lay.n and t < lay.steps for s in rows for t in steps]
-            f = self.files[rel] = _ChunkFile(self.store.path / rel, rel, lay.cs * lay.sc, lay.seg, present)
+            rel = f"{lay.arr.path}/{lay.arr.metadata.encode_chunk_key((block, j) + (0,) * (len(lay.arr.shape) - 2))}"
+            f = self.files.get(rel)
+            if f is None:
+                steps = range(j * lay.sc, (j + 1) * lay.sc)
+                rows = range(block * lay.cs, (block + 1) * lay.cs)
+                present = [s < lay.n and t < lay.steps for s in rows for t in steps]
+                f = self.files[rel] = _ChunkFile(self.store.path / rel, rel, lay.cs * lay.sc, lay.seg, present)
+            self._open[key] = f
         assert data.is_contiguous()
         f.put(within * lay.sc + kk, data.numpy().data.cast("B"))
 
+    def _write_deferred(self) -> None:
+        """Every sample's steps of the arrays :meth:`write` left for the end, one piece per chunk file."""
+        for lay, buf in self.deferred.values():
+            for r, s in enumerate(self.samples):
+                for j in range(0, lay.steps, lay.sc):
+                    self.put(lay, s, j, buf[r, j : j + lay.sc])
+        self.deferred = {}
+
     def close(self) -> dict[str, tuple[int, int]]:
         """Close every file; their sizes and checksums (raises when a segment was never written)."""
+        self._write_deferred()
         out = {}
         errors = []
         for rel, f in self.files.items():
