@@ -3,13 +3,17 @@
 Run from the repository root::
 
     python benchmarks/bench_engine.py [--repeats 5] [--sweep-repeats 2] [--size 64] [--steps 10] [--skip-nnsight]
+                                      [--store-dir DIR]
 
 Model: ``layerscope.load("tiny:sd")`` (tiny random-weight StableDiffusionPipeline, CPU), CFG on (guidance 7.5).
 Every measurement is the median of its repeats after one warm-up; within a repeat the variants run one after the
 other in an order rotated from repeat to repeat, so slow drift of the machine hits every variant alike.
 
 (a) capture overhead for one prompt: plain generate vs capture of every layer (all steps, both CFG branches,
-    full tensors or pooled) into memory or streamed to a fresh zarr store.
+    full tensors or pooled) into memory or streamed to a fresh zarr store. The stores go to a temporary folder
+    under ``--store-dir`` (default: the system's temporary folder); the script prints what a ``mkdir`` and a file
+    creation cost there, since a store is about 60 of each (folders, metadata, chunk files) and filesystems differ
+    by 40x in that.
 (b) single-layer injection sweep over all k layers of the map (O <- E at layer L, every step, both branches):
     layerscope batched (one generation of batch k+2), layerscope loop (k generations of batch 2), a plain
     generation of batch k+2 (the floor a batched sweep cannot beat), and the same swaps written with nnsight
@@ -37,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_model, n_cpus  # noqa: E402
+from machine import cpu_model, fs_op_us, n_cpus  # noqa: E402
 
 import layerscope as ls
 from layerscope.models.base import seeded_noise
@@ -322,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="num_inference_steps (default 10)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs available)")
     ap.add_argument("--skip-nnsight", action="store_true", help="leave out the nnsight variants")
+    ap.add_argument(
+        "--store-dir", default=None, help="where the capture stores go (default: the system's temporary folder)"
+    )
     ap.add_argument("--skip-capture", action="store_true", help="leave out (a)")
     ap.add_argument("--skip-sweep", action="store_true", help="leave out (b)")
     args = ap.parse_args(argv)
@@ -375,8 +382,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_capture:
         log("\n(a) capture overhead, one prompt")
-        with tempfile.TemporaryDirectory(prefix="ls_bench_") as d:
+        where = args.store_dir or tempfile.gettempdir()
+        mk, cr = fs_op_us(where)
+        log(f"  stores under {where}: mkdir {mk:.0f} us, file creation {cr:.0f} us (median of 50; before)")
+        with tempfile.TemporaryDirectory(prefix="ls_bench_", dir=args.store_dir) as d:
             t = bench_capture(model, gen, layers, args.repeats, Path(d))
+        mk, cr = fs_op_us(where)
+        log(f"  stores under {where}: mkdir {mk:.0f} us, file creation {cr:.0f} us (median of 50; after)")
         base = t["plain"]
         rows.append(("plain generate (1 prompt)", f"{base:.3f}", "1.00", ""))
         for name, label, target in [

@@ -41,6 +41,28 @@ def mem_gib() -> float | None:
     return None
 
 
+def fs_op_us(folder: str | Path, n: int = 50) -> tuple[float, float]:
+    """Microseconds per ``mkdir`` and per file creation in a fresh folder under ``folder`` (median of ``n``): what
+    a store's folders and chunk files cost there. On the benchmarks' 2-core VM these took about 750 us under /tmp
+    and about 20 us under /var/tmp, on the same ext4 disk."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="ls_fsprobe_", dir=folder))
+    mk, cr = [], []
+    try:
+        for i in range(n):
+            t = time.perf_counter()
+            os.mkdir(root / f"d{i}")
+            t1 = time.perf_counter()
+            os.close(os.open(root / f"d{i}" / "f", os.O_WRONLY | os.O_CREAT, 0o644))
+            mk.append(t1 - t)
+            cr.append(time.perf_counter() - t1)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return statistics.median(mk) * 1e6, statistics.median(cr) * 1e6
+
+
 def git_head() -> str:
     try:  # read-only
         out = subprocess.run(
