@@ -29,7 +29,6 @@ import argparse
 import gc
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -164,11 +163,11 @@ def bench_capture(model, gen: dict, layers: list[str], repeats: int, tmp: Path) 
         "zarr4": zarr4,
     }
 
-    def clean() -> None:  # each store is deleted after its run (untimed), so stores do not pile up on disk
-        for p in tmp.glob("x*.zarr"):
-            shutil.rmtree(p, ignore_errors=True)
-
-    times = run_interleaved(variants, repeats, "capture", between=clean)
+    # The stores stay until the section ends (the caller's temporary folder goes then), about 2 GB at 7 repeats.
+    # Deleting each after its run made the next runs' stores slower to create on ext4: a new inode skips the
+    # recently deleted ones of its block group (the kernel's recently_deleted(), 60 s and more), and perf put
+    # 50% of a mkdir in that scan once a few thousand files had been deleted (750 us per mkdir against 20 us).
+    times = run_interleaved(variants, repeats, "capture")
     return {n: med(ts) for n, ts in times.items()}
 
 
