@@ -34,14 +34,16 @@ The store is created under a temporary name beside its path and moved into place
 so a kill at any moment leaves nothing or a resumable store; ``done``, the root metadata and the manifest are
 written atomically (temporary file + rename).
 
-**Streaming.** A capture streamed by :class:`~.stream.StoreWriter` writes each site's step, as soon as the hook has
-captured it, straight into its place in the chunk files (:meth:`ActivationStore.direct_batch`: byte offsets from the
+**Streaming.** A capture streamed by :class:`~.stream.StoreWriter` writes each denoiser step of every site, as soon
+as the hooks have captured it, straight into its place in the chunk files (:meth:`ActivationStore.direct_batch`: byte offsets from the
 uncompressed chunk layout, crc32 folded as the pieces arrive), on one writer thread fed through a bounded queue;
 the files are byte for byte what zarr writes. A block being rewritten loses its manifest record first, and a batch's
 record and ``done`` flags come only after its last write (:meth:`ActivationStore.commit_direct`), so a kill
 mid-batch leaves a block that reopens as not done. Batches that fill only part of a block, and arrays with other
 codecs, go through zarr. A fresh store's arrays are created on the writer thread while the first steps run
-(``create_or_resume(defer=True)``): the first through zarr, the others from its metadata.
+(``create_or_resume(defer=True)``). Every ``zarr.json`` is built by zarr's own metadata classes in this process and
+written as a plain file (no I/O through zarr's event loop); chunk keys are flat (``c.1.0.0...``, see
+:data:`CHUNK_SEPARATOR`), and arrays whose steps are small are written once at the batch's end (:data:`SMALL_SEGMENT`).
 """
 
 from __future__ import annotations
