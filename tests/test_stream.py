@@ -329,3 +329,20 @@ def test_a_store_with_nested_chunk_keys_still_resumes(sd, tmp_path, monkeypatch)
     assert not list(stopped.glob("output/*/c.*"))  # the resumed batches wrote where the metadata says
     for layer in store.layer_names():
         assert torch.equal(store.to_tensor(layer), mem.capture[layer]), layer
+
+
+def test_the_writer_is_handed_one_piece_per_denoiser_step(sd, tmp_path, monkeypatch):
+    """Every wake of the writer thread preempts one of torch's threads on a busy machine, so the sites of one step go
+    over together: one hand-over per captured step and batch, however many layers are captured."""
+    writers = []
+    real_init = stream_mod.StoreWriter.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        writers.append(self)
+
+    monkeypatch.setattr(stream_mod.StoreWriter, "__init__", init)
+    layers = ["mid_block", "up_blocks.1.resnets.0", "down_blocks.0.resnets.0", MAP]
+    run(sd, tmp_path / "s.zarr", lambda p: ls.Capture(layers, store=p), max_batch=1, prompts=PROMPTS[:2])
+    (w,) = writers
+    assert w.handed == w.written == 2 * GEN["num_inference_steps"]  # 2 batches x 3 steps, not x 4 layers
