@@ -4,11 +4,11 @@ The hooks hand every site's step to :class:`StoreWriter` as soon as the capture 
 them and hands each denoiser step over as one piece, which the writer thread puts straight into its place in the
 store's chunk files (:class:`~.store.DirectBatch`), so when a batch's generation ends little is left to write. One
 hand-over per step, not per site, matters on a machine whose cores torch keeps busy: every wake of the writer thread
-preempts one of torch's threads mid-operation, and per site that was a thousand wakes for a 25-layer, 10-step capture
-(a fifth of the time of a one-sample generation on 2 cores). The hand-over goes through a bounded queue: a writer
-that falls behind makes the denoiser wait, so memory stays bounded. A batch counts as written only when its files are complete, its manifest is
-recorded and its samples are marked done, in that order; a kill before that leaves samples that a resumed run
-regenerates.
+preempts one of torch's threads mid-operation. Per site, a 25-layer, 10-step capture of one sample woke it about a
+thousand times, and that cost about 0.08 s of a 0.54 s generation on 2 cores. The hand-over goes through a bounded
+queue: a writer that falls behind makes the denoiser wait, so memory stays bounded. A batch counts as written only
+when its files are complete, its manifest is recorded and its samples are marked done, in that order; a kill before
+that leaves samples that a resumed run regenerates.
 """
 
 from __future__ import annotations
