@@ -35,8 +35,11 @@ Where we depart from platonic-rep, on purpose: their ``cka`` and ``cknna`` add 1
 so identical features give exactly 1 and an undefined ratio gives ``nan`` (a constant feature matrix, whose centred
 Gram is zero, or a CKNNA self-term <= 0). Their pipeline also clamps features at the 95% quantile of |x|
 (``prepare_features``) and row-normalises before every metric, CKA included: that is preprocessing, not the metric,
-and is not done here (to reproduce their CKA numbers, pass ``torch.nn.functional.normalize(x, dim=1)``). Ties in a
-kNN ranking (duplicate inputs) are broken by ``torch.topk``'s order, the same in every function here.
+and is not done here (to reproduce their CKA numbers, pass ``torch.nn.functional.normalize(x, dim=1)``). **Ties** in a
+kNN ranking (duplicate inputs, one-hot references: most rows of a one-hot factor code tie at their 10th neighbour)
+are shared, not broken: the inputs tied at the k-th similarity split the slots left equally (fractional
+neighbours, each row still sums to k), so no measure depends on the order of the inputs; platonic-rep breaks ties
+by ``torch.topk``'s order. Without ties the two agree exactly.
 
 All arithmetic is in float64 on the device of the first feature tensor.
 
@@ -74,6 +77,8 @@ __all__ = [
     "METRICS",
     "cknna",
     "debiased_cka",
+    "gram_similarity",
+    "kernel_similarity",
     "linear_cka",
     "mutual_knn",
     "similarity_matrix",
@@ -85,6 +90,8 @@ METRICS = ("linear_cka", "debiased_cka", "mutual_knn", "cknna")
 DEFAULT_K = 10
 #: float64 scratch (bytes) the batched CKNNA may hold at once for its 1^T K~ L~ 1 term; rows are chunked to fit
 CKNNA_CHUNK_BYTES = 256 * 2**20
+#: two similarities closer than this tie in a kNN ranking (cosine similarities lie in [-1, 1])
+TIE_TOL = 1e-10
 
 _KNN_METRICS = ("mutual_knn", "cknna")
 _UNBIASED_METRICS = ("debiased_cka", "cknna")
@@ -184,11 +191,18 @@ def _cosine_gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def _knn_adjacency(sim: torch.Tensor, k: int) -> torch.Tensor:
-    """(..., N, N) 0/1 float64: row i has ones at the k columns j != i of largest ``sim[..., i, j]``."""
+    """(..., N, N) float64 neighbour weights: row i has 1 at the columns j != i whose ``sim[..., i, j]`` is above
+    its k-th largest value, and the inputs tied at that value (within :data:`TIE_TOL`) share the slots left, each
+    ``(k - above) / tied``. Every row sums to k; without ties this is the 0/1 adjacency of the k nearest
+    neighbours, and with ties the result no longer depends on the order of the inputs."""
     n = sim.shape[-1]
     eye = torch.eye(n, dtype=torch.bool, device=sim.device)
-    idx = sim.masked_fill(eye, float("-inf")).topk(k, dim=-1).indices
-    return torch.zeros_like(sim).scatter_(-1, idx, 1.0)
+    s = sim.masked_fill(eye, float("-inf"))
+    kth = s.topk(k, dim=-1).values[..., -1:]
+    above = s > kth + TIE_TOL
+    tied = ((s - kth).abs() <= TIE_TOL) & ~above & ~eye
+    share = (k - above.sum(-1, keepdim=True)) / tied.sum(-1, keepdim=True).clamp_min(1)
+    return above.to(sim.dtype) + tied.to(sim.dtype) * share.to(sim.dtype)
 
 
 def _hsic_biased(kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
@@ -304,11 +318,41 @@ def similarity_matrix(
     if metric in ("linear_cka", "debiased_cka"):
         ka = torch.stack([x @ x.T for x in xa])
         return gram_similarity(ka, None if within else torch.stack([x @ x.T for x in xb]), metric)
+    ca = torch.stack([_cosine_gram(x) for x in xa])
+    return _knn_similarity(ca, None if within else torch.stack([_cosine_gram(x) for x in xb]), metric, k)
+
+
+def _knn_similarity(ca: torch.Tensor, cb: torch.Tensor | None, metric: str, k: int) -> torch.Tensor:
+    """Mutual k-NN or CKNNA of every pair from (S, N, N) cosine kernels (``cb`` None: within ``ca``)."""
+    n = ca.shape[-1]
     if metric == "mutual_knn":
-        aa = torch.stack([_knn_adjacency(_cosine_gram(x), k) for x in xa]).flatten(1)
-        ab = aa if within else torch.stack([_knn_adjacency(_cosine_gram(x), k) for x in xb]).flatten(1)
+        aa = _knn_adjacency(ca, k).flatten(1)
+        ab = aa if cb is None else _knn_adjacency(cb, k).flatten(1)
         return (aa @ ab.T) / (n * k)
-    return _cknna_matrix(xa, xa if within else xb, k)
+    return _cknna_matrix(ca, ca if cb is None else cb, k)
+
+
+def kernel_similarity(
+    grams_a: torch.Tensor, grams_b: torch.Tensor | None = None, metric: str = "debiased_cka", k: int = DEFAULT_K
+) -> torch.Tensor:
+    """Any metric of :data:`METRICS` for every pair from linear Gram matrices ``X X^T`` (uncentred) alone, stacks
+    (S, N, N) and (T, N, N): equal to :func:`similarity_matrix` on the features that made them. The kNN measures
+    need only the cosine kernel ``G_ij / sqrt(G_ii G_jj)``, so the exact Gram of a whole activation map stands for
+    the map (no projection), and a subsample of inputs is an index into it. A row with ``G_ii = 0`` (an all-zero
+    feature vector) has no direction: its cosine similarities are 0, as ``F.normalize`` makes them."""
+    if metric in ("linear_cka", "debiased_cka"):
+        return gram_similarity(grams_a, grams_b, metric)
+    if metric not in METRICS:
+        raise ConfigError(f"unknown alignment metric {metric!r}; valid: {', '.join(METRICS)}")
+    k = _check_metric(metric, grams_a.shape[-1], k)
+
+    def cosine(g: torch.Tensor) -> torch.Tensor:
+        g = g.double()
+        norm = g.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().clamp_min(1e-12)
+        return g / norm[..., :, None] / norm[..., None, :]
+
+    ca = cosine(grams_a)
+    return _knn_similarity(ca, None if grams_b is None else cosine(grams_b), metric, k)
 
 
 def gram_similarity(
@@ -336,9 +380,9 @@ def gram_similarity(
     return _ratio(ga @ gb.T, sa, sb)
 
 
-def _cknna_parts(xs: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per entry: kNN adjacency A, masked kernel P = A * K, and S = A * A^T * K (the pairs that are mutual in-entry)."""
-    kern = torch.stack([_cosine_gram(x) for x in xs])
+def _cknna_parts(kern: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per entry of a (S, N, N) stack of cosine kernels: kNN weights A, masked kernel P = A * K, and S = A * A^T * K
+    (the pairs that are mutual in-entry)."""
     adj = _knn_adjacency(kern, k)
     p = adj * kern
     s = p * adj.transpose(1, 2)
@@ -348,23 +392,24 @@ def _cknna_parts(xs: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Te
 def _cknna_self(adj: torch.Tensor, p: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """(S,) HSIC_u(A * K, A * K) per entry, N(N-3) omitted: the CKNNA normalisers."""
     n = adj.shape[-1]
-    t1 = (s * p).sum((1, 2))  # tr(P P) = sum_ij P_ij P_ji = sum_ij S_ij K_ij (A is 0/1)
+    t1 = (s * p).sum((1, 2))  # tr(P P) = sum_ij P_ij P_ji = sum_ij S_ij K_ij
     t2 = p.sum((1, 2)) ** 2 / ((n - 1) * (n - 2))
     t3 = 2.0 * (p.sum(1) * p.sum(2)).sum(1) / (n - 2)  # 1^T P P 1 = sum_j colsum_j(P) rowsum_j(P)
     return t1 + t2 - t3
 
 
-def _cknna_matrix(xa: list[torch.Tensor], xb: list[torch.Tensor], k: int) -> torch.Tensor:
+def _cknna_matrix(ka: torch.Tensor, kb: torch.Tensor, k: int) -> torch.Tensor:
     """CKNNA of every (a, b) pair: HSIC_u(M * K_a, M * K_b) with M = A_a * A_b, term by term as products of stacks.
 
-    With P = A * K and S = A * A^T * K per entry (K symmetric, A 0/1 with zero diagonal), for the pair (a, b):
+    ``ka``, ``kb``: (S, N, N) and (T, N, N) cosine kernels (``kb is ka`` within one set). With P = A * K and
+    S = A * A^T * K per entry (K symmetric, A the kNN weights with zero diagonal), for the pair (a, b):
     tr(K~_1 K~_2) = <S_a, S_b>; sum(K~_1) = <P_a, A_b>; sum(K~_2) = <A_a, P_b>; and 1^T K~_1 K~_2 1 =
     sum_j (sum_i P_a[i, j] A_b[i, j]) (sum_l A_a[j, l] P_b[j, l]), a batched product over j.
     """
-    n = xa[0].shape[0]
-    adj_a, p_a, s_a = _cknna_parts(xa, k)
-    same = xb is xa
-    adj_b, p_b, s_b = (adj_a, p_a, s_a) if same else _cknna_parts(xb, k)
+    n = ka.shape[-1]
+    adj_a, p_a, s_a = _cknna_parts(ka, k)
+    same = kb is ka
+    adj_b, p_b, s_b = (adj_a, p_a, s_a) if same else _cknna_parts(kb, k)
     t1 = s_a.flatten(1) @ s_b.flatten(1).T
     sum_1 = p_a.flatten(1) @ adj_b.flatten(1).T
     sum_2 = adj_a.flatten(1) @ p_b.flatten(1).T
