@@ -9,6 +9,7 @@
 from . import recipes
 from ._version import __version__
 from .config import GenerationConfig
+from .controls import untrained
 from .engine import (
     ActivationStore,
     Capture,
@@ -80,6 +81,7 @@ __all__ = [
     "register_scheme",
     "replace",
     "reweight",
+    "untrained",
     "window",
     "zero",
 ]

@@ -145,6 +145,9 @@ def load(spec: Any, **kwargs: Any) -> Generator:
     - ``arch:<name>``: a published architecture at full size without weights, on the meta device (sd14, sd21,
       sdxl, kandinsky22, sd35-medium, sd35-large, flux-schnell, flux-dev, pixart-alpha): layer maps, byte estimates
       and study plans, no generation (:mod:`layerscope.arch`);
+    - ``untrained:<spec>[@<seed>][+text]``: an untrained control of the model ``<spec>`` loads (keyword arguments go
+      to that load): every weight re-initialised from the seed (default 0), text encoders kept trained unless
+      ``+text`` (:func:`layerscope.untrained`, :mod:`layerscope.controls`, docs/controls.md);
     - an already-built diffusers pipeline or ``nn.Module`` generator (keyword arguments go to its adapter, e.g.
       ``latent_dim=``), or a Generator (returned as it is).
     """

@@ -79,6 +79,7 @@ class Generator(ABC):
     family: str = ""
     step_module: str | None = None
     load_call: tuple[str, dict[str, Any]] | None = None  # the ls.load(spec, **kwargs) that made it (None: built here)
+    control: dict[str, Any] | None = None  # what control this is (layerscope.controls); None: the model itself
     default_max_batch: int = 16
     supports_fork: bool = False  # adapters that can fork a generation at a step (see :meth:`generate`)
     conditioning: str = "text"
