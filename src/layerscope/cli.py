@@ -1,4 +1,5 @@
-"""Command line: ``layerscope run``, ``report``, ``sweep``, ``layers``, ``zoo list|train|eval``, ``world render``.
+"""Command line: ``layerscope run``, ``report``, ``claims``, ``sweep``, ``layers``, ``zoo list|train|eval``,
+``world render``.
 
 The entry point is :func:`main`, which runs :func:`command` (the typer app as a click group, with ``--pair`` taking
 two values per use, which typer cannot declare).
@@ -729,6 +730,34 @@ def report_cmd(folder: str = typer.Argument(..., help="a folder written by `laye
         _fail(exc)
         return
     console.print(f"report: {page}")
+
+
+@app.command("claims")
+def claims_cmd(
+    folder: str = typer.Argument(..., help="a folder written by `layerscope run`"),
+    markdown: Optional[str] = typer.Option(None, "--markdown", help="also write the table as markdown to this file"),
+) -> None:
+    """Print the claims table of a report folder: each claim's verdict across the analysis choices (no model)."""
+    from .report.sections import claims
+
+    try:
+        summ, _curve, notes = claims.summary(folder)
+    except LayerscopeError as exc:
+        _fail(exc)
+        return
+    for n in notes:
+        err.print(f"note: {n}", markup=False)
+    table = Table(title=f"claims of {folder}")
+    frame = claims.claims_table(summ).drop(columns=["paper", "what was measured"])
+    for col in frame.columns:
+        table.add_column(str(col), overflow="fold")
+    for row in frame.itertuples(index=False):
+        table.add_row(*[str(v) for v in row])
+    (console if console.is_terminal else Console(width=max(console.width, 200))).print(table)
+    if markdown:
+        cmd = f"layerscope claims {folder} --markdown {markdown}"
+        Path(markdown).write_text(claims.markdown(folder, cmd, summ, notes), encoding="utf-8")
+        console.print(f"wrote {markdown}")
 
 
 _PAIRED = {("sweep", "pair")}

@@ -34,12 +34,13 @@ def run_main_job(
     from .report.sections import SECTIONS
 
     out = Path(out)
-    keys = [s.KEY for s in SECTIONS]
+    runnable = [s for s in SECTIONS if getattr(s, "EXPERIMENT", None) is not None]  # a section of no experiment: none
+    keys = [s.KEY for s in runnable]
     if only:
         bad = [k for k in only if k not in keys]
         if bad:
             raise ConfigError(f"unknown report section(s) {bad}; valid: {', '.join(keys)}")
-    secs = [s for s in SECTIONS if not only or s.KEY in only]
+    secs = [s for s in runnable if not only or s.KEY in only]
     jobs = {s.KEY: s.EXPERIMENT.main_job(quick) for s in secs}  # settings are built (and checked) before any run
     check_output(out, "report folder")
     with lock(out, "report folder"):

@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..stats.speccurve import COLUMNS, check_curve, spec_string
 from . import properties as pr
+from .base import Result
 
 #: the choices' levels, fixed before any result was looked at (the shipped level first)
 FULL_LEVELS = (pr.FULL_SCORE, 0.6, 0.75, 0.8)
@@ -54,3 +56,75 @@ CLAIMS: dict[str, dict[str, Any]] = {
         "shipped": SHIPPED["properties.diffusion_none_all_four"],
     },
 }
+
+LATENT_CLAIM, DIFFUSION_CLAIM = "properties.latent_all_four", "properties.diffusion_none_all_four"
+
+
+def claim_of(result: Result) -> str:
+    """The claim a scorecard speaks to: a generator of one latent, in one pass (its record has no steps: a GAN/VAE
+    latent), speaks to :data:`LATENT_CLAIM`; a denoising model to :data:`DIFFUSION_CLAIM`."""
+    return LATENT_CLAIM if result.record.get("steps") is None else DIFFUSION_CLAIM
+
+
+def space_status(scores: pd.DataFrame, estimate: str, full_at: float) -> pd.Series:
+    """Per space (in table order): ``holds`` when every property's ``estimate`` is at or above ``full_at``,
+    ``fails`` when one is below it, ``unknown`` when none is below but one is missing (NaN)."""
+    e = scores[estimate].astype(float)
+    below = (e < full_at).groupby(scores["space"], sort=False).any()
+    nan = e.isna().groupby(scores["space"], sort=False).any()
+    return pd.Series(np.where(below, "fails", np.where(nan, "unknown", "holds")), index=below.index)
+
+
+def claims_curve(result: Result, *, subject: str | None = None, control: str = "") -> pd.DataFrame:
+    """The specification curve of the claim this scorecard speaks to (:func:`claim_of`) on one saved properties
+    Result (schema: :mod:`layerscope.stats.speccurve`), one row per specification of the choices in this module's
+    docstring. ``subject``: default the Result's model; ``control``: the control's label for a control's Result.
+
+    A space holds all four when each property's estimate (score, CI low or CI high) is at or above ``full_at``.
+    Latent claim: supports when every counted space holds all four, contradicts when one does not; statistic: the
+    lowest estimate over the spaces and properties. Diffusion claim: supports when no counted space holds all four,
+    contradicts when one does; statistic: the best space's lowest estimate. Undecided where an estimate is missing
+    (NaN) and could change the verdict. The interval is the 95% CI of the property that gives the statistic."""
+    scores = result[pr.SCORES]
+    subject = subject or str(result.record["model"])
+    claim = claim_of(result)
+    n = result.record.get("n", "?")
+    rows: list[dict[str, Any]] = []
+    for full_at in FULL_LEVELS:
+        for estimate in ESTIMATES:
+            for spaces in SPACE_SETS:
+                s = scores if spaces == "spaces+layers" else scores[scores["kind"] != "layer"]
+                if s.empty or (spaces != "spaces+layers" and len(s) == len(scores)):
+                    continue  # no space left, or no layer scored: the same specification as spaces+layers
+                status = space_status(s, estimate, full_at)
+                e = s[estimate].astype(float)
+                lowest = e.groupby(s["space"], sort=False).min()  # each space's weakest property (NaN skipped)
+                if claim == LATENT_CLAIM:
+                    verdict = "contradicts" if (status == "fails").any() else (
+                        "undecided" if (status == "unknown").any() else "supports"
+                    )  # fmt: skip
+                    space = lowest.idxmin() if lowest.notna().any() else lowest.index[0]
+                    stat = f"lowest {estimate} of the four properties, weakest space ({n} samples)"
+                else:
+                    verdict = "contradicts" if (status == "holds").any() else (
+                        "undecided" if (status == "unknown").any() else "supports"
+                    )  # fmt: skip
+                    space = lowest.idxmax() if lowest.notna().any() else lowest.index[0]
+                    stat = f"best space's lowest {estimate} of the four properties ({n} samples)"
+                mine = s[s["space"] == space]
+                pick = mine.loc[mine[estimate].astype(float).fillna(np.inf).idxmin()]
+                spec = spec_string({"full_at": full_at, "estimate": estimate, "spaces": spaces})
+                rows.append(
+                    {
+                        "claim": claim,
+                        "subject": subject,
+                        "control": control,
+                        "spec": spec,
+                        "verdict": verdict,
+                        "statistic": stat,
+                        "value": float(pick[estimate]),
+                        "ci_low": float(pick["low"]),
+                        "ci_high": float(pick["high"]),
+                    }
+                )
+    return check_curve(pd.DataFrame.from_records(rows, columns=list(COLUMNS)))

@@ -128,11 +128,16 @@ def _model_cards(cards: list[dict[str, Any]], page: Page) -> str:
 def build(folder: Path) -> Path:
     """Assemble ``folder/index.html`` from the sections' saved Results (see :mod:`layerscope.report`)."""
     from . import PAGE, SectionRun, read_run
-    from .sections import SECTIONS
+    from .sections import LEADING, SECTIONS
 
     record = read_run(folder)
     page = Page(folder)
     body, toc = [], []
+    lead = []
+    for sec in LEADING:  # no experiment of their own (the claims table): they read the whole folder and record
+        frag = sec.render(SectionRun(sec.KEY, folder, record), page)
+        if frag:
+            lead.append(f"<section><h2>{page.esc(sec.TITLE)}</h2>{frag}</section>")
     cards: dict[str, dict[str, Any]] = {}
     for sec in SECTIONS:
         info = record["sections"].get(sec.KEY)
@@ -164,7 +169,7 @@ def build(folder: Path) -> Path:
     nav = f"<nav><ul>{''.join(toc)}</ul></nav>"
     doc = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>layerscope report</title>'
-        f"<style>{CSS}</style></head><body>{head}{nav}{''.join(body)}{card_html}</body></html>"
+        f"<style>{CSS}</style></head><body>{head}{''.join(lead)}{nav}{''.join(body)}{card_html}</body></html>"
     )
     out = folder / PAGE
     out.write_text(doc, encoding="utf-8")
