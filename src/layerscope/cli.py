@@ -655,10 +655,19 @@ def align(
     models: list[str] = typer.Argument(..., help="model specs, e.g. zoo:unet zoo:dit zoo:vae zoo:gan"),
     n: int = typer.Option(64, help="scenes (Shapes world) or prompt/seed rows (open domain)"),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's)"),
-    metric: str = typer.Option("linear_cka,debiased_cka,mutual_knn,cknna", help="comma-separated measures"),
+    metric: str = typer.Option(
+        "linear_cka,debiased_cka,mutual_knn,cknna", help="comma-separated measures of the descriptive tables"
+    ),
+    curve_measures: str = typer.Option(
+        "debiased_cka,mutual_knn", "--curve-measures", help="comma-separated measures of the verdicts and their curve"
+    ),
     k: int = typer.Option(10, help="neighbours of mutual k-NN and CKNNA"),
     layers: Optional[list[str]] = typer.Option(None, "--layers", "-l", help="glob(s) of layers (default: every)"),
-    project: int = typer.Option(256, help="random projection dims of each whole map (0: the spatial mean)"),
+    control: str = typer.Option(
+        "untrained,render", help="comma-separated controls run beside the models (untrained, render; 'none': no controls)"
+    ),
+    n_boot: int = typer.Option(200, "--n-boot", help="half-samples of the scenes behind each interval"),
+    permutations: int = typer.Option(100, help="scene shuffles of the permutation null"),
     seed: int = typer.Option(0, help="first seed of the scenes / rows"),
     out: Optional[str] = typer.Option(None, help="output folder (default: align-<models>)"),
     dry_run: bool = _dry_run_option(),
@@ -670,7 +679,8 @@ def align(
     workers: Optional[int] = _EXEC["workers"],
     gpus_per_worker: float = _EXEC["gpus_per_worker"],
 ) -> None:
-    """Representational alignment within and across models (CKA, mutual k-NN) and the Platonic test."""
+    """Representational alignment within and across models (CKA, mutual k-NN), with untrained and render controls,
+    verdicts per step and their specification curve."""
     from .experiments import alignment as al
     from .loading import load
     from .report.sections import alignment as section
@@ -681,8 +691,11 @@ def align(
             seed=seed,
             steps=steps,
             metrics=tuple(_list(metric) or []),
+            curve_measures=tuple(_list(curve_measures) or []),
             k=k,
-            project=project,
+            n_boot=n_boot,
+            permutations=permutations,
+            controls=() if control.strip() == "none" else tuple(_list(control) or []),
             layers=tuple(layers) if layers else None,
             generation=_size(height, width),
         )

@@ -1,52 +1,22 @@
 """Do models arrange their representations alike? Representational alignment across layers, steps and models, and
-a test of the Platonic Representation Hypothesis (Huh et al. 2024) against Schaerf (2025, section 3.1).
+a test of the Platonic Representation Hypothesis (Huh et al. 2024) against Schaerf (2025, section 3.1), with its
+controls and a specification curve (docs/alignment.md has the definitions in full).
 
-**Inputs matched across models.** Every model sees the same inputs. Shapes world (every model read by the Shapes
-oracle): the unit is a *scene* (a factor combination, held-out split); text models generate it from its prompt
-(same seeds for all), generators with a ``code`` layer (role ``code``: ``zoo:vae``, ``zoo:gan``) get the scene's
-one-hot code at that layer (same seeds), and two references that are not models stand beside them: the factors
-themselves (``factors``, one-hot) and the oracle's features of the scene's render (``oracle``); the factor groups of
-the injection experiment (``structure``: scale, orientation; ``content``: shape; ``surface``: the three hues) are
-references too. Open domain: the same prompts and seeds for every text model, or the same seeds (hence latents) for
-torch generators of one latent shape; other mixes cannot be matched and are refused.
-
-**Features.** Every layer of each model at every step (conditional branch), from one capture per model: a fixed
-Gaussian random projection of the whole map to ``project`` dims (seeded per width; 0: the spatial / token mean).
-
-**Measures** (:mod:`layerscope.metrics.alignment`): linear CKA, debiased CKA, mutual k-NN and CKNNA, all pairs at
-once from per-feature Gram matrices. Tables:
-
-- ``layers``: one row per feature set (model, layer, layer_index, depth = index / (layers - 1), step, timestep);
-- ``within``: per model, layer x layer at each step and step x step for each layer;
-- ``across``: per model pair, layer x layer at matched steps (same step index; both models with the same steps) and
-  with each layer at its *best step* (``step = -1`` rows): the step where it aligns most with the world's
-  ``factors`` (debiased CKA), or the last step without a world;
-- ``world``: each layer x step against each reference;
-- ``arrangement``: per model and factor group, the layer and step where the alignment (debiased CKA) peaks, its
-  normalised depth, with CIs over scenes;
-- ``matching``: per ordered model pair, each layer of A matched to its most similar layer of B (debiased CKA, best
-  steps); *component similarity* = the mean of those best-match similarities, *depth order* = the Spearman
-  correlation of the layers' normalised depths with their matches' depths; CIs over scenes; the verdict; and the
-  chance level of the component similarity (the same with B's scenes shuffled).
-
-Best steps, arrangement and matching use **debiased CKA** (:data:`STAT_METRIC`): linear CKA of unrelated features is
-far from 0 once the feature width nears the number of scenes. Layers with an input role (``code``: the scene's
-one-hot, set by the experiment) take no part in the arrangement and matching. **CIs** come from random
-half-samples of the scenes without replacement (a bootstrap draw repeats scenes, which inflates every CKA), re-centred
-on the full-sample estimate (:func:`_ci`). These three choices were made after a first full run on the zoo (linear
-CKA, bootstrap with replacement, the code layer included) gave components "alike" at the chance level of linear
-CKA and intervals that excluded their own estimates; docs/alignment.md reports both.
-
-**The Platonic test** (rule fixed before any result was seen; constants below). Components are *alike* when the
-CI of the component similarity lies at or above ``ALIKE`` (0.5), *unalike* when it lies below. Arrangements are
-*preserved* when the CI of the depth-order correlation lies at or above ``PRESERVED`` (0.5), *different* when it
-lies below it, undecided otherwise. Huh et al.'s claim (convergence) is supported by a pair whose components are
-alike and arranged alike; Schaerf's (components alike, arrangements different) by alike components arranged
-differently; anything else decides neither.
+- **Inputs matched across models**: in the Shapes world a *scene* (held-out factor combination): text models
+  generate it from its prompt, generators with a ``code`` layer get its one-hot there; the same seeds for all. Open
+  domain: the same prompts and seeds (text models) or latents (torch generators of one latent shape).
+- **Features**: the exact linear Gram matrix of every layer's whole map at every step (conditional branch), and of
+  its spatial / token mean (``pooled``); every measure is computed from Grams (:func:`kernel_similarity`).
+- **Controls are feature sets like the models'**: an untrained copy of each model (:func:`layerscope.untrained`,
+  same inputs and seeds) and the world's render as a one-layer model (``render``).
+- **Analysis** (:mod:`.alignment_analysis`): per diffusion step matched by noise level (and a per-layer best step),
+  component similarity against its nulls, the arrangement along two coordinates, the order of factor-group peaks,
+  subsampling intervals, and the specification curve of the two claims.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,12 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ..engine import Capture, PerTarget, ProgressArg, replace
 from ..errors import ConfigError
-from ..metrics.alignment import METRICS, gram_similarity, similarity_matrix
+from ..metrics.alignment import METRICS
+from .alignment_analysis import FEATURES, analyse
 from .base import OPEN_PROMPTS, Job, Result, generation_kwargs, settings_dict
 from .executor import Executor, Part, Task, run_cells
 from .plans import Generations, StudyPlan, capture_bytes, model_bytes
@@ -69,35 +39,39 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import Generator
 
 NAME = "alignment"
-ALIKE = 0.5  # component similarity (mean best-match debiased CKA) at or above this: components alike
-PRESERVED = 0.5  # Spearman correlation of matched depths at or above this: arrangement preserved
-MIN_SCENES = 16  # the CIs' half-samples hold n // 2 scenes; debiased CKA needs 4 and is noisy below 8
-#: the measure of best steps, arrangement and matching: debiased CKA, because linear CKA of unrelated features is far
-#: from 0 once the feature width nears the number of scenes (0.79 for independent Gaussians of 64 x 256)
-STAT_METRIC = "debiased_cka"
+MIN_SCENES = 16  # the intervals' subsamples hold n // 2 scenes; debiased CKA needs 4 and is noisy below 8
 #: roles left out of the arrangement and matching: a ``code`` layer holds the scene's one-hot by construction
 INPUT_ROLES = ("code",)
-CHANCE_PERMUTATIONS = 20  # scene shuffles of the chance level of the component similarity
-WORLD_REFERENCES = ("factors", "oracle", "structure", "content", "surface")
+WORLD_REFERENCES = ("factors", "oracle", "render", "structure", "content", "surface")
+#: controls a study can run beside its models: an untrained copy of each, the world's render as a one-layer model
+CONTROLS = ("untrained", "render")
+RENDER = "render"  # the spec of the render's feature set
+#: dims of a layer's map that are positions (averaged by ``pooled``; counted by the image-distance coordinate)
+POSITION_DIMS = ("h", "w", "token")
 
 
 @dataclass(frozen=True)
 class Settings:
     """An alignment study of two or more models (or one, for within-model similarity). ``n``: scenes (Shapes
     world) or prompt/seed rows (open domain); ``seed``: the scenes' and rows' first seed; ``prompts``: open-domain
-    prompts (None: a fixed list, cycled); ``layers``: a glob or globs (None: every layer); ``metrics``: among
-    linear_cka, debiased_cka, mutual_knn, cknna; ``k``: neighbours of the kNN measures; ``project``: random
-    projection dims of each map (0: pooled); ``n_boot``: bootstrap resamples over scenes; generation: ``steps``
-    (None: the model's), ``guidance`` and ``generation`` (other keywords), ``max_batch``."""
+    prompts (None: a fixed list, cycled); ``layers``: a glob or globs (None: every layer); ``metrics``: the measures
+    of the descriptive tables, among linear_cka, debiased_cka, mutual_knn, cknna; ``curve_measures``: the measures of
+    the verdicts and the specification curve; ``k``: neighbours of the kNN measures; ``n_boot``: subsamples of the
+    intervals; ``permutations``: scene shuffles of the permutation null; ``controls``: among :data:`CONTROLS`;
+    ``control_seed``: the untrained copies' seed; generation: ``steps`` (None: the model's), ``guidance`` and
+    ``generation`` (other keywords), ``max_batch``."""
 
     n: int = 64
     seed: int = 0
     prompts: tuple[str, ...] | None = None
     layers: str | tuple[str, ...] | None = None
     metrics: tuple[str, ...] = ("linear_cka", "debiased_cka", "mutual_knn", "cknna")
+    curve_measures: tuple[str, ...] = ("debiased_cka", "mutual_knn")
     k: int = 10
-    project: int = 256
     n_boot: int = 200
+    permutations: int = 100
+    controls: tuple[str, ...] = CONTROLS
+    control_seed: int = 0
     steps: int | None = None
     guidance: float | None = None
     max_batch: int | None = None
@@ -106,23 +80,52 @@ class Settings:
 
 @dataclass
 class ModelFeatures:
-    """One model's features: ``cells[(layer, step)]`` (n, d) in layer-major order, and what the rows mean."""
+    """One feature set (a model, a control, the render): ``grams[(layer, step, features)]`` (n, n) float64 linear
+    Grams, and what its layers are. ``distance``: each layer's distance from the image (log2 of the image's side
+    over the layer's positions' side; 0 at image resolution). ``control``: "" for a model, else the control's
+    kind; ``of``: the model a control stands beside."""
 
     spec: str
     layers: list[str]
     steps: list[int]
     timesteps: list[float]
     iterative: bool
-    cells: dict[tuple[str, int], torch.Tensor]
+    grams: dict[tuple[str, int, str], torch.Tensor]
     roles: dict[str, str] = field(default_factory=dict)
+    distance: dict[str, float] = field(default_factory=dict)
+    control: str = ""
+    of: str = ""
+    duplicates: dict[str, str] = field(default_factory=dict)  # a layer equal to an earlier one -> that layer
 
     def analysed(self) -> list[str]:
-        """The layers that take part in the arrangement and matching (not the experiment's own inputs)."""
-        return [n for n in self.layers if self.roles.get(n, "layer") not in INPUT_ROLES]
+        """The layers that take part in the arrangement and matching: not the experiment's own inputs, and each
+        exact copy of an earlier layer (a block and its last sub-layer) once."""
+        return [n for n in self.layers if self.roles.get(n, "layer") not in INPUT_ROLES and n not in self.duplicates]
 
     def depth(self, layer: str) -> float:
-        i = self.layers.index(layer)
-        return i / (len(self.layers) - 1) if len(self.layers) > 1 else 0.0
+        """Position along the model's computation, input -> output, among the analysed layers (0..1)."""
+        names = self.analysed()
+        if layer not in names:
+            return float("nan")
+        return names.index(layer) / (len(names) - 1) if len(names) > 1 else 0.0
+
+    def find_duplicates(self) -> None:
+        """Mark each layer whose whole map equals an earlier layer's at every step (equal Grams, bitwise)."""
+        self.duplicates = {}
+        kept: list[str] = []
+        for name in self.layers:
+            twin = next(
+                (
+                    k
+                    for k in kept
+                    if all(torch.equal(self.grams[(name, s, "full")], self.grams[(k, s, "full")]) for s in self.steps)
+                ),
+                None,
+            )
+            if twin is None:
+                kept.append(name)
+            else:
+                self.duplicates[name] = twin
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -180,31 +183,60 @@ def _one_hot(factors: np.ndarray, names: Sequence[str]) -> torch.Tensor:
 
 
 def world_references(factors: np.ndarray) -> dict[str, torch.Tensor]:
-    """The references that are not models: the factors (one-hot), the oracle's features of each scene's render, and
-    the one-hot of each factor group (structure, content, surface)."""
+    """The references that are not models: the factors (one-hot), the oracle's features of each scene's render, the
+    render's pixels, and the one-hot of each factor group (structure, content, surface)."""
     from ..world.factors import FACTORS, GROUPS
     from ..world.oracle import read
     from ..world.render import render
 
-    refs = {"factors": _one_hot(factors, FACTORS), "oracle": read(render(factors, 32)).features.double()}
+    image = render(factors, 32)
+    refs = {
+        "factors": _one_hot(factors, FACTORS),
+        "oracle": read(image).features.double(),
+        "render": torch.as_tensor(np.asarray(image)).double().flatten(1),
+    }
     for group, members in GROUPS.items():
         refs[group] = _one_hot(factors, members)
     return refs
+
+
+def render_features(refs: dict[str, torch.Tensor]) -> ModelFeatures:
+    """The world's render as a one-layer model: its pixels are the layer, at image resolution, with no steps."""
+    g = refs[RENDER] @ refs[RENDER].T
+    return ModelFeatures(
+        RENDER,
+        ["pixels"],
+        [0],
+        [],
+        False,
+        {("pixels", 0, kind): g for kind in FEATURES},
+        {"pixels": "layer"},
+        {"pixels": 0.0},
+        control="render",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # features
 
 
-def _projection(d_in: int, d_out: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(d_in)
-    return torch.randn(d_in, d_out, generator=g, dtype=torch.float64) / d_out**0.5
+def _pooled(x: torch.Tensor, dims: Sequence[str]) -> torch.Tensor:
+    """A captured map (n, *per-sample dims) averaged over its positions (dims named in :data:`POSITION_DIMS`)."""
+    axes = [1 + k for k, d in enumerate(dims) if d in POSITION_DIMS]
+    return x.mean(dim=axes) if axes else x
+
+
+def _distance(dims: Sequence[str], shape: Sequence[int], image_pixels: int) -> float:
+    """log2 of (image side / the layer's positions' side): 0 at image resolution, +1 per halving."""
+    positions = math.prod(int(n) for d, n in zip(dims, shape) if d in POSITION_DIMS)
+    return 0.5 * math.log2(image_pixels / max(1, positions))
 
 
 def collect(
     model: Generator, st: Settings, mode: str, factors: np.ndarray | None, progress: ProgressArg = None
 ) -> ModelFeatures:
-    """One capture of every selected layer at every step (conditional branch) for the matched inputs."""
+    """One capture of every selected layer at every step (conditional branch) for the matched inputs, kept as the
+    exact Gram matrices of the whole maps and of their position means."""
     gen_kw = generation_kwargs(st.steps, st.guidance, st.generation)
     lmap = model.layer_map()
     names = [e.name for e in (lmap.layers if st.layers is None else lmap.select(st.layers)) if not e.is_space]
@@ -230,283 +262,36 @@ def collect(
     else:
         prompts = [None] * n
     branches = ["cond"] if "cond" in model.branch_labels(model.config(**gen_kw)) else None
-    cap = Capture(names, branches=branches, pooled=st.project == 0)
+    cap = Capture(names, branches=branches)
+    grams: dict[tuple[str, int, str], torch.Tensor] = {}
     with tempfile.TemporaryDirectory(prefix="layerscope-align-") as tmp:
         if model.capture_bytes(cap, n, **gen_kw) > cap.budget_bytes:
-            cap = Capture(names, branches=branches, pooled=st.project == 0, store=Path(tmp) / "features.zarr")
+            cap = Capture(names, branches=branches, store=Path(tmp) / "features.zarr")
         res = model.generate(
             prompts, seeds, capture=cap, interventions=ivs, max_batch=st.max_batch, progress=progress, **gen_kw
         )
         steps = [int(s) if s is not None else 0 for s in res.capture.steps_of(names[0])]
-        cells: dict[tuple[str, int], torch.Tensor] = {}
-        projections: dict[int, torch.Tensor] = {}
         for name in names:
+            dims = lmap[name].dims
             for k, s in enumerate(steps):
-                x = torch.as_tensor(np.asarray(res.capture[name][:, k, 0])).double().flatten(1)
-                if st.project and x.shape[1] > st.project:
-                    d = x.shape[1]
-                    if d not in projections:
-                        projections[d] = _projection(d, st.project)
-                    x = x @ projections[d]
-                cells[(name, s)] = x
+                x = torch.as_tensor(np.asarray(res.capture[name][:, k, 0])).double()
+                full, pooled = x.flatten(1), _pooled(x, dims).flatten(1)
+                grams[(name, s, "full")] = full @ full.T
+                grams[(name, s, "pooled")] = pooled @ pooled.T
+    image_pixels = int(res.images.shape[-2] * res.images.shape[-1])
     all_t = [float(t) for t in res.timesteps]
+    control = getattr(model, "control", None) or {}
     return ModelFeatures(
         model.spec,
         names,
         steps,
         [all_t[s] for s in steps] if all_t else [],
         model.capabilities.iterative,
-        cells,
+        grams,
         {n: lmap[n].role for n in names},
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# analysis
-
-
-def _matrix(a: list[torch.Tensor], b: list[torch.Tensor] | None, metric: str, k: int) -> np.ndarray:
-    return similarity_matrix(a, b, metric=metric, k=k).double().numpy()
-
-
-def within_table(f: ModelFeatures, metrics: Sequence[str], k: int) -> pd.DataFrame:
-    """Layer x layer at each step, and step x step for each layer, of one model."""
-    rows = []
-    for metric in metrics:
-        for s in f.steps:
-            m = _matrix([f.cells[(name, s)] for name in f.layers], None, metric, k)
-            for i, la in enumerate(f.layers):
-                for j, lb in enumerate(f.layers):
-                    rows.append((f.spec, metric, "layers", la, s, lb, s, m[i, j]))
-        if len(f.steps) > 1:
-            for name in f.layers:
-                m = _matrix([f.cells[(name, s)] for s in f.steps], None, metric, k)
-                for i, sa in enumerate(f.steps):
-                    for j, sb in enumerate(f.steps):
-                        rows.append((f.spec, metric, "steps", name, sa, name, sb, m[i, j]))
-    return pd.DataFrame(rows, columns=["model", "metric", "view", "layer_a", "step_a", "layer_b", "step_b", "value"])
-
-
-def world_table(f: ModelFeatures, refs: dict[str, torch.Tensor], metrics: Sequence[str], k: int) -> pd.DataFrame:
-    keys = [(name, s) for name in f.layers for s in f.steps]
-    names = list(refs)
-    rows = []
-    for metric in metrics:
-        m = _matrix([f.cells[c] for c in keys], [refs[r] for r in names], metric, k)
-        for i, (layer, s) in enumerate(keys):
-            for j, ref in enumerate(names):
-                rows.append((f.spec, layer, f.layers.index(layer), f.depth(layer), s, ref, metric, m[i, j]))
-    return pd.DataFrame(
-        rows, columns=["model", "layer", "layer_index", "depth", "step", "reference", "metric", "value"]
-    )
-
-
-def best_steps(f: ModelFeatures, world: pd.DataFrame | None) -> dict[str, int]:
-    """Each layer's best step: where its debiased CKA with the world's factors peaks (the last step without a
-    world)."""
-    if world is None or world.empty:
-        return {name: f.steps[-1] for name in f.layers}
-    w = world[(world["model"] == f.spec) & (world["reference"] == "factors") & (world["metric"] == STAT_METRIC)]
-    return {name: int(sub.loc[sub["value"].idxmax(), "step"]) for name, sub in w.groupby("layer", sort=False)}
-
-
-def across_table(
-    fa: ModelFeatures, fb: ModelFeatures, best_a: dict[str, int], best_b: dict[str, int], metrics: Sequence[str], k: int
-) -> pd.DataFrame:
-    """Layer x layer of two models at matched steps (same step index, same step count) and at best steps (-1)."""
-    rows = []
-    matched = fa.iterative and fb.iterative and fa.steps == fb.steps
-    for metric in metrics:
-        plans = [(s, {n: s for n in fa.layers}, {n: s for n in fb.layers}) for s in (fa.steps if matched else [])]
-        plans.append((-1, best_a, best_b))
-        for s, sa, sb in plans:
-            m = _matrix([fa.cells[(n, sa[n])] for n in fa.layers], [fb.cells[(n, sb[n])] for n in fb.layers], metric, k)
-            for i, la in enumerate(fa.layers):
-                for j, lb in enumerate(fb.layers):
-                    rows.append((fa.spec, fb.spec, metric, s, la, fa.depth(la), lb, fb.depth(lb), m[i, j]))
-    return pd.DataFrame(
-        rows, columns=["model_a", "model_b", "metric", "step", "layer_a", "depth_a", "layer_b", "depth_b", "value"]
-    )
-
-
-def _grams(xs: list[torch.Tensor]) -> torch.Tensor:
-    """(S, n, n) linear Gram matrices (uncentred), so a subsample of scenes is an index into them."""
-    return torch.stack([x @ x.T for x in xs])
-
-
-def _sub(g: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    return g[:, i][:, :, i]
-
-
-def _halves(n: int, n_boot: int, seed: int) -> list[torch.Tensor]:
-    """``n_boot`` random half-samples of the scenes, without replacement: a scene drawn twice would add an exact
-    duplicate pair to both Gram matrices and inflate every CKA."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randperm(n, generator=g)[: n // 2].sort().values for _ in range(n_boot)]
-
-
-def _ci(values: np.ndarray, point: float, lo: float = -np.inf, hi: float = np.inf) -> tuple[float, float]:
-    """95% interval from half-sample replicates, re-centred on the full-sample estimate: ``point`` plus the
-    replicates' 2.5% / 97.5% quantiles minus their median. At half the sample the replicates' spread around the full
-    sample's value matches the estimate's own (finite-population factor 1/m - 1/n = 1/n at m = n/2); re-centring
-    removes the shift that the smaller sample and the max over layers add."""
-    v = values[np.isfinite(values)]
-    if len(v) < 2 or not np.isfinite(point):
-        return (np.nan, np.nan)
-    med = float(np.median(v))
-    return (
-        float(np.clip(point + np.quantile(v, 0.025) - med, lo, hi)),
-        float(np.clip(point + np.quantile(v, 0.975) - med, lo, hi)),
-    )
-
-
-def arrangement_table(f: ModelFeatures, refs: dict[str, torch.Tensor], n_boot: int, seed: int) -> pd.DataFrame:
-    """Per factor group: the (layer, step) where debiased CKA with the group's one-hot peaks, its normalised depth
-    and step, with half-sample CIs over scenes (the peak found again in each half-sample). Layers with an input role
-    (:data:`INPUT_ROLES`) take no part."""
-    layers = f.analysed()
-    keys = [(name, s) for name in layers for s in f.steps]
-    groups = [g for g in ("structure", "content", "surface") if g in refs]
-    if not keys or not groups:
-        return pd.DataFrame()
-    grams = _grams([f.cells[c] for c in keys])
-    ref_grams = _grams([refs[g] for g in groups])
-    point = gram_similarity(grams, ref_grams, STAT_METRIC).numpy()  # (S, G)
-    halves = _halves(grams.shape[1], n_boot, seed)
-    boot = np.stack([gram_similarity(_sub(grams, i), _sub(ref_grams, i), STAT_METRIC).numpy() for i in halves])
-    rows = []
-    for j, group in enumerate(groups):
-        top = int(np.nanargmax(point[:, j]))
-        layer, step = keys[top]
-        finite = np.isfinite(boot[:, :, j]).any(axis=1)  # half-samples where some feature set is defined
-        picks = np.where(np.isfinite(boot[finite, :, j]), boot[finite, :, j], -np.inf).argmax(axis=1)
-        depths = np.array([f.depth(keys[p][0]) for p in picks])
-        steps = np.array([keys[p][1] for p in picks], dtype=float)
-        d_ci = _ci(depths, f.depth(layer), 0.0, 1.0)
-        s_ci = _ci(steps, float(step), float(min(f.steps)), float(max(f.steps)))
-        v_ci = _ci(np.nanmax(boot[finite, :, j], axis=1), float(point[top, j]))
-        rows.append(
-            {
-                "model": f.spec,
-                "group": group,
-                "layer": layer,
-                "depth": f.depth(layer),
-                "step": step,
-                "value": float(point[top, j]),
-                "depth_low": d_ci[0],
-                "depth_high": d_ci[1],
-                "step_low": s_ci[0],
-                "step_high": s_ci[1],
-                "value_low": v_ci[0],
-                "value_high": v_ci[1],
-                "metric": STAT_METRIC,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(spearmanr(x, y).statistic)
-
-
-def _verdict(sim: tuple[float, float], rho: tuple[float, float]) -> tuple[str, str, str]:
-    comp = "alike" if sim[0] >= ALIKE else "unalike" if sim[1] < ALIKE else "undecided"
-    arr = "preserved" if rho[0] >= PRESERVED else "different" if rho[1] < PRESERVED else "undecided"
-    if comp == "alike" and arr == "preserved":
-        claim = "Huh et al. (convergence)"
-    elif comp == "alike" and arr == "different":
-        claim = "Schaerf (alike components, different arrangements)"
-    else:
-        claim = "neither"
-    return comp, arr, claim
-
-
-def matching_table(
-    fa: ModelFeatures, fb: ModelFeatures, best_a: dict[str, int], best_b: dict[str, int], n_boot: int, seed: int
-) -> pd.DataFrame:
-    """Each layer of A matched to its most similar layer of B (debiased CKA, best steps): component similarity
-    and depth order with half-sample CIs over scenes, and the Platonic verdict. Layers with an input role
-    (:data:`INPUT_ROLES`) take no part."""
-    la_names, lb_names = fa.analysed(), fb.analysed()
-    ga = _grams([fa.cells[(n, best_a[n])] for n in la_names])
-    gb = _grams([fb.cells[(n, best_b[n])] for n in lb_names])
-    da = np.array([fa.depth(n) for n in la_names])
-    db = np.array([fb.depth(n) for n in lb_names])
-
-    def stats(m: np.ndarray) -> tuple[float, float]:
-        ok = np.isfinite(m).any(axis=1)  # a layer whose similarities are all undefined takes no part
-        if ok.sum() < 1:
-            return float("nan"), float("nan")
-        best = np.where(np.isfinite(m), m, -np.inf).argmax(axis=1)
-        return float(m[ok, best[ok]].mean()), _spearman(da[ok], db[best[ok]])
-
-    m = gram_similarity(ga, gb, STAT_METRIC).numpy()
-    sim, rho = stats(m)
-    boot = np.array(
-        [
-            stats(gram_similarity(_sub(ga, i), _sub(gb, i), STAT_METRIC).numpy())
-            for i in _halves(ga.shape[1], n_boot, seed)
-        ]
-    )
-    sim_ci, rho_ci = _ci(boot[:, 0], sim, -1.0, 1.0), _ci(boot[:, 1], rho, -1.0, 1.0)
-    # chance level of the component similarity: B's scenes shuffled, so no row of A meets its own scene in B
-    g = torch.Generator().manual_seed(seed + 7)
-    chance = float(
-        np.mean(
-            [
-                stats(gram_similarity(ga, _sub(gb, torch.randperm(ga.shape[1], generator=g)), STAT_METRIC).numpy())[0]
-                for _ in range(CHANCE_PERMUTATIONS)
-            ]
-        )
-    )
-    comp, arr, claim = _verdict(sim_ci, rho_ci)
-    matches = ";".join(
-        f"{la}->{lb_names[j]}" for la, j in zip(la_names, np.where(np.isfinite(m), m, -np.inf).argmax(axis=1))
-    )
-    return pd.DataFrame(
-        [
-            {
-                "model_a": fa.spec,
-                "model_b": fb.spec,
-                "metric": STAT_METRIC,
-                "component_similarity": sim,
-                "similarity_low": sim_ci[0],
-                "similarity_high": sim_ci[1],
-                "chance_similarity": chance,
-                "depth_order": rho,
-                "order_low": rho_ci[0],
-                "order_high": rho_ci[1],
-                "components": comp,
-                "arrangement": arr,
-                "supports": claim,
-                "layers_a": len(la_names),
-                "layers_b": len(lb_names),
-                "matches": matches,
-            }
-        ]
-    )
-
-
-def _layers_table(f: ModelFeatures) -> pd.DataFrame:
-    ts = dict(zip(f.steps, f.timesteps))
-    return pd.DataFrame(
-        [
-            {
-                "model": f.spec,
-                "layer": name,
-                "layer_index": i,
-                "depth": f.depth(name),
-                "step": s,
-                "timestep": ts.get(s, np.nan),
-                "dims": int(f.cells[(name, s)].shape[1]),
-            }
-            for i, name in enumerate(f.layers)
-            for s in f.steps
-        ]
+        {n: _distance(lmap[n].dims, lmap[n].shape, image_pixels) for n in names},
+        control=str(control.get("kind", "")),
+        of=str(control.get("of", "")),
     )
 
 
@@ -520,30 +305,50 @@ def _check(models: Sequence[Generator], st: Settings) -> str:
     specs = [m.spec for m in models]
     if len(set(specs)) != len(specs):
         raise ConfigError(f"each model once: {specs} names one twice")
-    bad = [m for m in st.metrics if m not in METRICS]
-    if bad or not st.metrics:
-        raise ConfigError(f"unknown alignment metric(s) {bad}; valid: {', '.join(METRICS)}")
+    for name, chosen in (("metric", st.metrics), ("curve measure", st.curve_measures)):
+        bad = [m for m in chosen if m not in METRICS]
+        if bad or not chosen:
+            raise ConfigError(f"unknown alignment {name}(s) {bad or list(chosen)}; valid: {', '.join(METRICS)}")
+    bad = [c for c in st.controls if c not in CONTROLS]
+    if bad:
+        raise ConfigError(f"unknown control(s) {bad}; valid: {', '.join(CONTROLS)}")
     if st.n < MIN_SCENES:
         raise ConfigError(
             f"n must be at least {MIN_SCENES} scenes or rows (debiased CKA on half-samples of them), got {st.n}"
         )
-    if any(m in ("mutual_knn", "cknna") for m in st.metrics) and not 1 <= st.k < st.n:
-        raise ConfigError(f"k must be between 1 and n - 1 = {st.n - 1} for the kNN measures, got {st.k}")
-    if st.project < 0 or st.n_boot < 10:
-        raise ConfigError(f"project must be >= 0 and n_boot >= 10, got {st.project} and {st.n_boot}")
+    knn = [m for m in (*st.metrics, *st.curve_measures) if m in ("mutual_knn", "cknna")]
+    if knn and not 2 <= st.k < st.n // 2:
+        raise ConfigError(
+            f"k must be between 2 and n // 2 - 1 = {st.n // 2 - 1} for the kNN measures (the intervals' subsamples "
+            f"hold n // 2 rows), got {st.k}"
+        )
+    if st.n_boot < 20 or st.permutations < 20:
+        raise ConfigError(f"n_boot and permutations must be >= 20, got {st.n_boot} and {st.permutations}")
     mode = _mode(models)
     for m in models:
         lmap = m.layer_map()
         chosen = lmap.layers if st.layers is None else [e for e in lmap.select(st.layers) if not e.is_space]
         if not chosen:
             raise ConfigError(f"{m.spec} has no capturable layer" + (f" matching {st.layers!r}" if st.layers else ""))
+        if "untrained" in st.controls and not m.has_weights:
+            raise ConfigError(f"{m.spec} has no weights: it cannot be generated, nor an untrained copy of it")
     return mode
 
 
+def _with_controls(ms: list[Generator], st: Settings) -> list[Generator]:
+    """The models and, with the ``untrained`` control, an untrained copy of each that is not itself a control (the
+    same inputs and seeds)."""
+    if "untrained" not in st.controls:
+        return list(ms)
+    from ..controls import untrained
+
+    return [*ms, *(untrained(m, seed=st.control_seed) for m in ms if m.control is None)]
+
+
 def plan(models: Generator | Sequence[Generator], settings: Settings) -> list[StudyPlan]:
-    """What :func:`run` will generate (``--dry-run``), one plan per model; nothing is generated. Each model makes the
-    ``n`` matched inputs once, every selected layer captured at every step (streamed to a temporary store when
-    over the capture's memory budget)."""
+    """What :func:`run` will generate (``--dry-run``), one plan per model and control; nothing is generated. Each
+    makes the ``n`` matched inputs once, every selected layer captured at every step (streamed to a temporary store
+    when over the capture's memory budget)."""
     ms = [models] if not isinstance(models, Sequence) else list(models)
     st = settings
     _check(ms, st)
@@ -554,13 +359,15 @@ def plan(models: Generator | Sequence[Generator], settings: Settings) -> list[St
         names = [e.name for e in (lmap.layers if st.layers is None else lmap.select(st.layers)) if not e.is_space]
         cfg = m.config(**gen_kw)
         labels = m.branch_labels(cfg)
-        cap = Capture(names, branches=["cond"] if "cond" in labels else None, pooled=st.project == 0)
+        cap = Capture(names, branches=["cond"] if "cond" in labels else None)
         held = capture_bytes(m, cap, st.n, **gen_kw)
         size = st.max_batch or m.default_max_batch
+        copies = 2 if "untrained" in st.controls else 1
         row = Generations(
-            f"{st.n} matched inputs, {len(names)} layers at every step",
-            -(-st.n // size),
-            st.n,
+            f"{st.n} matched inputs, {len(names)} layers at every step"
+            + (", and the same for its untrained copy" if copies == 2 else ""),
+            copies * -(-st.n // size),
+            copies * st.n,
             min(st.n, size),
             m.num_steps(cfg),
             len(labels),
@@ -580,26 +387,51 @@ def run(
     progress: ProgressArg = None,
     executor: Executor | None = None,
 ) -> Result:
-    """The alignment study on loaded models (the same inputs for all, see the module docstring): tables
-    ``layers``, ``within``, ``across``, ``world``, ``arrangement``, ``matching``; the record holds the settings, the
-    input mode, the verdict rule and each model's layers and steps. ``out``: the folder the Result is saved in;
-    each model's features are kept there as a cell until then, so a rerun collects only the missing models'.
-    ``executor``: where each model's features are collected (:mod:`.executor`); the tables are the same either way."""
+    """The alignment study on loaded models and their controls (the same inputs for all, see the module docstring):
+    tables ``layers``, ``within``, ``across``, ``world``, ``peaks``, ``peak_order``, ``matching``, ``curve`` (see
+    :mod:`.alignment_analysis`); the record holds the settings, the input mode, the rule and each feature set's
+    layers, steps and merged duplicates. ``out``: the folder the Result is saved in; each model's and control's
+    features are kept there as a cell until then, so a rerun collects only the missing ones. ``executor``: where
+    each feature set is collected (:mod:`.executor`); the tables are the same either way."""
     ms = [models] if not isinstance(models, Sequence) else list(models)
     st = settings
     mode = _check(ms, st)
     factors = scenes(st.n, st.seed) if mode == "scenes" else None
+    everything = _with_controls(ms, st)
     with open_workspace(out, NAME, [m.spec for m in ms], st, keep_cells=False) as ws:
         finished = ws.finished()
         if finished is not None:
             return finished
         tasks = [
-            Task(f"features_{i}_{m.spec}", m.spec, _features_cell, (st, mode, factors)) for i, m in enumerate(ms)
-        ]  # one cell per model: its features
-        desc = f"alignment: features of {len(ms)} models"
-        parts = run_cells(ws, {m.spec: m for m in ms}, tasks, executor, progress, desc)
+            Task(f"features_{i}_{m.spec}", m.spec, _features_cell, (st, mode, factors))
+            for i, m in enumerate(everything)
+        ]  # one cell per model or control: its features
+        desc = f"alignment: features of {len(ms)} models" + (
+            f" and {len(everything) - len(ms)} untrained copies" if len(everything) > len(ms) else ""
+        )
+        parts = run_cells(ws, {m.spec: m for m in everything}, tasks, executor, progress, desc)
         feats = [_features_from(Cell(arrays=p.arrays, record=p.record)) for p in parts]
-        return ws.save(_analyse(ms, st, mode, factors, feats))
+        refs = world_references(factors) if factors is not None else {}
+        if RENDER in st.controls and refs:
+            feats.append(render_features(refs))
+        for f in feats:
+            f.find_duplicates()
+        tables = analyse(feats, refs, st, progress=progress)
+        record = {
+            "models": [m.spec for m in ms],
+            "model": "+".join(m.spec for m in ms),
+            "settings": settings_dict(st),
+            "mode": mode,
+            "rows": st.n,
+            "controls": {f.spec: {"kind": f.control, "of": f.of} for f in feats if f.control},
+            "steps": {f.spec: f.steps for f in feats},
+            "timesteps": {f.spec: f.timesteps for f in feats},
+            "iterative": {f.spec: f.iterative for f in feats},
+            "duplicates": {f.spec: f.duplicates for f in feats if f.duplicates},
+            "references": list(refs),
+            "notes": [] if RENDER not in st.controls or refs else ["the render control needs a world: left out"],
+        }
+        return ws.save(Result(NAME, tables, record))
 
 
 def _features_cell(model: "Generator", st: Settings, mode: str, factors: Any) -> Part:
@@ -609,7 +441,7 @@ def _features_cell(model: "Generator", st: Settings, mode: str, factors: Any) ->
 
 
 def _feature_arrays(f: ModelFeatures) -> dict[str, np.ndarray]:
-    return {f"{layer}@{step}": x.numpy() for (layer, step), x in f.cells.items()}
+    return {f"{layer}@{step}@{kind}": x.numpy() for (layer, step, kind), x in f.grams.items()}
 
 
 def _feature_record(f: ModelFeatures) -> dict[str, Any]:
@@ -620,75 +452,48 @@ def _feature_record(f: ModelFeatures) -> dict[str, Any]:
         "timesteps": f.timesteps,
         "iterative": f.iterative,
         "roles": f.roles,
+        "distance": f.distance,
+        "control": f.control,
+        "of": f.of,
     }
 
 
 def _features_from(cell: Any) -> ModelFeatures:
     r = cell.record
-    cells = {
-        (layer, int(step)): torch.from_numpy(cell.arrays[f"{layer}@{step}"])
+    grams = {
+        (layer, int(step), kind): torch.from_numpy(cell.arrays[f"{layer}@{step}@{kind}"])
         for layer in r["layers"]
         for step in r["steps"]
+        for kind in FEATURES
     }
-    return ModelFeatures(r["spec"], r["layers"], r["steps"], r["timesteps"], r["iterative"], cells, r["roles"])
-
-
-def _analyse(
-    ms: list[Generator], st: Settings, mode: str, factors: np.ndarray | None, feats: list[ModelFeatures]
-) -> Result:
-    """The tables and record from every model's features."""
-    refs = world_references(factors) if factors is not None else {}
-    metrics = list(dict.fromkeys([*st.metrics, STAT_METRIC]))  # the arrangement and matching need it
-    within = pd.concat([within_table(f, metrics, st.k) for f in feats], ignore_index=True)
-    world = (
-        pd.concat([world_table(f, refs, metrics, st.k) for f in feats], ignore_index=True)
-        if refs
-        else pd.DataFrame(columns=["model", "layer", "layer_index", "depth", "step", "reference", "metric", "value"])
+    return ModelFeatures(
+        r["spec"],
+        r["layers"],
+        r["steps"],
+        r["timesteps"],
+        r["iterative"],
+        grams,
+        r["roles"],
+        r["distance"],
+        r["control"],
+        r["of"],
     )
-    best = {f.spec: best_steps(f, world if refs else None) for f in feats}
-    across, matching = [], []
-    for a in range(len(feats)):
-        for b in range(len(feats)):
-            if a == b:
-                continue
-            fa, fb = feats[a], feats[b]
-            if a < b:
-                across.append(across_table(fa, fb, best[fa.spec], best[fb.spec], metrics, st.k))
-            matching.append(matching_table(fa, fb, best[fa.spec], best[fb.spec], st.n_boot, st.seed + a * 31 + b))
-    tables = {
-        "layers": pd.concat([_layers_table(f) for f in feats], ignore_index=True),
-        "within": within,
-        "across": pd.concat(across, ignore_index=True) if across else pd.DataFrame(),
-        "world": world,
-        "arrangement": (
-            pd.concat([arrangement_table(f, refs, st.n_boot, st.seed) for f in feats], ignore_index=True)
-            if refs
-            else pd.DataFrame()
-        ),
-        "matching": pd.concat(matching, ignore_index=True) if matching else pd.DataFrame(),
-    }
-    record = {
-        "models": [m.spec for m in ms],
-        "model": "+".join(m.spec for m in ms),
-        "settings": settings_dict(st),
-        "mode": mode,
-        "rows": st.n,
-        "alike": ALIKE,
-        "preserved": PRESERVED,
-        "best_steps": best,
-        "steps": {f.spec: f.steps for f in feats},
-        "iterative": {f.spec: f.iterative for f in feats},
-        "references": list(refs),
-        "notes": [],
-    }
-    return Result(NAME, tables, record)
 
 
-MAIN_MODELS = ("zoo:unet", "zoo:dit", "zoo:vae", "zoo:gan")
+MAIN_MODELS = ("zoo:unet", "zoo:dit", "zoo:ldm", "zoo:vae", "zoo:gan")
 FULL = Settings(n=64, steps=10)
-QUICK = Settings(n=24, steps=4, metrics=("linear_cka", "mutual_knn"), k=5, n_boot=50)
+QUICK = Settings(n=24, steps=4, metrics=("linear_cka", "mutual_knn"), k=5, n_boot=50, permutations=50)
 
 
 def main_job(quick: bool = False) -> list[Job]:
-    """The four zoo models on the same held-out scenes."""
+    """The five zoo models and their controls on the same held-out scenes."""
     return [Job(MAIN_MODELS, QUICK if quick else FULL, folder="zoo")]
+
+
+def __getattr__(name: str) -> Any:
+    """The analysis's names (``claims_curve``, ``CLAIMS``, thresholds) also from this module."""
+    from . import alignment_analysis
+
+    if name in alignment_analysis.__all__:
+        return getattr(alignment_analysis, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

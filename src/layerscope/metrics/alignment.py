@@ -77,6 +77,8 @@ __all__ = [
     "METRICS",
     "cknna",
     "debiased_cka",
+    "EMBEDDABLE",
+    "gram_embeddings",
     "gram_similarity",
     "kernel_similarity",
     "linear_cka",
@@ -330,6 +332,35 @@ def _knn_similarity(ca: torch.Tensor, cb: torch.Tensor | None, metric: str, k: i
         ab = aa if cb is None else _knn_adjacency(cb, k).flatten(1)
         return (aa @ ab.T) / (n * k)
     return _cknna_matrix(ca, ca if cb is None else cb, k)
+
+
+#: measures that are an inner product of per-entry vectors (:func:`gram_embeddings`)
+EMBEDDABLE = ("linear_cka", "debiased_cka", "mutual_knn")
+
+
+def gram_embeddings(grams: torch.Tensor, metric: str = "debiased_cka", k: int = DEFAULT_K) -> torch.Tensor:
+    """Per entry of a (S, N, N) stack of linear Grams, the (S, N * N) vector whose inner products are the measure:
+    ``kernel_similarity(a, b, metric, k) == gram_embeddings(a) @ gram_embeddings(b).T`` for the measures in
+    :data:`EMBEDDABLE` (CKA: the centred, or U-centred, Gram over its norm; mutual k-NN: the kNN weights over
+    ``sqrt(N k)``). An entry whose CKA is undefined (a centred Gram of norm 0) is a row of NaN. Permuting the inputs
+    permutes each vector's (i, j) cells alike, so a shuffled entry's vector is an index into the original's."""
+    if metric not in EMBEDDABLE:
+        raise ConfigError(f"gram_embeddings computes {', '.join(EMBEDDABLE)}, not {metric!r}")
+    g = grams.double()
+    n = g.shape[-1]
+    if metric == "mutual_knn":
+        k = _check_metric(metric, n, k)
+        norm = g.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().clamp_min(1e-12)
+        adj = _knn_adjacency(g / norm[..., :, None] / norm[..., None, :], k)
+        return adj.flatten(1) / math.sqrt(n * k)
+    if metric == "debiased_cka":
+        if n < 4:
+            raise ConfigError(f"debiased CKA needs at least 4 inputs, got {n}")
+        c = _u_centred(g).flatten(1)
+    else:
+        c = (g - g.mean(-1, keepdim=True) - g.mean(-2, keepdim=True) + g.mean((-2, -1), keepdim=True)).flatten(1)
+    norm = c.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, c / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.full_like(c, math.nan))
 
 
 def kernel_similarity(
