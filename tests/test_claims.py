@@ -221,6 +221,12 @@ def test_abstractions_curve_reads_the_experiments_own_times(abstractions):
         assert row["verdict"].iloc[0] == ("supports" if lead > 0 else "contradicts" if lead < 0 else "undecided")
         lo, hi = row[["ci_low", "ci_high"]].iloc[0]
         assert lo <= lead <= hi
+    # the shipped specification supports the claim exactly when the section's forking sentence finds the paper's order
+    from layerscope.report.sections import abstractions as section
+
+    shipped = rows_at(curve, abc.CLAIM, **abc.SHIPPED[abc.CLAIM])
+    as_paper = "As Corallo et al. (2024) report" in section.forking_sentence("zoo:dit", frec)
+    assert (shipped["verdict"].iloc[0] == "supports") == as_paper
     # the probes' half-way steps, as the section's order sentence reads them
     prec = abstractions.record["probes"]
     half = ab.relative_onsets(abstractions[ab.PROBES], prec["chance"], exclude=ab.baseline_of(prec))

@@ -19,6 +19,7 @@ markdown (:func:`markdown`).
 from __future__ import annotations
 
 import importlib
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ...stats.speccurve import KEY as CURVE_KEY
 from ...stats.speccurve import VERDICTS, check_curve, empty_curve, summarize
 from .. import Page, SectionRun, read_run
 
@@ -106,6 +108,10 @@ def collect(folder: str | Path, record: dict[str, Any] | None = None) -> tuple[p
     curve = (
         pd.concat([c for c in curves if len(c)], ignore_index=True) if any(len(c) for c in curves) else empty_curve()
     )
+    dup = curve.duplicated(CURVE_KEY)
+    if dup.any():  # two jobs gave the same (claim, subject, control, spec): e.g. one model run twice in a section
+        notes.append(f"{int(dup.sum())} specification rows given by two jobs each are counted once")
+        curve = curve[~dup].reset_index(drop=True)
     return check_curve(curve), meta, notes
 
 
@@ -158,7 +164,7 @@ def figure(curve: pd.DataFrame, claim: str, meta: dict[str, Any] | None = None) 
                 shares = part["verdict"].value_counts(normalize=True)
                 name = str(subject) if not control else f"{subject} · control {control}"
                 bars.append((name, {v: float(shares.get(v, 0.0)) for v in VERDICTS}, len(part)))
-    fig, ax = plt.subplots(figsize=(8.0, 0.45 * len(bars) + 1.2))
+    fig, ax = plt.subplots(figsize=(8.0, 0.45 * len(bars) + 1.4), layout="constrained")
     y = np.arange(len(bars))[::-1]
     left = np.zeros(len(bars))
     for v in ("supports", "undecided", "contradicts"):
@@ -172,9 +178,8 @@ def figure(curve: pd.DataFrame, claim: str, meta: dict[str, Any] | None = None) 
     ax.set_xlabel("share of specifications (dashed: 0.8, the verdict rule)", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     text = (meta or {}).get(claim, {}).get("text", "")
-    ax.set_title(claim + (f"\n{text}" if len(text) < 110 else ""), fontsize=8)
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(bars) < 4 else -0.1))
-    fig.tight_layout()
+    ax.set_title("\n".join([claim, *textwrap.wrap(text, 110)]), fontsize=8)
+    fig.legend(fontsize=7, ncol=3, loc="outside lower center")
     return fig
 
 
