@@ -100,7 +100,13 @@ class ModelFeatures:
     def analysed(self) -> list[str]:
         """The layers that take part in the arrangement and matching: not the experiment's own inputs, and each
         exact copy of an earlier layer (a block and its last sub-layer) once."""
-        return [n for n in self.layers if self.roles.get(n, "layer") not in INPUT_ROLES and n not in self.duplicates]
+        key = tuple(self.duplicates)
+        if getattr(self, "_analysed", (None, None))[0] != key:
+            names = [
+                n for n in self.layers if self.roles.get(n, "layer") not in INPUT_ROLES and n not in self.duplicates
+            ]
+            self._analysed = (key, names)
+        return list(self._analysed[1])
 
     def depth(self, layer: str) -> float:
         """Position along the model's computation, input -> output, among the analysed layers (0..1)."""
@@ -201,15 +207,18 @@ def world_references(factors: np.ndarray) -> dict[str, torch.Tensor]:
 
 
 def render_features(refs: dict[str, torch.Tensor]) -> ModelFeatures:
-    """The world's render as a one-layer model: its pixels are the layer, at image resolution, with no steps."""
-    g = refs[RENDER] @ refs[RENDER].T
+    """The world's render as a one-layer model: its pixels (channel, h, w) are the layer, at image resolution, with
+    no steps; pooled like any map (the mean colour)."""
+    pixels = refs[RENDER]
+    side = int(round((pixels.shape[1] / 3) ** 0.5))
+    pooled = _pooled(pixels.reshape(len(pixels), 3, side, side), ("channel", "h", "w"))
     return ModelFeatures(
         RENDER,
         ["pixels"],
         [0],
         [],
         False,
-        {("pixels", 0, kind): g for kind in FEATURES},
+        {("pixels", 0, "full"): pixels @ pixels.T, ("pixels", 0, "pooled"): pooled @ pooled.T},
         {"pixels": "layer"},
         {"pixels": 0.0},
         control="render",

@@ -371,14 +371,15 @@ def _run_pass(
                     out.rows[(kind, lv)] = rows[lv]
             for m in st.curve_measures:
                 for lv in levels:
+                    # float32 products: the replicates only feed quantiles and argmaxes (the full sample's is exact)
                     e = emb[m][rows[lv]]
-                    store[(m, lv)][h] = (e @ e.T).numpy()
+                    store[(m, lv)][h] = (e @ e.T).numpy() if idx is None else (e.float() @ e.float().T).numpy()
         n = st.n
+        flat_perms = [(p[:, None] * n + p[None, :]).flatten() for p in perms]  # (i, j) -> (p_i, p_j) in a flat Gram
         for m in st.curve_measures:
-            flat = full_emb[m].reshape(-1, n, n)
             for lv in levels:
-                e = flat[out.rows[(kind, lv)]]
-                shuffled = np.stack([(e.flatten(1) @ e[:, p][:, :, p].flatten(1).T).numpy() for p in perms])
+                e = full_emb[m][out.rows[(kind, lv)]].float()
+                shuffled = np.stack([(e @ e[:, q].T).numpy() for q in flat_perms])
                 ok = _ok_rows(store[(m, lv)][0], owner, pairs)
                 full_s, full_o, matches = _pair_stats(store[(m, lv)][:1].astype(np.float64), owner, coords, pairs, ok)
                 b_s, b_o, _ = _pair_stats(store[(m, lv)][1:], owner, coords, pairs, ok)
