@@ -241,6 +241,12 @@ def test_abstractions_without_forks_or_probes_leave_their_rows_out(abstractions)
     probes_only = Result("abstractions", {ab.PROBES: abstractions[ab.PROBES]}, {**abstractions.record, "forking": None})
     curve = abc.claims_curve(probes_only)
     assert {sc.parse_spec(s)["method"] for s in curve["spec"]} == {"probe"}
+    # a probe grid on a user's labels (not the Shapes factors) and no forks: no claim, an empty curve
+    labels = {**abstractions.record["probes"], "labels": "mine.csv"}
+    user = Result("abstractions", {ab.PROBES: abstractions[ab.PROBES]}, {**abstractions.record, "probes": labels})
+    user.record["forking"] = None
+    empty = abc.claims_curve(user)
+    assert empty.empty and sc.summarize(empty).empty
 
 
 # -- the section and the CLI ----------------------------------------------------------------------------------------

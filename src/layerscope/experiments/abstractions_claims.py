@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..stats.speccurve import COLUMNS, check_curve, spec_string
+from ..stats.speccurve import check_curve, curve_from_rows, spec_string
 from . import abstractions as ab
 from .base import Result
 
@@ -187,4 +187,4 @@ def claims_curve(result: Result, *, subject: str | None = None, control: str = "
                     "ci_high": float(ci[1]),
                 }
             )
-    return check_curve(pd.DataFrame.from_records(rows, columns=list(COLUMNS)))
+    return check_curve(curve_from_rows(rows))

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..stats.speccurve import COLUMNS, check_curve, spec_string
+from ..stats.speccurve import check_curve, curve_from_rows, spec_string
 from . import injection as inj
 from .base import Result
 
@@ -284,7 +284,7 @@ def claims_curve(result: Result, *, subject: str | None = None, control: str = "
                                      f"{'SD 1.4' if expected == 'surface first' else 'most models'}; "
                                      f"{n_pairs} pairs)", value)
                             )  # fmt: skip
-    curve = pd.DataFrame.from_records(rows, columns=list(COLUMNS))
+    curve = curve_from_rows(rows)
     if scorer == "oracle":
         curve = _shipped_intervals(curve, table, info)
     return check_curve(curve)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..stats.speccurve import COLUMNS, check_curve, spec_string
+from ..stats.speccurve import check_curve, curve_from_rows, spec_string
 from . import properties as pr
 from .base import Result
 
@@ -127,4 +127,4 @@ def claims_curve(result: Result, *, subject: str | None = None, control: str = "
                         "ci_high": float(pick["high"]),
                     }
                 )
-    return check_curve(pd.DataFrame.from_records(rows, columns=list(COLUMNS)))
+    return check_curve(curve_from_rows(rows))

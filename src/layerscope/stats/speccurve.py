@@ -65,6 +65,14 @@ def empty_curve() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=float if c in ("value", "ci_low", "ci_high") else object) for c in COLUMNS})
 
 
+def curve_from_rows(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """A curve from one dict per row (the schema's columns; none: :func:`empty_curve`), numbers as floats."""
+    if not rows:
+        return empty_curve()
+    df = pd.DataFrame.from_records(rows, columns=list(COLUMNS))
+    return df.astype({c: float for c in ("value", "ci_low", "ci_high")})
+
+
 def check_curve(df: Any) -> pd.DataFrame:
     """``df`` if it is a specification curve (the schema above), else a ConfigError saying in one sentence what is
     wrong. Extra columns are allowed; ``value`` / ``ci_low`` / ``ci_high`` must be numbers (NaN allowed)."""
@@ -228,6 +236,7 @@ __all__ = [
     "MAJORITY",
     "VERDICTS",
     "check_curve",
+    "curve_from_rows",
     "empty_curve",
     "matches",
     "parse_spec",
