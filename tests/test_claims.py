@@ -161,6 +161,24 @@ def test_a_partial_protocol_result_is_labelled_partial(dit):
     assert {sc.parse_spec(s)["pairs"] for s in curve["spec"]} == {"all", "half1", "half2"}
 
 
+def test_an_image_scored_sweep_gives_the_experiments_own_labels_too():
+    """Open domain (tiny:sd, SSIM and histogram): at the shipped thresholds the labels are specialize's."""
+    from conftest import tiny
+
+    st = inj.Settings(
+        pairs=(("a red cube", "a blue ball"), ("a green cone", "a big house")), layers=("up_blocks.1", "mid_block"),
+        metrics=("ssim", "hist"), steps=2, guidance=4.0,
+    )  # fmt: skip
+    result = inj.run(tiny("sd"), st)
+    assert result.record["plan"]["scorer"] == "images"
+    curve = ic.claims_curve(result)
+    assert {sc.parse_spec(s)["measure"] for s in curve["spec"]} == {"transfer"}
+    assert {sc.parse_spec(s)["scorer"] for s in curve["spec"]} == {"images"}
+    scores = ic._image_scores(result["injection"], "all", np.ones(2), [(0, 0), (1, 0)])
+    codes = ic.label_codes(scores, inj.INERT_BELOW, inj.MARGIN)
+    assert [ic.CODE_NAMES[c] for c in codes] == list(result["labels"]["label"])
+
+
 # -- properties -----------------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,8 @@ Choices (the shipped one first in each; a spec names every choice that applies):
 - ``margin``: a layer is specialised when its strongest group leads the second by this (:data:`MARGIN_LEVELS`);
 - ``measure``: the group score per pair, ``transfer`` (C shows E's value) or ``moved`` (1 - keep: C no longer shows
   O's value, whatever it shows) (:data:`MEASURES`); image-scored sweeps have the one measure of
-  :func:`~layerscope.experiments.injection.specialize` (``closed``: the share of the O-to-E gap closed);
+  :func:`~layerscope.experiments.injection.specialize`, also named ``transfer`` there (the share of the O-to-E gap
+  closed, from medians over pairs);
 - ``pairs``: every pair, or one of two disjoint halves of the pairs (a seeded random split) (:data:`PAIR_SUBSETS`);
 - ``window``: each step window the sweep holds; ``protocol``: how the pairs were made (``full`` prompts differing in
   every factor, or ``partial`` prompts), a property of the Result, so a model swept under both protocols has both in
@@ -240,7 +241,7 @@ def claims_curve(result: Result, *, subject: str | None = None, control: str = "
     scorer = record.get("plan", {}).get("scorer", "oracle")
     proto, expected = protocol(result), ORDERS[layout(result)]
     windows = [w for w in ("all", "early", "middle", "late") if w in set(table["window"])]
-    measures = MEASURES if scorer == "oracle" else ("closed",)
+    measures = MEASURES if scorer == "oracle" else ("transfer",)  # images: the share of the gap closed
     rows: list[dict[str, Any]] = []
     n_pairs = table["pair"].nunique()
     for window in windows:
