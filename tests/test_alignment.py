@@ -56,7 +56,9 @@ def test_scenes_are_the_same_inputs_for_every_model(zoo):
 
 def test_tables_and_round_trip(result, tmp_path):
     t = result.tables
-    assert set(t) == {"layers", "within", "across", "world", "peaks", "peak_order", "matching"}
+    assert set(t) == {"layers", "within", "across", "world", "peaks", "peak_order", "matching", "crossfit"}
+    cf = t["crossfit"]  # the selection-bias check of best steps: one row per ordered pair of models
+    assert len(cf) == 2 and np.allclose(cf["difference"], cf["in_sample"] - cf["cross_fitted"])
     w = t["within"]
     diag = w[(w["layer_a"] == w["layer_b"]) & (w["step_a"] == w["step_b"]) & (w["metric"] == "linear_cka")]
     assert np.allclose(diag["value"], 1.0)  # every feature set is identical to itself

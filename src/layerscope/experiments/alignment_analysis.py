@@ -476,6 +476,67 @@ def _nulls(feats: Sequence[ModelFeatures], a: int, b: int) -> list[tuple[str, tu
     return None
 
 
+CROSSFIT_SPLITS = 10  # random splits of the scenes in two halves for the selection-bias check
+
+
+def _crossfit(feats: Sequence[ModelFeatures], refs: dict[str, torch.Tensor], st: Settings) -> pd.DataFrame:
+    """The selection-bias check of the best steps (debiased CKA, whole maps): per ordered pair of models, the
+    component similarity on one half of the scenes with each layer's best step chosen on that half (in-sample) and
+    chosen on the other half (cross-fitted), averaged over random splits. A large gap would mean the ``best`` level
+    owes its numbers to choosing steps on the scenes it is scored on."""
+    from ..metrics.alignment import gram_embeddings
+
+    if "factors" not in refs:
+        return pd.DataFrame()
+    owner, _, coords = _entries(feats)
+    keys = _keys(feats)
+    entries = [(i, name) for i, f in enumerate(feats) for name in f.analysed()]
+    width = max(len(f.steps) for f in feats)
+    cand = np.array(
+        [
+            [keys[(i, name, feats[i].steps[min(j, len(feats[i].steps) - 1)])] for j in range(width)]
+            for i, name in entries
+        ]
+    )
+    models = [i for i, f in enumerate(feats) if f.control == ""]
+    pairs = [(a, b) for a in models for b in models if a != b]
+    if not pairs:
+        return pd.DataFrame()
+    order = sorted(keys, key=keys.get)
+    g_all = torch.stack([feats[i].grams[(name, s, "full")] for i, name, s in order])
+    factors = refs["factors"] @ refs["factors"].T
+    gen = torch.Generator().manual_seed(st.seed + 11)
+    inside, crossed = [], []
+    for _ in range(CROSSFIT_SPLITS):
+        perm = torch.randperm(st.n, generator=gen)
+        halves = (perm[: st.n // 2].sort().values, perm[st.n // 2 :].sort().values)
+        embs, bests = [], []
+        for idx in halves:
+            e = gram_embeddings(g_all[:, idx][:, :, idx], STAT_METRIC)
+            ref = gram_embeddings(factors[idx][:, idx][None], STAT_METRIC)
+            by_step = (e @ ref.T).numpy()[cand, 0]
+            bests.append(cand[np.arange(len(entries)), np.where(np.isfinite(by_step), by_step, -np.inf).argmax(axis=1)])
+            embs.append(e)
+        for score, choose in ((1, 1), (1, 0)):  # scored on the second half; steps chosen on it, or on the first
+            e = embs[score][bests[choose]]
+            sims = _pair_stats((e @ e.T).numpy()[None], owner, coords, pairs)[0][0]
+            (inside if score == choose else crossed).append(sims)
+    inside_m, crossed_m = np.mean(inside, axis=0), np.mean(crossed, axis=0)
+    return pd.DataFrame(
+        [
+            {
+                "model_a": feats[a].spec,
+                "model_b": feats[b].spec,
+                "in_sample": inside_m[p],
+                "cross_fitted": crossed_m[p],
+                "difference": inside_m[p] - crossed_m[p],
+                "splits": CROSSFIT_SPLITS,
+            }
+            for p, (a, b) in enumerate(pairs)
+        ]
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # peaks of the factor groups
 
@@ -702,6 +763,7 @@ def analyse(
         "peaks": peaks,
         "peak_order": _peak_order(peaks, feats),
         "matching": matching,
+        "crossfit": _crossfit(feats, refs, st),
     }
 
 

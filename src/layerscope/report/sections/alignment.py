@@ -420,6 +420,16 @@ def render(run: SectionRun, page: Page) -> str:
                     "The order of the factor groups' peaks inside each model, compared per pair (agreement: share of the three group pairs in the same order)",
                 )
             )
+        cf = result["crossfit"] if "crossfit" in result.tables else pd.DataFrame()
+        if not cf.empty:
+            out.append(
+                page.table(
+                    cf,
+                    "Selection bias of the best steps: component similarity on one half of the scenes with each "
+                    "layer's best step chosen on that half (in-sample) or on the other (cross-fitted), mean over splits",
+                    floats="{:.3f}",
+                )
+            )
         dups = result.record.get("duplicates", {})
         if dups:
             out.append(
