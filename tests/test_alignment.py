@@ -130,6 +130,7 @@ def test_bad_inputs_fail_before_generation(zoo):
             (zoo, al.Settings(n=4), "at least 16"),
             (zoo, al.Settings(n=16, k=3, metrics=("pearson",)), "valid: linear_cka"),
             (zoo, al.Settings(n=16, k=3, controls=("shuffled",)), "unknown control"),
+            (zoo, al.Settings(n=16, k=3, curve_measures=("cknna",)), "valid: linear_cka, debiased_cka, mutual_knn"),
             (zoo, al.Settings(n=16, k=3, n_boot=5), "n_boot and permutations"),
             ([sd, sd], SMALL, "each model once"),
             ([sd], al.Settings(n=16, k=3, layers="noise"), "no capturable layer"),

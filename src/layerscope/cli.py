@@ -664,7 +664,8 @@ def align(
     k: int = typer.Option(10, help="neighbours of mutual k-NN and CKNNA"),
     layers: Optional[list[str]] = typer.Option(None, "--layers", "-l", help="glob(s) of layers (default: every)"),
     control: str = typer.Option(
-        "untrained,render", help="comma-separated controls run beside the models (untrained, render; 'none': no controls)"
+        "untrained,render",
+        help="comma-separated controls run beside the models (untrained, render; 'none': no controls)",
     ),
     n_boot: int = typer.Option(200, "--n-boot", help="half-samples of the scenes behind each interval"),
     permutations: int = typer.Option(100, help="scene shuffles of the permutation null"),

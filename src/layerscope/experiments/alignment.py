@@ -28,7 +28,7 @@ import torch
 
 from ..engine import Capture, PerTarget, ProgressArg, replace
 from ..errors import ConfigError
-from ..metrics.alignment import METRICS
+from ..metrics.alignment import EMBEDDABLE, METRICS
 from .alignment_analysis import FEATURES, analyse
 from .base import OPEN_PROMPTS, Job, Result, generation_kwargs, settings_dict
 from .executor import Executor, Part, Task, run_cells
@@ -314,10 +314,10 @@ def _check(models: Sequence[Generator], st: Settings) -> str:
     specs = [m.spec for m in models]
     if len(set(specs)) != len(specs):
         raise ConfigError(f"each model once: {specs} names one twice")
-    for name, chosen in (("metric", st.metrics), ("curve measure", st.curve_measures)):
-        bad = [m for m in chosen if m not in METRICS]
+    for name, chosen, valid in (("metric", st.metrics, METRICS), ("curve measure", st.curve_measures, EMBEDDABLE)):
+        bad = [m for m in chosen if m not in valid]
         if bad or not chosen:
-            raise ConfigError(f"unknown alignment {name}(s) {bad or list(chosen)}; valid: {', '.join(METRICS)}")
+            raise ConfigError(f"unknown alignment {name}(s) {bad or list(chosen)}; valid: {', '.join(valid)}")
     bad = [c for c in st.controls if c not in CONTROLS]
     if bad:
         raise ConfigError(f"unknown control(s) {bad}; valid: {', '.join(CONTROLS)}")
