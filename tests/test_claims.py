@@ -376,3 +376,12 @@ def test_the_main_job_runs_no_experiment_for_the_claims_section(tmp_path):
     assert all(sec.EXPERIMENT is None for sec in LEADING) and all(sec.EXPERIMENT for sec in SECTIONS)
     with pytest.raises(ConfigError, match="unknown report section"):
         run_main_job(tmp_path / "out", only=["claims"])
+
+
+def test_a_claims_module_that_does_not_import_is_said_not_skipped(report, monkeypatch):
+    from layerscope.report.sections import claims
+
+    monkeypatch.setitem(claims.CLAIM_MODULES, "injection", "layerscope.experiments.no_such_claims")
+    summ, _curve, notes = claims.summary(report)
+    assert any(n.startswith("injection: its claims module does not import (ModuleNotFoundError") for n in notes)
+    assert not summ["claim"].str.startswith("injection.").any() and len(summ)

@@ -46,14 +46,12 @@ COLOURS = {"supports": "#2e7d32", "undecided": "#b0b0b0", "contradicts": "#c6282
 
 
 def _claims_api(key: str) -> tuple[dict[str, dict[str, Any]], Callable[..., pd.DataFrame] | None]:
-    """The ``CLAIMS`` and ``claims_curve`` of a section's claims module (empty / None when it has none)."""
+    """The ``CLAIMS`` and ``claims_curve`` of a section's claims module (empty / None when it has none; an
+    ImportError is raised: a claims module that does not import is said on the page, not skipped)."""
     name = CLAIM_MODULES.get(key)
     if name is None:
         return {}, None
-    try:
-        module = importlib.import_module(name)
-    except ImportError:
-        return {}, None
+    module = importlib.import_module(name)
     return dict(getattr(module, "CLAIMS", {}) or {}), getattr(module, "claims_curve", None)
 
 
@@ -78,7 +76,11 @@ def collect(folder: str | Path, record: dict[str, Any] | None = None) -> tuple[p
     record = read_run(folder) if record is None else record
     curves, meta, notes = [], {}, []
     for key, info in record.get("sections", {}).items():
-        claims, fn = _claims_api(key)
+        try:
+            claims, fn = _claims_api(key)
+        except ImportError as exc:
+            notes.append(f"{key}: its claims module does not import ({type(exc).__name__}: {exc})")
+            continue
         if fn is None or not (folder / key).exists():
             continue
         meta.update(claims)
