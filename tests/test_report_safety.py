@@ -244,13 +244,17 @@ def properties_result(rng: np.random.Generator, model: str, spaces: list[str]) -
 
 
 def alignment_result(rng: np.random.Generator, models: list[str], layers: list[str]) -> Result:
-    world, within, across, arrangement = [], [], [], []
-    for m in models:
+    """The shape of alignment_analysis.analyse's tables: models, their untrained copies and the render."""
+    world, within, across, peaks, peak_order, matching, crossfit = [], [], [], [], [], [], []
+    copies = [f"untrained:{m}" for m in models]
+    for m in (*models, *copies):
+        control = "" if m in models else "untrained"
         for i, a in enumerate(layers):
             for ref in ("factors", "oracle"):
                 world.append(
                     dict(
                         model=m,
+                        control=control,
                         layer=a,
                         layer_index=i,
                         depth=i / 2,
@@ -260,38 +264,28 @@ def alignment_result(rng: np.random.Generator, models: list[str], layers: list[s
                         value=float(rng.uniform()),
                     )
                 )
-            for b in layers:
-                within.append(
-                    dict(
-                        model=m,
-                        metric="debiased_cka",
-                        view="layers",
-                        layer_a=a,
-                        step_a=0,
-                        layer_b=b,
-                        step_b=0,
-                        value=float(rng.uniform()),
+            if m in models:
+                for b in layers:
+                    within.append(
+                        dict(
+                            model=m,
+                            metric="debiased_cka",
+                            view="layers",
+                            layer_a=a,
+                            step_a=0,
+                            layer_b=b,
+                            step_b=0,
+                            value=float(rng.uniform()),
+                        )
                     )
-                )
-        for g in GROUPS:
-            arrangement.append(
-                dict(
-                    model=m,
-                    group=g,
-                    layer=layers[1],
-                    depth=0.5,
-                    step=0,
-                    value=0.4,
-                    depth_low=0.2,
-                    depth_high=0.8,
-                    step_low=0.0,
-                    step_high=0.0,
-                    value_low=0.2,
-                    value_high=0.6,
-                    metric="debiased_cka",
-                )
-            )
-    for ma, mb in ((models[0], models[1]), (models[1], models[0])):
+        for level in ("0", "best"):
+            for g in GROUPS:
+                row = dict(model=m, control=control, step=level, group=g, layer=layers[1], layer_step=0, value=0.4)
+                row.update(value_low=0.2, value_high=0.6)
+                for coord in ("depth", "image_distance"):
+                    row.update({coord: 0.5, f"{coord}_low": 0.2, f"{coord}_high": 0.8})
+                peaks.append(row)
+    for k, (ma, mb) in enumerate(((models[0], models[1]), (models[1], models[0]))):
         for a in layers:
             for b in layers:
                 across.append(
@@ -307,44 +301,72 @@ def alignment_result(rng: np.random.Generator, models: list[str], layers: list[s
                         value=float(rng.uniform()),
                     )
                 )
-    matching = _frame(
-        [
-            dict(
-                model_a=ma,
-                model_b=mb,
-                metric="debiased_cka",
-                component_similarity=0.9,
-                similarity_low=0.85,
-                similarity_high=0.95,
-                chance_similarity=0.1,
-                depth_order=0.9,
-                order_low=0.8,
-                order_high=1.0,
-                components=t(f"components {k}"),
-                arrangement=t(f"arrangement {k}"),
-                supports=t(f"supports {k}"),
-                layers_a=len(layers),
-                layers_b=len(layers),
-                matches=t(f"matches {k}", shown=False),
+        for coord in ("depth", "image_distance"):
+            peak_order.append(
+                dict(
+                    model_a=ma,
+                    model_b=mb,
+                    control="",
+                    step="0",
+                    coordinate=coord,
+                    order_a=t(f"order_a {k} {coord}"),
+                    order_b=t(f"order_b {k} {coord}"),
+                    agreement=1.0,
+                )
             )
-            for k, (ma, mb) in enumerate(((models[0], models[1]), (models[1], models[0])))
-        ]
-    )
+        crossfit.append(dict(model_a=ma, model_b=mb, in_sample=0.9, cross_fitted=0.89, difference=0.01, splits=10))
+        for control, (xa, xb) in (("", (ma, mb)), ("untrained", (f"untrained:{ma}", f"untrained:{mb}"))):
+            for level in ("0", "best"):
+                for features in ("full", "pooled"):
+                    row = dict(
+                        model_a=xa,
+                        model_b=xb,
+                        control_a=control,
+                        control_b=control,
+                        features=features,
+                        measure="debiased_cka",
+                        step=level,
+                        timestep=np.nan,
+                        similarity=0.9,
+                        similarity_low=0.85,
+                        similarity_high=0.95,
+                        perm_q95=0.1,
+                        perm_p=0.01,
+                        layers_a=len(layers),
+                        layers_b=len(layers),
+                        matches=t(f"matches {k} {control or 'model'} {level} {features}", shown=False),
+                        nulls=t(f"nulls {k} {control or 'model'}", shown=(level, features) == ("0", "full")),
+                        excess=0.1,
+                        excess_low=0.05,
+                        excess_high=0.15,
+                        strongest_null="render",
+                        components=t(f"components {k} {control or 'model'}", shown=(level, features) == ("0", "full")),
+                    )
+                    for coord in ("depth", "image_distance"):
+                        row.update({f"order_{coord}": 0.9, f"order_{coord}_low": 0.8, f"order_{coord}_high": 1.0})
+                        row[f"arrangement_{coord}"] = t(
+                            f"arrangement {k} {control or 'model'} {coord}", shown=(level, features) == ("0", "full")
+                        )
+                    matching.append(row)
+    # the render as A, a null: calibrated outcomes only on pairs of models and of their copies
+    matching.append({**matching[0], "model_a": "render", "control_a": "render", "components": None})
     record = {
         "models": models,
         "model": "+".join(models),
         "rows": 16,
-        "alike": 0.5,
-        "preserved": 0.5,
-        "iterative": {m: False for m in models},
+        "iterative": {m: False for m in (*models, *copies, "render")},
+        "controls": {c: {"kind": "untrained", "of": m} for c, m in zip(copies, models)},
+        "duplicates": {models[0]: {t("duplicate layer"): layers[0]}},
         "notes": [],
     }
     tables = {
         "world": _frame(world),
         "within": _frame(within),
         "across": _frame(across),
-        "arrangement": _frame(arrangement),
-        "matching": matching,
+        "peaks": _frame(peaks),
+        "peak_order": _frame(peak_order),
+        "matching": _frame(matching),
+        "crossfit": _frame(crossfit),
     }
     return Result("alignment", tables, record)
 
@@ -482,7 +504,7 @@ def build_tainted_report(root: Path) -> tuple[Path, set[str]]:
         "steps": t("alignment steps"),
         "metrics": [t("alignment metric")],
         "k": t("alignment k"),
-        "project": t("alignment project"),
+        "controls": [t("alignment control")],
     }
     section(
         "alignment",
