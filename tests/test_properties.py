@@ -185,7 +185,9 @@ def test_main_job_has_the_old_settings():
     their own jobs with what each must show as the note."""
     quick = pr.main_job(quick=True)
     specs = ["zoo:unet", "zoo:ldm", "zoo:vae", "zoo:gan"]
-    assert [j.spec for j in quick] == specs + [SANITY.format(k) for k in pr.SANITY]
+    controls = ["untrained:zoo:vae", "untrained:zoo:gan"]  # the GAN/VAE's untrained copies, same settings
+    assert [j.spec for j in quick] == specs + controls + [SANITY.format(k) for k in pr.SANITY]
+    assert all(j.part == "control" for j in quick if j.spec in controls)
     by = {j.spec: j for j in quick}
     assert by["zoo:unet"].settings == pr.Settings(n=8, pairs=4, steps=4, spaces=("noise", "text_embeds", "h_space"))
     assert by["zoo:ldm"].settings == pr.Settings(n=8, pairs=4, steps=4, spaces=("noise", "vae_latent"))
@@ -201,5 +203,5 @@ def test_main_job_has_the_old_settings():
     assert full["zoo:ldm"].spaces == ("noise", "h_space", "vae_latent")
     assert full["zoo:unet"] == pr.Settings(n=16, pairs=8, steps=6)
     assert full["zoo:dit"] == pr.Settings(n=16, pairs=8, steps=10, spaces=("*",))
-    assert full["zoo:gan"] == pr.Settings(n=64, pairs=16)
+    assert full["zoo:gan"] == full["untrained:zoo:gan"] == pr.Settings(n=64, pairs=16)
     assert full[SANITY.format("linear_decoder")] == pr.Settings(n=32, pairs=8)

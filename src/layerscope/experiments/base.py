@@ -180,8 +180,8 @@ def _json_default(v: Any) -> Any:
 @dataclass(frozen=True)
 class Job:
     """One run of the main job: a model spec (or a tuple of specs, for experiments that take several models), the
-    settings, the folder name, and its part in the study (``model``, or ``sanity`` for a generator built to fail,
-    with ``note`` saying what it must show)."""
+    settings, the folder name, and its part in the study (``model``; ``control`` for a model's control, e.g. its
+    untrained copy; or ``sanity`` for a generator built to fail, with ``note`` saying what it must show)."""
 
     spec: str | tuple[str, ...]
     settings: Any

@@ -874,6 +874,9 @@ FULL: dict[str, Settings] = {
     "zoo:vae": _LATENT,
     "zoo:gan": _LATENT,
 }
+#: controls run beside the models with the same settings and seeds: untrained copies (docs/controls.md) of the models
+#: whose latents the claims are about
+CONTROLS = ("zoo:vae", "zoo:gan")
 QUICK: dict[str, Settings] = {
     "zoo:unet": Settings(n=8, pairs=4, steps=4, spaces=("noise", "text_embeds", "h_space")),
     "zoo:ldm": Settings(n=8, pairs=4, steps=4, spaces=("noise", "vae_latent")),
@@ -893,8 +896,16 @@ SANITY_QUICK = Settings(n=16, pairs=4)
 
 
 def main_job(quick: bool = False) -> list[Job]:
-    """The scorecard of the zoo's diffusion models and GAN/VAE latents, then of each sanity generator."""
+    """The scorecard of the zoo's diffusion models and GAN/VAE latents, then of the GAN/VAE's untrained copies
+    (controls) and each sanity generator."""
     models, sanity = (QUICK, SANITY_QUICK) if quick else (FULL, SANITY_FULL)
-    return [Job(spec, st) for spec, st in models.items()] + [
-        Job(SANITY_SPEC.format(name), sanity, part="sanity", note=note) for name, note in SANITY.items()
+    controls = [
+        Job(f"untrained:{spec}", models[spec], part="control", note="untrained copy")
+        for spec in CONTROLS
+        if spec in models
     ]
+    return (
+        [Job(spec, st) for spec, st in models.items()]
+        + controls
+        + [Job(SANITY_SPEC.format(name), sanity, part="sanity", note=note) for name, note in SANITY.items()]
+    )

@@ -219,6 +219,15 @@ def render(run: SectionRun, page: Page) -> str:
             if c in wide.columns
         ]
         out.append(page.table(wide[cols].reset_index(), f"{spec}: the measurements behind the scores"))
+    controls = run.results("control")
+    if controls:
+        scores = pd.concat([r[pr.SCORES] for _, r in controls], ignore_index=True)
+        out.append(
+            page.table(
+                pr.scorecard(scores),
+                "Controls: untrained copies of the models (same settings and seeds), scores with 95% bootstrap CIs",
+            )
+        )
     sanity = run.results("sanity")
     if sanity:
         out.append(
