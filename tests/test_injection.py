@@ -357,6 +357,9 @@ def test_main_job_runs_both_protocols_on_zoo_ldm_at_its_layers():
         assert full.named is None and not full.seed_per_pair and full.layers == partial.layers == inj.LDM_LAYERS
         assert partial.named == (2, 3) and partial.seed_per_pair and partial.e_seeds != partial.seeds
         assert full.sanity and partial.sanity
+    unet, dit = (j.settings for j in inj.main_job(False)[:2])
+    assert unet.random_pairs == dit.random_pairs == 48  # a share in [0.2, 0.8] gets a CI half-width <= 0.15
+    assert unet.windows == ("all",) and dit.windows == ("all", "late")
     import fnmatch
 
     names = set(ls.load("zoo:ldm").layer_map().names())
