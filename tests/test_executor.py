@@ -190,5 +190,5 @@ def test_properties_abstractions_and_alignment_cells_run_on_ray_with_the_same_ta
     _same(pr.run(sd, st, out=tmp_path / "p1"), pr.run(sd, st, out=tmp_path / "p2", executor=ex))
     st = ab.Settings(n=16, steps=3, layers=("transformer_blocks.*",), max_batch=8, forks=2, fork_prompts=2, taus=(0, 1))
     _same(ab.run(dit, st, out=tmp_path / "a1"), ab.run(dit, st, out=tmp_path / "a2", executor=ex))  # batches, forks
-    st = al.Settings(n=16, steps=2, k=3, n_boot=20, project=64, metrics=("linear_cka",))
+    st = al.Settings(n=16, steps=2, k=3, n_boot=20, permutations=20, metrics=("linear_cka",))  # with the controls
     _same(al.run([dit, gan], st, out=tmp_path / "l1"), al.run([dit, gan], st, out=tmp_path / "l2", executor=ex))

@@ -66,7 +66,8 @@ def test_abstractions_plan_counts_what_runs():
 
 def test_alignment_plan_counts_what_runs():
     a, b = tiny("sd"), tiny("sd2")
-    st = al.Settings(n=al.MIN_SCENES, steps=2, layers=("mid_block",), n_boot=10, project=0)
+    # the untrained copies' generations are counted on the copies, not on a and b: this test counts the models'
+    st = al.Settings(n=al.MIN_SCENES, steps=2, layers=("mid_block",), k=3, n_boot=20, permutations=20, controls=())
     plans = al.plan([a, b], st)
     calls = {}
     for m in (a, b):

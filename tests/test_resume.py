@@ -104,7 +104,7 @@ def test_abstractions_resume_from_feature_and_fork_batches(tmp_path):
 
 def test_alignment_resume_collects_only_missing_models(tmp_path):
     a, b = ls.load("zoo:vae"), ls.load("zoo:gan")
-    st = al.Settings(n=16, metrics=("linear_cka",), k=3, n_boot=10)
+    st = al.Settings(n=16, metrics=("linear_cka",), k=3, n_boot=20, permutations=20, controls=("render",))
     whole = al.run([a, b], st, out=tmp_path / "whole")
     undo = fail_after(b, 0)
     with pytest.raises(Killed):
