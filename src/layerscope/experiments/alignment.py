@@ -500,9 +500,10 @@ def main_job(quick: bool = False) -> list[Job]:
 
 
 def __getattr__(name: str) -> Any:
-    """The analysis's names (``claims_curve``, ``CLAIMS``, thresholds) also from this module."""
-    from . import alignment_analysis
+    """The analysis's names (thresholds, outcomes) and the claims (``CLAIMS``, ``claims_curve``) also from here."""
+    from . import alignment_analysis, alignment_claims
 
-    if name in alignment_analysis.__all__:
-        return getattr(alignment_analysis, name)
+    for module in (alignment_claims, alignment_analysis):
+        if name in module.__all__:
+            return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

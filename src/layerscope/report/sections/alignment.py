@@ -10,6 +10,7 @@ import pandas as pd
 
 from ...experiments import alignment as al
 from ...experiments import alignment_analysis as an
+from ...experiments import alignment_claims as ac
 from ...experiments.base import Result
 from .. import Page, SectionRun
 from ..commands import layer_flags, size_flags
@@ -264,7 +265,7 @@ def platonic_table(result: Result, control: str = "") -> pd.DataFrame:
 def curve_summary(result: Result) -> pd.DataFrame:
     """Per claim and pair: the shares of specifications that support / contradict it, for the models and for
     their untrained copies."""
-    c = an.claims_curve(result)
+    c = ac.claims_curve(result)
     if c.empty:
         return pd.DataFrame()
     c = c.assign(control=c["control"].replace("", "model"))
@@ -286,7 +287,7 @@ def platonic_sentence(result: Result) -> str:
     if summary.empty:
         return "No pair of models with calibrated nulls: the verdicts need the controls (--control untrained,render)."
     parts = []
-    for claim, meta in an.CLAIMS.items():
+    for claim, meta in ac.CLAIMS.items():
         sub = summary[summary["claim"] == claim]
         model, ctrl = sub[sub["control"] == "model"], sub[sub["control"] == "untrained"]
         line = (

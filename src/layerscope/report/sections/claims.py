@@ -40,7 +40,7 @@ CLAIM_MODULES = {
     "injection": "layerscope.experiments.injection_claims",
     "abstractions": "layerscope.experiments.abstractions_claims",
     "properties": "layerscope.experiments.properties_claims",
-    "alignment": "layerscope.experiments.alignment",
+    "alignment": "layerscope.experiments.alignment_claims",
 }
 COLOURS = {"supports": "#2e7d32", "undecided": "#b0b0b0", "contradicts": "#c62828"}
 
