@@ -268,6 +268,25 @@ def _keys(feats: Sequence[ModelFeatures]) -> dict[tuple[int, str, int], int]:
     return keys
 
 
+def _candidates(feats: Sequence[ModelFeatures], keys: dict[tuple[int, str, int], int]) -> np.ndarray:
+    """(entries, most steps) rows of each analysed layer at each of its steps (a single-step set repeats its one)."""
+    width = max(len(f.steps) for f in feats)
+    return np.array(
+        [
+            [keys[(i, name, feats[i].steps[min(j, len(feats[i].steps) - 1)])] for j in range(width)]
+            for i, f in enumerate(feats)
+            for name in f.analysed()
+        ]
+    )
+
+
+def _best_rows(cand: np.ndarray, factor_sims: np.ndarray) -> np.ndarray:
+    """Each entry's row at its best step: where its similarity with the factors (``factor_sims``, one per row)
+    peaks; undefined similarities never win."""
+    by_step = factor_sims[cand]
+    return cand[np.arange(len(cand)), np.where(np.isfinite(by_step), by_step, -np.inf).argmax(axis=1)]
+
+
 @dataclass
 class _Pass:
     """One pass over the full sample (h = 0), its half-samples and its permutations: per (features, measure,
@@ -301,13 +320,7 @@ def _run_pass(
         str(lv): np.array([keys[(i, name, _step_of(feats[i], lv, grid))] for i, name in entries])
         for lv in range(len(grid))
     }
-    width = max(len(f.steps) for f in feats)
-    cand = np.array(
-        [
-            [keys[(i, name, feats[i].steps[min(j, len(feats[i].steps) - 1)])] for j in range(width)]
-            for i, name in entries
-        ]
-    )
+    cand = _candidates(feats, keys)
     halves = _halves(st.n, st.n_boot, st.seed)
     perm_gen = torch.Generator().manual_seed(st.seed + 7)
     perms = [torch.randperm(st.n, generator=perm_gen) for _ in range(st.permutations)]
@@ -337,10 +350,7 @@ def _run_pass(
             if ref_grams is not None:
                 r = ref_grams if idx is None else ref_grams[:, idx][:, :, idx]
                 ref_sims = (emb[STAT_METRIC] @ gram_embeddings(r, STAT_METRIC).T).numpy()  # (K, 1 + groups)
-                by_step = ref_sims[cand, 0]
-                rows["best"] = cand[
-                    np.arange(len(entries)), np.where(np.isfinite(by_step), by_step, -np.inf).argmax(axis=1)
-                ]
+                rows["best"] = _best_rows(cand, ref_sims[:, 0])
                 if kind == "full":
                     for lv in levels:
                         out.groups[lv][h] = ref_sims[rows[lv], 1:]
@@ -471,14 +481,7 @@ def _crossfit(feats: Sequence[ModelFeatures], refs: dict[str, torch.Tensor], st:
         return pd.DataFrame()
     owner, _, coords = _entries(feats)
     keys = _keys(feats)
-    entries = [(i, name) for i, f in enumerate(feats) for name in f.analysed()]
-    width = max(len(f.steps) for f in feats)
-    cand = np.array(
-        [
-            [keys[(i, name, feats[i].steps[min(j, len(feats[i].steps) - 1)])] for j in range(width)]
-            for i, name in entries
-        ]
-    )
+    cand = _candidates(feats, keys)
     models = [i for i, f in enumerate(feats) if f.control == ""]
     pairs = [(a, b) for a in models for b in models if a != b]
     if not pairs:
@@ -495,8 +498,7 @@ def _crossfit(feats: Sequence[ModelFeatures], refs: dict[str, torch.Tensor], st:
         for idx in halves:
             e = gram_embeddings(g_all[:, idx][:, :, idx], STAT_METRIC)
             ref = gram_embeddings(factors[idx][:, idx][None], STAT_METRIC)
-            by_step = (e @ ref.T).numpy()[cand, 0]
-            bests.append(cand[np.arange(len(entries)), np.where(np.isfinite(by_step), by_step, -np.inf).argmax(axis=1)])
+            bests.append(_best_rows(cand, (e @ ref.T).numpy()[:, 0]))
             embs.append(e)
         for score, choose in ((1, 1), (1, 0)):  # scored on the second half; steps chosen on it, or on the first
             e = embs[score][bests[choose]]
@@ -613,110 +615,12 @@ def _peak_order(peaks: pd.DataFrame, feats: Sequence[ModelFeatures]) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# descriptive tables
-
-
-def _sim(a: list[torch.Tensor], b: list[torch.Tensor] | None, metric: str, k: int) -> np.ndarray:
-    return kernel_similarity(torch.stack(a), None if b is None else torch.stack(b), metric, k).numpy()
-
-
-def _view_steps(f: ModelFeatures) -> list[int]:
-    """The steps of the layer x layer views: the first, middle and last."""
-    return sorted({f.steps[0], f.steps[len(f.steps) // 2], f.steps[-1]})
-
-
-def within_table(f: ModelFeatures, metrics: Sequence[str], k: int) -> pd.DataFrame:
-    """Layer x layer at the first, middle and last step, and step x step for each layer, of one model."""
-    rows = []
-    for metric in metrics:
-        for s in _view_steps(f):
-            m = _sim([f.grams[(name, s, "full")] for name in f.layers], None, metric, k)
-            for i, la in enumerate(f.layers):
-                for j, lb in enumerate(f.layers):
-                    rows.append((f.spec, metric, "layers", la, s, lb, s, m[i, j]))
-        if len(f.steps) > 1:
-            for name in f.layers:
-                m = _sim([f.grams[(name, s, "full")] for s in f.steps], None, metric, k)
-                for i, sa in enumerate(f.steps):
-                    for j, sb in enumerate(f.steps):
-                        rows.append((f.spec, metric, "steps", name, sa, name, sb, m[i, j]))
-    return pd.DataFrame(rows, columns=["model", "metric", "view", "layer_a", "step_a", "layer_b", "step_b", "value"])
-
-
-def world_table(f: ModelFeatures, refs: dict[str, torch.Tensor], metrics: Sequence[str], k: int) -> pd.DataFrame:
-    """Each layer x step of one feature set against each world reference."""
-    keys = [(name, s) for name in f.layers for s in f.steps]
-    names = list(refs)
-    ref_grams = [refs[r] @ refs[r].T for r in names]
-    rows = []
-    for metric in metrics:
-        m = _sim([f.grams[(name, s, "full")] for name, s in keys], ref_grams, metric, k)
-        for i, (layer, s) in enumerate(keys):
-            for j, ref in enumerate(names):
-                rows.append((f.spec, f.control, layer, f.layers.index(layer), f.depth(layer), s, ref, metric, m[i, j]))
-    return pd.DataFrame(
-        rows, columns=["model", "control", "layer", "layer_index", "depth", "step", "reference", "metric", "value"]
-    )
-
-
-def across_table(
-    fa: ModelFeatures, fb: ModelFeatures, metrics: Sequence[str], k: int, grid: list[float], best
-) -> pd.DataFrame:
-    """Layer x layer of two models at the first, middle and last step of the grid (matched by noise level) and at
-    their best steps (``step = -1``)."""
-    rows = []
-    levels = sorted({0, len(grid) // 2, len(grid) - 1})
-    plans = [
-        (lv, {n: _step_of(fa, lv, grid) for n in fa.layers}, {n: _step_of(fb, lv, grid) for n in fb.layers})
-        for lv in levels
-    ]
-    plans.append(
-        (-1, {**{n: fa.steps[-1] for n in fa.layers}, **best[0]}, {**{n: fb.steps[-1] for n in fb.layers}, **best[1]})
-    )
-    for metric in metrics:
-        for s, sa, sb in plans:
-            m = _sim(
-                [fa.grams[(n, sa[n], "full")] for n in fa.layers],
-                [fb.grams[(n, sb[n], "full")] for n in fb.layers],
-                metric,
-                k,
-            )
-            for i, la in enumerate(fa.layers):
-                for j, lb in enumerate(fb.layers):
-                    rows.append((fa.spec, fb.spec, metric, s, la, fa.depth(la), lb, fb.depth(lb), m[i, j]))
-    return pd.DataFrame(
-        rows, columns=["model_a", "model_b", "metric", "step", "layer_a", "depth_a", "layer_b", "depth_b", "value"]
-    )
-
-
-def _layers_table(f: ModelFeatures) -> pd.DataFrame:
-    ts = dict(zip(f.steps, f.timesteps))
-    return pd.DataFrame(
-        [
-            {
-                "model": f.spec,
-                "control": f.control,
-                "layer": name,
-                "layer_index": i,
-                "role": f.roles.get(name, "layer"),
-                "analysed": name in f.analysed(),
-                "duplicate_of": f.duplicates.get(name, ""),
-                "depth": f.depth(name),
-                "image_distance": f.distance.get(name, np.nan),
-                "step": s,
-                "timestep": ts.get(s, np.nan),
-            }
-            for i, name in enumerate(f.layers)
-            for s in f.steps
-        ]
-    )
-
-
 def analyse(
     feats: Sequence[ModelFeatures], refs: dict[str, torch.Tensor], st: Settings, progress: ProgressArg = None
 ) -> dict[str, pd.DataFrame]:
     """Every table of the study from its feature sets (models, untrained copies, the render)."""
+    from .alignment_tables import across_table, layers_table, within_table, world_table
+
     models = [f for f in feats if not f.control]
     metrics = list(dict.fromkeys([*st.metrics, STAT_METRIC]))
     grid = _grid(feats)
@@ -731,7 +635,7 @@ def analyse(
     peaks = _peaks(feats, refs, passed)
     world_sets = [f for f in feats if f.control != "render"]
     return {
-        "layers": pd.concat([_layers_table(f) for f in feats], ignore_index=True),
+        "layers": pd.concat([layers_table(f) for f in feats], ignore_index=True),
         "within": pd.concat([within_table(f, metrics, st.k) for f in models], ignore_index=True),
         "across": pd.concat(across, ignore_index=True) if across else pd.DataFrame(),
         "world": (
